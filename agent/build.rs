@@ -1,0 +1,66 @@
+//! Builds the eBPF programs (nightly, bpfel-unknown-none, bpf-linker) and leaves the object in
+//! OUT_DIR for `include_bytes!`, so `cargo build` alone yields an agent with its programs inside.
+
+use std::{env, path::PathBuf};
+
+use anyhow::{Context as _, bail};
+use aya_build::{Package, Toolchain};
+
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    let programs = manifest_dir.join("../ebpf-programs/programs");
+    let toolchain_file = manifest_dir.join("../ebpf-programs/rust-toolchain.toml");
+    println!("cargo:rerun-if-changed={}", toolchain_file.display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../ebpf-programs/common").display()
+    );
+
+    let channel = pinned_channel(&toolchain_file)?;
+    ensure_bpf_linker_on_path()?;
+    aya_build::build_ebpf(
+        [Package {
+            name: "edgeplane-ebpf",
+            root_dir: programs.to_str().context("non-UTF-8 path")?,
+            ..Default::default()
+        }],
+        Toolchain::Custom(&channel),
+    )
+    .context("building the eBPF programs failed; `cargo xtask setup` installs what they need")
+}
+
+fn pinned_channel(path: &std::path::Path) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    value
+        .get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(|c| c.as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("{}: no toolchain.channel", path.display()))
+}
+
+/// `cargo xtask setup` installs bpf-linker into `$CARGO_HOME/bin`, which may not be on PATH
+/// (for example under sudo or in CI): add it for the nested cargo.
+fn ensure_bpf_linker_on_path() -> anyhow::Result<()> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
+    if dirs.iter().any(|d| d.join("bpf-linker").is_file()) {
+        return Ok(());
+    }
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let Some(bin) = cargo_home
+        .map(|h| h.join("bin"))
+        .filter(|b| b.join("bpf-linker").is_file())
+    else {
+        bail!("bpf-linker not found on PATH or in $CARGO_HOME/bin: run `cargo xtask setup` first");
+    };
+    dirs.insert(0, bin);
+    // SAFETY: build scripts are single-threaded here; the nested cargo inherits this PATH.
+    unsafe { env::set_var("PATH", env::join_paths(dirs)?) };
+    Ok(())
+}

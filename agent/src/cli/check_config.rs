@@ -1,0 +1,39 @@
+use std::{collections::BTreeSet, path::PathBuf};
+
+use edgeplane::{agent, config::Config};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Config file to check.
+    file: PathBuf,
+    /// Skip checks against this host (that interfaces exist): for configs meant for another box.
+    #[arg(long)]
+    offline: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let config = if args.offline {
+        Config::load(&args.file)?
+    } else {
+        agent::prepare(&args.file)?.0
+    };
+    let ingress: BTreeSet<&str> = config
+        .udp
+        .forward
+        .iter()
+        .map(|r| r.ingress.as_str())
+        .collect();
+    println!(
+        "{}: OK ({} UDP rule(s) on {} ingress interface(s), mode {}{})",
+        args.file.display(),
+        config.udp.forward.len(),
+        ingress.len(),
+        config.udp.mode,
+        if args.offline {
+            "; host checks skipped"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}

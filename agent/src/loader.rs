@@ -1,0 +1,152 @@
+//! Loading the embedded eBPF object into the kernel, with errors that say what to do.
+
+use std::io;
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::MapError,
+    programs::{Program, ProgramError},
+};
+use tracing::{debug, level_filters::LevelFilter};
+
+/// The compiled eBPF programs, built by `build.rs` and embedded in the agent.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgeplane"));
+
+/// Lines of verifier log shown with a rejection: the verdict is at the end.
+const VERIFIER_EXCERPT_LINES: usize = 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "the kernel refused to create BPF maps ({0}): the agent needs CAP_BPF and CAP_NET_ADMIN \
+         (CAP_SYS_ADMIN before Linux 5.8), or root"
+    )]
+    Permission(#[source] io::Error),
+    #[error("cannot load the eBPF object: {0}")]
+    Object(#[source] Box<EbpfError>),
+    #[error("program `{0}` is missing from the eBPF object: rebuild the agent")]
+    MissingProgram(&'static str),
+    #[error(
+        "the kernel's verifier rejected program `{program}` ({io_error}); the last lines of its log:\n{excerpt}"
+    )]
+    Verifier {
+        program: &'static str,
+        io_error: io::Error,
+        excerpt: String,
+    },
+    #[error("loading program `{program}` failed: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("map `{0}` is missing from the eBPF object: rebuild the agent")]
+    MissingMap(&'static str),
+    #[error("map `{map}` does not have the expected type: {source}")]
+    MapType {
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+}
+
+/// Loads the object and every listed program. Kernel log lines at or below the agent's current
+/// tracing level are enabled in the programs themselves, so disabled ones cost nothing.
+pub fn load(programs: &[&'static str]) -> Result<Ebpf, LoadError> {
+    raise_memlock_limit();
+    let level = kernel_log_level(LevelFilter::current());
+    let mut ebpf = EbpfLoader::new()
+        .override_global("AYA_LOG_LEVEL", &level, true)
+        .load(EBPF_OBJECT)
+        .map_err(object_error)?;
+    for &name in programs {
+        load_program(&mut ebpf, name)?;
+    }
+    Ok(ebpf)
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?;
+    let result = match program {
+        Program::Xdp(p) => p.load(),
+        Program::SchedClassifier(p) => p.load(),
+        other => unreachable!("program {name} has unexpected type {:?}", other.prog_type()),
+    };
+    result.map_err(|e| match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => LoadError::Verifier {
+            program: name,
+            io_error,
+            excerpt: excerpt(&verifier_log.to_string(), VERIFIER_EXCERPT_LINES),
+        },
+        other => LoadError::Program {
+            program: name,
+            source: Box::new(other),
+        },
+    })
+}
+
+fn object_error(e: EbpfError) -> LoadError {
+    if let EbpfError::MapError(MapError::CreateError { io_error, .. }) = &e
+        && io_error.raw_os_error() == Some(libc::EPERM)
+    {
+        return LoadError::Permission(io::Error::from_raw_os_error(libc::EPERM));
+    }
+    LoadError::Object(Box::new(e))
+}
+
+/// The last `n` non-empty lines of a log.
+pub fn excerpt(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// aya-log's levels: Error = 1 ... Trace = 5; 0 disables every kernel log line.
+fn kernel_log_level(filter: LevelFilter) -> u8 {
+    match filter.into_level() {
+        None => 0,
+        Some(tracing::Level::ERROR) => 1,
+        Some(tracing::Level::WARN) => 2,
+        Some(tracing::Level::INFO) => 3,
+        Some(tracing::Level::DEBUG) => 4,
+        Some(tracing::Level::TRACE) => 5,
+    }
+}
+
+/// Before Linux 5.11 BPF maps are charged to RLIMIT_MEMLOCK, whose default is tiny.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpt_keeps_the_verdict_at_the_end() {
+        let log = "0: r1 = 0\n\n1: exit\nR0 !read_ok\nprocessed 2 insns\n";
+        assert_eq!(excerpt(log, 2), "R0 !read_ok\nprocessed 2 insns");
+        assert_eq!(excerpt(log, 10).lines().count(), 4);
+    }
+
+    #[test]
+    fn kernel_log_follows_the_agent_level() {
+        assert_eq!(kernel_log_level(LevelFilter::OFF), 0);
+        assert_eq!(kernel_log_level(LevelFilter::INFO), 3);
+        assert_eq!(kernel_log_level(LevelFilter::TRACE), 5);
+    }
+}

@@ -1,0 +1,59 @@
+//! Readiness: which configured components are up, as /readyz reports it.
+
+use serde::Serialize;
+
+use crate::{attach::Hook, udp_forward::UdpView};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Attached,
+    Detached,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Component {
+    /// `udp_forward/<iface>`.
+    pub name: String,
+    pub state: State,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<Hook>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Readiness {
+    /// True when every configured program is attached.
+    pub ready: bool,
+    pub components: Vec<Component>,
+}
+
+impl Readiness {
+    pub fn of(udp: &UdpView) -> Self {
+        let mut wanted: Vec<&str> = udp.rules.iter().map(|r| r.ingress.as_str()).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let components: Vec<Component> = wanted
+            .into_iter()
+            .map(|iface| {
+                let hook = udp
+                    .ingress
+                    .iter()
+                    .find(|i| i.iface == iface)
+                    .map(|i| i.hook);
+                Component {
+                    name: format!("udp_forward/{iface}"),
+                    state: if hook.is_some() {
+                        State::Attached
+                    } else {
+                        State::Detached
+                    },
+                    hook,
+                }
+            })
+            .collect();
+        Self {
+            ready: components.iter().all(|c| c.state == State::Attached),
+            components,
+        }
+    }
+}

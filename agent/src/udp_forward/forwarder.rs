@@ -1,0 +1,441 @@
+//! Installs compiled rules into the kernel maps and attaches the programs to ingress interfaces.
+//!
+//! Updates are ordered so that rules that did not change keep forwarding throughout: new
+//! entries go in before stale ones come out, and an interface's set of shapes is widened before
+//! and narrowed after.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Ebpf,
+    maps::{
+        DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        xdp::XdpMapError,
+    },
+    util::nr_cpus,
+};
+use edgeplane_common::udp_forward::{
+    EGRESS_MAP, FAMILY_IPV4, INGRESS_MAP, MAX_INGRESS, MAX_RULES, RULES_MAP, STATS_MAP, TC_PROGRAM,
+    UdpForwardAction, UdpIngress, UdpMatchKey, UdpStats, XDP_PROGRAM,
+};
+use tracing::{info, warn};
+
+use super::{
+    rules::{CompiledRule, MapContents},
+    slots::Slots,
+};
+use crate::{
+    attach::{self, AttachError, Attachment, Hook},
+    config::{AttachMode, Family},
+    loader::LoadError,
+    netdev,
+};
+
+/// The per-CPU counters, shared with the metrics collector.
+pub type StatsMap = Arc<Mutex<PerCpuArray<MapData, UdpStats>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UdpForwardError {
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(
+        "interface {iface} cannot receive XDP redirects ({source}); its driver lacks ndo_xdp_xmit: \
+         use mode = \"tc\" for rules whose ingress sends to it"
+    )]
+    Egress {
+        iface: String,
+        #[source]
+        source: XdpMapError,
+    },
+    #[error("updating map {map} failed: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("more than {0} rules or ingress interfaces")]
+    OutOfSlots(usize),
+    #[error("cannot tell the number of CPUs for the per-CPU counters: {0}")]
+    Cpus(#[source] std::io::Error),
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> UdpForwardError {
+    move |source| UdpForwardError::Map { map, source }
+}
+
+/// What the forwarder is doing, for metrics and readiness.
+#[derive(Debug, Clone, Default)]
+pub struct UdpView {
+    pub rules: Vec<RuleInfo>,
+    pub ingress: Vec<IngressInfo>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuleInfo {
+    pub name: String,
+    pub slot: u32,
+    pub ingress: String,
+    pub egress: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngressInfo {
+    pub iface: String,
+    pub slot: u32,
+    pub hook: Hook,
+}
+
+pub struct UdpForwarder {
+    rules_map: BpfHashMap<MapData, UdpMatchKey, UdpForwardAction>,
+    ingress_map: BpfHashMap<MapData, u32, UdpIngress>,
+    egress_map: DevMapHash<MapData>,
+    stats: StatsMap,
+    rule_slots: Slots,
+    ingress_slots: Slots,
+    /// What the maps hold now.
+    installed: MapContents,
+    egress: BTreeMap<u32, String>,
+    attachments: BTreeMap<String, Attachment>,
+    rules: Vec<CompiledRule>,
+}
+
+impl UdpForwarder {
+    /// Takes the forwarder's maps out of the loaded object.
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<T, LoadError> {
+            let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+            T::try_from(map).map_err(|source| LoadError::MapType {
+                map: name,
+                source: Box::new(source),
+            })
+        }
+        Ok(Self {
+            rules_map: take(ebpf, RULES_MAP)?,
+            ingress_map: take(ebpf, INGRESS_MAP)?,
+            egress_map: take(ebpf, EGRESS_MAP)?,
+            stats: Arc::new(Mutex::new(take(ebpf, STATS_MAP)?)),
+            rule_slots: Slots::new(0, MAX_RULES),
+            ingress_slots: Slots::new(MAX_RULES, MAX_INGRESS),
+            installed: MapContents::default(),
+            egress: BTreeMap::new(),
+            attachments: BTreeMap::new(),
+            rules: Vec::new(),
+        })
+    }
+
+    pub fn stats(&self) -> StatsMap {
+        Arc::clone(&self.stats)
+    }
+
+    pub fn view(&self) -> UdpView {
+        UdpView {
+            rules: self
+                .rules
+                .iter()
+                .map(|r| RuleInfo {
+                    name: r.name.clone(),
+                    slot: self
+                        .rule_slots
+                        .get(&r.name)
+                        .expect("installed rules have slots"),
+                    ingress: r.ingress.clone(),
+                    egress: r.egress.clone(),
+                })
+                .collect(),
+            ingress: self
+                .attachments
+                .values()
+                .map(|a| IngressInfo {
+                    iface: a.iface.clone(),
+                    slot: self
+                        .ingress_slots
+                        .get(&a.iface)
+                        .expect("attached interfaces have slots"),
+                    hook: a.hook,
+                })
+                .collect(),
+        }
+    }
+
+    /// Makes `rules` the running rule set. On error the previous rules keep running and
+    /// attachments made by this call are undone.
+    pub fn apply(
+        &mut self,
+        ebpf: &mut Ebpf,
+        mode: AttachMode,
+        rules: Vec<CompiledRule>,
+    ) -> Result<(), UdpForwardError> {
+        // Ingress interfaces, with the egress interfaces their rules send to.
+        let mut ingresses: BTreeMap<&str, (u32, BTreeSet<&str>)> = BTreeMap::new();
+        for r in &rules {
+            let e = ingresses
+                .entry(&r.ingress)
+                .or_insert((r.ingress_ifindex, BTreeSet::new()));
+            e.1.insert(&r.egress);
+        }
+
+        // 1. Attach where needed. Replacements are attached before the old link goes.
+        let mut fresh: Vec<Attachment> = Vec::new();
+        let mut replaced: Vec<String> = Vec::new();
+        for (&iface, (ifindex, egresses)) in &ingresses {
+            let wanted = wanted_hook(mode, iface, egresses);
+            let current = self.attachments.get(iface);
+            let keep = match (current, &wanted) {
+                (Some(a), Wanted::Exactly(h)) => a.ifindex == *ifindex && a.hook == *h,
+                (Some(a), Wanted::XdpOrTc) => a.ifindex == *ifindex,
+                (None, _) => false,
+            };
+            if keep {
+                continue;
+            }
+            if current.is_some() {
+                replaced.push(iface.to_owned());
+            }
+            match attach_ingress(ebpf, mode, wanted, iface, *ifindex) {
+                Ok(a) => fresh.push(a),
+                Err(e) => {
+                    undo(ebpf, fresh);
+                    return Err(e);
+                }
+            }
+        }
+        let hook_of = |iface: &str| {
+            fresh
+                .iter()
+                .find(|a| a.iface == iface)
+                .or_else(|| self.attachments.get(iface))
+                .map(|a| a.hook)
+        };
+
+        // 2. XDP redirects need their egress in the devmap.
+        let wanted_egress: BTreeMap<u32, String> = rules
+            .iter()
+            .filter(|r| hook_of(&r.ingress) == Some(Hook::Xdp))
+            .map(|r| (r.egress_ifindex, r.egress.clone()))
+            .collect();
+        for (&ifindex, iface) in &wanted_egress {
+            if !self.egress.contains_key(&ifindex)
+                && let Err(source) = self.egress_map.insert(ifindex, ifindex, None, 0)
+            {
+                undo(ebpf, fresh);
+                return Err(UdpForwardError::Egress {
+                    iface: iface.clone(),
+                    source,
+                });
+            }
+        }
+
+        // 3. Slots: new names get slots with cleared counters.
+        let fresh_slots = self
+            .rule_slots
+            .assign(rules.iter().map(|r| r.name.as_str()))
+            .map_err(UdpForwardError::OutOfSlots)?
+            .into_iter()
+            .chain(
+                self.ingress_slots
+                    .assign(ingresses.keys().copied())
+                    .map_err(UdpForwardError::OutOfSlots)?,
+            );
+        for slot in fresh_slots {
+            self.clear_stats(slot)?;
+        }
+        let wanted = MapContents::build(
+            &rules,
+            |n| self.rule_slots.get(n).expect("assigned above"),
+            |i| self.ingress_slots.get(i).expect("assigned above"),
+        );
+
+        // 4. Widen each interface's shapes, so both old and new keys are looked up.
+        for (ifindex, new) in &wanted.ingress {
+            let shapes = new.shapes
+                | self
+                    .installed
+                    .ingress
+                    .get(ifindex)
+                    .map_or(0, |old| old.shapes);
+            self.ingress_map
+                .insert(ifindex, UdpIngress { shapes, ..*new }, 0)
+                .map_err(map_err(INGRESS_MAP))?;
+        }
+        // 5. New and changed rules in, then stale ones out.
+        for (key, action) in &wanted.rules {
+            if self.installed.rules.get(key) != Some(action) {
+                self.rules_map
+                    .insert(key, action, 0)
+                    .map_err(map_err(RULES_MAP))?;
+            }
+        }
+        for key in self
+            .installed
+            .rules
+            .keys()
+            .filter(|k| !wanted.rules.contains_key(k))
+        {
+            self.rules_map.remove(key).map_err(map_err(RULES_MAP))?;
+        }
+        // 6. Narrow the shapes; forget interfaces no rule uses.
+        for (ifindex, new) in &wanted.ingress {
+            self.ingress_map
+                .insert(ifindex, new, 0)
+                .map_err(map_err(INGRESS_MAP))?;
+        }
+        for ifindex in self
+            .installed
+            .ingress
+            .keys()
+            .filter(|i| !wanted.ingress.contains_key(i))
+        {
+            self.ingress_map
+                .remove(ifindex)
+                .map_err(map_err(INGRESS_MAP))?;
+        }
+        self.installed = wanted;
+
+        // 7. Detach what was replaced or is no longer needed; install the new attachments.
+        let gone: Vec<String> = self
+            .attachments
+            .keys()
+            .filter(|i| !ingresses.contains_key(i.as_str()) || replaced.contains(i))
+            .cloned()
+            .collect();
+        for iface in gone {
+            let a = self.attachments.remove(&iface).expect("listed above");
+            info!(iface, hook = %a.hook, "detaching udp_forward");
+            if let Err(e) = attach::detach(ebpf, a) {
+                warn!("{e}");
+            }
+        }
+        for a in fresh {
+            info!(iface = a.iface, hook = %a.hook, "udp_forward attached");
+            self.attachments.insert(a.iface.clone(), a);
+        }
+
+        // 8. Drop unused redirect targets and free slots of removed rules and interfaces.
+        for (&ifindex, iface) in &self.egress {
+            if !wanted_egress.contains_key(&ifindex)
+                && let Err(e) = self.egress_map.remove(ifindex)
+            {
+                warn!("removing {iface} from {EGRESS_MAP}: {e}");
+            }
+        }
+        self.egress = wanted_egress;
+        self.rule_slots
+            .retain(|n| rules.iter().any(|r| r.name == n));
+        self.ingress_slots.retain(|i| ingresses.contains_key(i));
+        warn_if_not_forwarding(&rules);
+        self.rules = rules;
+        Ok(())
+    }
+
+    /// Detaches every program; the maps go with the object.
+    pub fn shutdown(&mut self, ebpf: &mut Ebpf) {
+        for (_, a) in std::mem::take(&mut self.attachments) {
+            info!(iface = a.iface, hook = %a.hook, "detaching udp_forward");
+            if let Err(e) = attach::detach(ebpf, a) {
+                warn!("{e}");
+            }
+        }
+    }
+
+    fn clear_stats(&mut self, slot: u32) -> Result<(), UdpForwardError> {
+        let cpus = nr_cpus().map_err(|(_, e)| UdpForwardError::Cpus(e))?;
+        let zero = PerCpuValues::try_from(vec![UdpStats::default(); cpus])
+            .map_err(UdpForwardError::Cpus)?;
+        self.stats
+            .lock()
+            .expect("stats lock")
+            .set(slot, zero, 0)
+            .map_err(map_err(STATS_MAP))
+    }
+}
+
+enum Wanted {
+    Exactly(Hook),
+    /// auto mode on a physical interface: XDP if the driver takes it, else tc.
+    XdpOrTc,
+}
+
+fn wanted_hook(mode: AttachMode, ingress: &str, egresses: &BTreeSet<&str>) -> Wanted {
+    match mode {
+        AttachMode::Xdp => Wanted::Exactly(Hook::Xdp),
+        AttachMode::Tc => Wanted::Exactly(Hook::Tc),
+        AttachMode::Auto
+            if netdev::is_veth(ingress) || egresses.iter().any(|e| netdev::is_veth(e)) =>
+        {
+            Wanted::Exactly(Hook::Tc)
+        }
+        AttachMode::Auto => Wanted::XdpOrTc,
+    }
+}
+
+fn attach_ingress(
+    ebpf: &mut Ebpf,
+    mode: AttachMode,
+    wanted: Wanted,
+    iface: &str,
+    ifindex: u32,
+) -> Result<Attachment, UdpForwardError> {
+    match wanted {
+        Wanted::Exactly(Hook::Xdp) => Ok(attach::attach(
+            ebpf,
+            XDP_PROGRAM,
+            Hook::Xdp,
+            iface,
+            ifindex,
+        )?),
+        Wanted::Exactly(Hook::Tc) => {
+            if mode == AttachMode::Auto {
+                info!(
+                    iface,
+                    "auto mode: veth involved, using tc (XDP redirects into a veth need XDP on its peer)"
+                );
+            }
+            Ok(attach::attach(ebpf, TC_PROGRAM, Hook::Tc, iface, ifindex)?)
+        }
+        Wanted::XdpOrTc => match attach::attach(ebpf, XDP_PROGRAM, Hook::Xdp, iface, ifindex) {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                warn!(iface, "auto mode: XDP unavailable, falling back to tc: {e}");
+                Ok(attach::attach(ebpf, TC_PROGRAM, Hook::Tc, iface, ifindex)?)
+            }
+        },
+    }
+}
+
+fn undo(ebpf: &mut Ebpf, attachments: Vec<Attachment>) {
+    for a in attachments {
+        if let Err(e) = attach::detach(ebpf, a) {
+            warn!("rolling back: {e}");
+        }
+    }
+}
+
+/// bpf_fib_lookup refuses to route when forwarding is off on the egress: say so up front.
+fn warn_if_not_forwarding(rules: &[CompiledRule]) {
+    let mut seen = BTreeSet::new();
+    for r in rules {
+        for key in &r.keys {
+            let family = if key.family == FAMILY_IPV4 {
+                Family::V4
+            } else {
+                Family::V6
+            };
+            if seen.insert((&r.egress, family))
+                && matches!(netdev::forwarding_enabled(&r.egress, family), Ok(false))
+            {
+                warn!(
+                    iface = r.egress,
+                    "{family} forwarding is disabled on {}: rules sending there pass their datagrams to the \
+                     stack (reason forwarding_disabled); enable it with sysctl",
+                    r.egress
+                );
+            }
+        }
+    }
+}

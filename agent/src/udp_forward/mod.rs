@@ -1,0 +1,8 @@
+//! The UDP forwarder's userspace side: compile rules, install them without a gap, read counters.
+
+mod forwarder;
+pub mod rules;
+mod slots;
+pub mod stats;
+
+pub use forwarder::{IngressInfo, RuleInfo, UdpForwardError, UdpForwarder, UdpView};

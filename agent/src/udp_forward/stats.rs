@@ -1,0 +1,123 @@
+//! Exports the forwarder's per-CPU counters as Prometheus metrics at scrape time.
+
+use std::sync::{Arc, RwLock};
+
+use edgeplane_common::udp_forward::{PassReason, UdpStats};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
+
+use super::{UdpView, forwarder::StatsMap};
+
+/// Reads the counters of every installed rule and ingress interface on each scrape.
+pub struct UdpCollector {
+    pub stats: StatsMap,
+    pub view: Arc<RwLock<UdpView>>,
+}
+
+impl std::fmt::Debug for UdpCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpCollector").finish_non_exhaustive()
+    }
+}
+
+impl UdpCollector {
+    /// Sums a slot's counters over all CPUs; a slot that can't be read counts as zero.
+    fn read(&self, slot: u32) -> UdpStats {
+        let map = self.stats.lock().expect("stats lock");
+        let mut total = UdpStats::default();
+        if let Ok(per_cpu) = map.get(&slot, 0) {
+            for s in per_cpu.iter() {
+                total.packets += s.packets;
+                total.bytes += s.bytes;
+                for (t, v) in total.passed.iter_mut().zip(s.passed) {
+                    *t += v;
+                }
+            }
+        }
+        total
+    }
+}
+
+impl Collector for UdpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let view = self.view.read().expect("view lock").clone();
+        let rules: Vec<(&str, UdpStats)> = view
+            .rules
+            .iter()
+            .map(|r| (r.name.as_str(), self.read(r.slot)))
+            .collect();
+        let ingress: Vec<(&str, UdpStats)> = view
+            .ingress
+            .iter()
+            .map(|i| (i.iface.as_str(), self.read(i.slot)))
+            .collect();
+
+        let mut family = encoder.encode_descriptor(
+            "udp_forward_packets",
+            "UDP datagrams forwarded in the kernel, per rule",
+            None,
+            MetricType::Counter,
+        )?;
+        for (rule, s) in &rules {
+            ConstCounter::new(s.packets).encode(family.encode_family(&[("rule", *rule)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "udp_forward_bytes",
+            "Bytes of forwarded frames (Ethernet header included, as received), per rule",
+            None,
+            MetricType::Counter,
+        )?;
+        for (rule, s) in &rules {
+            ConstCounter::new(s.bytes).encode(family.encode_family(&[("rule", *rule)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "udp_forward_passed",
+            "Datagrams a rule matched but handed to the network stack, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (rule, s) in &rules {
+            for reason in PassReason::ALL.into_iter().filter(|r| !r.is_ingress()) {
+                ConstCounter::new(s.passed[reason as usize]).encode(
+                    family.encode_family(&[("rule", *rule), ("reason", reason.label())])?,
+                )?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "udp_forward_ingress_passed",
+            "Frames on an ingress interface that no rule took, handed to the stack untouched, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (iface, s) in &ingress {
+            for reason in PassReason::ALL.into_iter().filter(|r| r.is_ingress()) {
+                ConstCounter::new(s.passed[reason as usize]).encode(
+                    family.encode_family(&[("iface", *iface), ("reason", reason.label())])?,
+                )?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "udp_forward_attached",
+            "1 for each ingress interface the forwarder is attached to, with its hook (xdp or tc)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for i in &view.ingress {
+            let hook = i.hook.to_string();
+            ConstGauge::new(1i64).encode(
+                family.encode_family(&[("iface", i.iface.as_str()), ("hook", hook.as_str())])?,
+            )?;
+        }
+        let rules_gauge = ConstGauge::new(view.rules.len() as i64);
+        rules_gauge.encode(encoder.encode_descriptor(
+            "udp_forward_rules",
+            "UDP forwarding rules installed",
+            None,
+            rules_gauge.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}

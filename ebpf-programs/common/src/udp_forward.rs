@@ -1,0 +1,241 @@
+//! The UDP forwarder's maps: rules keyed by what they match, per-ingress settings and counters.
+
+/// Largest number of forwarding rules (stats slots `0..MAX_RULES`).
+pub const MAX_RULES: u32 = 4096;
+/// Largest number of ingress interfaces (stats slots `MAX_RULES..MAX_RULES + MAX_INGRESS`).
+pub const MAX_INGRESS: u32 = 256;
+/// Entries in the rule map: a rule without an IP matches both families and takes two.
+pub const MAX_RULE_KEYS: u32 = 2 * MAX_RULES;
+
+/// Map names, as the programs declare them.
+pub const RULES_MAP: &str = "UDP_RULES";
+pub const INGRESS_MAP: &str = "UDP_INGRESS";
+pub const STATS_MAP: &str = "UDP_STATS";
+pub const EGRESS_MAP: &str = "UDP_EGRESS";
+
+/// Program names, as the programs declare them.
+pub const XDP_PROGRAM: &str = "udp_forward_xdp";
+pub const TC_PROGRAM: &str = "udp_forward_tc";
+
+/// Address family of a rule key: the packet's, never "any" (userspace expands those).
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// Which header fields a rule matches on, one bit each. A rule's set of fields is its "shape".
+pub mod field {
+    // Bit order sets the tie-break in SHAPE_ORDER: higher bits win among equally specific shapes.
+    pub const SRC_PORT: u8 = 1 << 0;
+    pub const DST_PORT: u8 = 1 << 1;
+    pub const SRC_IP: u8 = 1 << 2;
+    pub const DST_IP: u8 = 1 << 3;
+    /// Number of distinct shapes (every subset of the four fields).
+    pub const SHAPES: usize = 16;
+}
+
+/// The order in which the program tries shapes: more fields first, so the most specific rule
+/// wins; among equally specific shapes, addresses before ports and destination before source.
+pub const SHAPE_ORDER: [u8; field::SHAPES] = shape_order();
+
+const fn shape_order() -> [u8; field::SHAPES] {
+    let mut order = [0u8; field::SHAPES];
+    let mut n = 0;
+    let mut bits = 5u32;
+    while bits > 0 {
+        bits -= 1;
+        // Highest value first within a popcount: DST_IP > SRC_IP > DST_PORT > SRC_PORT.
+        let mut shape = field::SHAPES;
+        while shape > 0 {
+            shape -= 1;
+            if (shape as u8).count_ones() == bits {
+                order[n] = shape as u8;
+                n += 1;
+            }
+        }
+    }
+    order
+}
+
+/// An address's bytes as the 16-bit words the program loads from the packet: the IP header sits
+/// 2-byte aligned behind Ethernet, and checksums are sums of 16-bit words.
+pub fn ip_words(octets: &[u8]) -> [u16; 8] {
+    let mut words = [0u16; 8];
+    let mut i = 0;
+    while i + 1 < octets.len() && i < 16 {
+        words[i / 2] = u16::from_ne_bytes([octets[i], octets[i + 1]]);
+        i += 2;
+    }
+    words
+}
+
+/// Rule map key. Fields not in `fields` are zero, so a packet's key for a shape is built by
+/// copying only that shape's fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpMatchKey {
+    pub ifindex: u32,
+    /// Bitset of [`field`] values.
+    pub fields: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    pub _pad: [u8; 2],
+    /// Ports in network byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Addresses as 16-bit words loaded from the wire (see [`ip_words`]); IPv4 uses the first
+    /// two words, the rest are zero.
+    pub src_ip: [u16; 8],
+    pub dst_ip: [u16; 8],
+}
+crate::assert_size!(UdpMatchKey, 44);
+
+/// What to rewrite: bits of [`UdpForwardAction::rewrite`].
+pub mod rewrite {
+    pub const DST_IP: u8 = 1 << 0;
+    pub const DST_PORT: u8 = 1 << 1;
+    pub const SRC_IP: u8 = 1 << 2;
+    pub const SRC_PORT: u8 = 1 << 3;
+}
+
+/// Rule map value: the rule's stats slot and its rewrite.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpForwardAction {
+    /// Index into the stats map.
+    pub slot: u32,
+    /// Interface the rewritten packet must leave by (also the FIB lookup's output device).
+    pub egress_ifindex: u32,
+    /// Bitset of [`rewrite`] values.
+    pub rewrite: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// As in [`UdpMatchKey`]; IPv4 uses the first two words.
+    pub src_ip: [u16; 8],
+    pub dst_ip: [u16; 8],
+}
+crate::assert_size!(UdpForwardAction, 48);
+
+/// Per-ingress settings, keyed by ifindex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpIngress {
+    /// Bit `s` set when some rule on this interface has shape `s`; the program looks up only those.
+    pub shapes: u16,
+    pub _pad: u16,
+    /// Stats slot for packets no rule accounts for.
+    pub slot: u32,
+}
+crate::assert_size!(UdpIngress, 8);
+
+/// Why a packet went to the network stack instead of being forwarded.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassReason {
+    /// Not an IPv4/IPv6 UDP frame we parse (ARP, TCP, VLAN-tagged, ...). Counted per ingress.
+    NotUdp = 0,
+    /// Shorter than its headers claim. Counted per ingress.
+    Truncated,
+    /// An IP fragment: ports are not in every fragment. Counted per ingress.
+    Fragment,
+    /// IPv4 options or IPv6 extension headers. Counted per ingress.
+    IpOptions,
+    /// UDP, but no rule matched. Counted per ingress.
+    NoRule,
+    /// IPv6 UDP with checksum 0, which IPv6 forbids.
+    ZeroChecksum,
+    /// TTL / hop limit would reach zero: the stack sends the ICMP error.
+    TtlExceeded,
+    /// No route to the rewritten destination through the rule's egress interface.
+    NoRoute,
+    /// IP forwarding is disabled on the interface (sysctl net.ipv4.ip_forward / ipv6 forwarding).
+    ForwardingDisabled,
+    /// Next hop's MAC unknown: the stack resolves it with ARP/ND.
+    NoNeighbour,
+    /// Larger than the egress MTU: the stack fragments or sends "packet too big".
+    TooBig,
+    /// The egress interface is not in the redirect map (gone or not yet added).
+    NoEgress,
+}
+
+impl PassReason {
+    pub const COUNT: usize = 12;
+    pub const ALL: [Self; Self::COUNT] = [
+        Self::NotUdp,
+        Self::Truncated,
+        Self::Fragment,
+        Self::IpOptions,
+        Self::NoRule,
+        Self::ZeroChecksum,
+        Self::TtlExceeded,
+        Self::NoRoute,
+        Self::ForwardingDisabled,
+        Self::NoNeighbour,
+        Self::TooBig,
+        Self::NoEgress,
+    ];
+
+    /// Metric label value.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::NotUdp => "not_udp",
+            Self::Truncated => "truncated",
+            Self::Fragment => "fragment",
+            Self::IpOptions => "ip_options",
+            Self::NoRule => "no_rule",
+            Self::ZeroChecksum => "zero_checksum",
+            Self::TtlExceeded => "ttl_exceeded",
+            Self::NoRoute => "no_route",
+            Self::ForwardingDisabled => "forwarding_disabled",
+            Self::NoNeighbour => "no_neighbour",
+            Self::TooBig => "too_big",
+            Self::NoEgress => "no_egress",
+        }
+    }
+
+    /// Reasons decided before any rule matched: counted in the ingress interface's slot.
+    pub const fn is_ingress(self) -> bool {
+        (self as u32) <= (Self::NoRule as u32)
+    }
+}
+
+/// Counters of one stats slot (a rule, or an ingress interface), per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpStats {
+    /// Frames forwarded (redirected to the egress interface).
+    pub packets: u64,
+    /// Their size in bytes, Ethernet header included, as received.
+    pub bytes: u64,
+    /// Frames passed to the stack, indexed by [`PassReason`].
+    pub passed: [u64; PassReason::COUNT],
+}
+crate::assert_size!(UdpStats, 16 + 8 * PassReason::COUNT);
+
+crate::pod!(UdpMatchKey, UdpForwardAction, UdpIngress, UdpStats);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_order_is_a_permutation_most_specific_first() {
+        let mut seen = [false; field::SHAPES];
+        for w in SHAPE_ORDER.windows(2) {
+            assert!(w[0].count_ones() >= w[1].count_ones());
+        }
+        for s in SHAPE_ORDER {
+            assert!(!seen[s as usize]);
+            seen[s as usize] = true;
+        }
+        assert_eq!(SHAPE_ORDER[0], 0b1111);
+        assert_eq!(SHAPE_ORDER[field::SHAPES - 1], 0);
+    }
+
+    #[test]
+    fn reasons_are_indexed_by_discriminant() {
+        for (i, r) in PassReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! edgeplane's eBPF object: one file per attach point over shared forwarding logic.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod net;
+mod udp_forward;
+mod udp_forward_tc;
+mod udp_forward_xdp;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Never reached: the verifier rejects programs with a path into this loop.
+    loop {}
+}
+
+// GPL-compatible: bpf_fib_lookup and the ring buffer helpers are GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,86 @@
+//! Where things are: the workspace, the pinned nightly, bpf-linker.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+/// Version of bpf-linker that `setup` builds. Bumping it rebuilds on the next setup.
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// The nightly channel pinned in `ebpf-programs/rust-toolchain.toml`.
+pub fn pinned_nightly() -> anyhow::Result<String> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        toolchain: Toolchain,
+    }
+    #[derive(serde::Deserialize)]
+    struct Toolchain {
+        channel: String,
+    }
+    let path = workspace_root().join("ebpf-programs/rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file: File =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(file.toolchain.channel)
+}
+
+pub fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        })
+}
+
+/// bpf-linker goes where `cargo install` puts binaries, so it is on PATH for users too.
+pub fn bpf_linker_path() -> PathBuf {
+    cargo_home().join("bin/bpf-linker")
+}
+
+/// Our state beside it: the LLVM prefix bpf-linker links against and the build stamp.
+pub fn state_dir() -> PathBuf {
+    cargo_home().join("edgeplane")
+}
+
+/// Runs a command, failing with its full command line when it does not succeed.
+pub fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, failing on a non-zero exit.
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Prints a progress line for a step of long work.
+pub fn step(msg: impl std::fmt::Display) {
+    eprintln!("==> {msg}");
+}
