@@ -13,6 +13,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "ip netns / veth topologies in the demo and tests",
     ),
     ("ethtool", "veth offload settings in tests"),
+    ("iputils-ping", "neighbour resolution in tests"),
     ("prometheus", "promtool check metrics in tests"),
 ];
 

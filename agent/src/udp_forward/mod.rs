@@ -5,4 +5,4 @@ pub mod rules;
 mod slots;
 pub mod stats;
 
-pub use forwarder::{IngressInfo, RuleInfo, UdpForwardError, UdpForwarder, UdpView};
+pub use forwarder::{IngressInfo, RuleInfo, StatsMap, UdpForwardError, UdpForwarder, UdpView};

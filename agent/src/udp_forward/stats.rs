@@ -9,7 +9,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 
-use super::{UdpView, forwarder::StatsMap};
+use super::{StatsMap, UdpView};
 
 /// Reads the counters of every installed rule and ingress interface on each scrape.
 pub struct UdpCollector {
@@ -23,21 +23,25 @@ impl std::fmt::Debug for UdpCollector {
     }
 }
 
-impl UdpCollector {
-    /// Sums a slot's counters over all CPUs; a slot that can't be read counts as zero.
-    fn read(&self, slot: u32) -> UdpStats {
-        let map = self.stats.lock().expect("stats lock");
-        let mut total = UdpStats::default();
-        if let Ok(per_cpu) = map.get(&slot, 0) {
-            for s in per_cpu.iter() {
-                total.packets += s.packets;
-                total.bytes += s.bytes;
-                for (t, v) in total.passed.iter_mut().zip(s.passed) {
-                    *t += v;
-                }
+/// Sums a slot's counters over all CPUs; a slot that can't be read counts as zero.
+pub fn read(stats: &StatsMap, slot: u32) -> UdpStats {
+    let map = stats.lock().expect("stats lock");
+    let mut total = UdpStats::default();
+    if let Ok(per_cpu) = map.get(&slot, 0) {
+        for s in per_cpu.iter() {
+            total.packets += s.packets;
+            total.bytes += s.bytes;
+            for (t, v) in total.passed.iter_mut().zip(s.passed) {
+                *t += v;
             }
         }
-        total
+    }
+    total
+}
+
+impl UdpCollector {
+    fn read(&self, slot: u32) -> UdpStats {
+        read(&self.stats, slot)
     }
 }
 

@@ -1,0 +1,134 @@
+//! The agent binary as a child process inside a namespace.
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{http, netns::Netns};
+
+/// The release agent built by `cargo build --release` (which `cargo xtask test` runs first).
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("EDGEPLANE_BIN") {
+        return p.into();
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/edgeplane, else target/release/edgeplane.
+    let exe = std::env::current_exe().expect("test binary path");
+    let beside = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("edgeplane"));
+    match beside {
+        Some(p) if p.is_file() => p,
+        _ => crate::workspace().join("target/release/edgeplane"),
+    }
+}
+
+/// A running agent; sends SIGTERM and waits on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub metrics: SocketAddr,
+    pub ns: String,
+    /// Its stderr goes to a file: a pipe nobody reads would block a chatty agent.
+    log: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Agent {
+    /// Starts `edgeplane run` in `ns` with `config` written to a temp file; waits for /readyz.
+    pub fn start(ns: &Netns, config: &str, log_level: &str) -> anyhow::Result<Self> {
+        let bin = binary();
+        if !bin.is_file() {
+            bail!(
+                "agent binary {} not found: run `cargo build --release -p edgeplane` (or `cargo xtask test`)",
+                bin.display()
+            );
+        }
+        let path = std::env::temp_dir().join(format!("{}.toml", ns.name));
+        std::fs::write(&path, config)?;
+        let listen: SocketAddr = config
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("listen = ")
+                    .map(|v| v.trim_matches('"').to_owned())
+            })
+            .unwrap_or_else(|| "127.0.0.1:9464".into())
+            .parse()?;
+        let log = std::env::temp_dir().join(format!("{}.log", ns.name));
+        let child = ns
+            .command(bin.to_str().expect("utf-8 path"))
+            .args(["run", "--log-level", log_level, "--config"])
+            .arg(&path)
+            .stderr(File::create(&log)?)
+            .spawn()
+            .context("starting the agent")?;
+        let mut agent = Self {
+            child: Some(child),
+            metrics: listen,
+            ns: ns.name.clone(),
+            log,
+            config: path,
+        };
+        let _in_ns = ns.enter()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = http::get(listen, "/readyz") {
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.as_mut().expect("running").try_wait()? {
+                let log = agent.stop_and_log()?;
+                bail!("agent exited with {status} before it was ready:\n{log}");
+            }
+            if Instant::now() > deadline {
+                let log = agent.stop_and_log()?;
+                bail!("agent not ready after 20 s:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// SIGTERM, wait (at most 10 s, then SIGKILL), and return everything it logged.
+    pub fn stop_and_log(&mut self) -> anyhow::Result<String> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(String::new());
+        };
+        // SAFETY: as above.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                child.kill()?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = child.wait()?;
+        Ok(format!("{}[exit status: {status}]", self.log_so_far()))
+    }
+
+    /// What the agent has logged until now.
+    pub fn log_so_far(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.stop_and_log();
+    }
+}

@@ -1,0 +1,236 @@
+//! End to end: three hosts in network namespaces, the agent on the gateway, real datagrams.
+//!
+//! sender --veth-- gateway (edgeplane) --veth-- receiver. The sender addresses the gateway's
+//! port 5000; the rule rewrites the destination to the receiver's port 6000.
+
+use std::{
+    collections::BTreeSet,
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsRawFd as _,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use support::{
+    agent::Agent,
+    http,
+    netns::{Line, Netns},
+};
+
+const N: u32 = 2000;
+
+fn config(mode: &str, v4: bool) -> String {
+    let (to, name) = if v4 {
+        (Line::RECEIVER_V4, "lidar")
+    } else {
+        (Line::RECEIVER_V6, "lidar6")
+    };
+    format!(
+        r#"[http]
+listen = "127.0.0.1:9464"
+
+[udp]
+mode = "{mode}"
+
+[[udp.forward]]
+name = "{name}"
+ingress = "g0"
+match = {{ dst_port = 5000 }}
+to = {{ iface = "g1", dst_ip = "{to}", dst_port = 6000 }}
+"#
+    )
+}
+
+/// Receives on the receiver's port 6000 until `n` datagrams arrived or `quiet` passed without
+/// one; returns the datagrams' sequence numbers, checking each payload is intact.
+fn receive(
+    ns: &Netns,
+    bind: SocketAddr,
+    ready: mpsc::Sender<()>,
+    quiet: Duration,
+) -> BTreeSet<u32> {
+    let _in = ns.enter().unwrap();
+    let sock = UdpSocket::bind(bind).unwrap();
+    let size: libc::c_int = 16 << 20;
+    // SAFETY: plain setsockopt with a valid int. FORCE: root may exceed rmem_max.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            4,
+        );
+    }
+    sock.set_read_timeout(Some(quiet)).unwrap();
+    ready.send(()).unwrap();
+    let mut seen = BTreeSet::new();
+    let mut buf = [0u8; 2048];
+    while let Ok((len, _from)) = sock.recv_from(&mut buf) {
+        let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+        assert_eq!(
+            &buf[4..len],
+            &payload(seq)[4..],
+            "payload of datagram {seq} changed"
+        );
+        assert!(seen.insert(seq), "datagram {seq} arrived twice");
+        if seen.len() == N as usize {
+            break;
+        }
+    }
+    seen
+}
+
+fn payload(seq: u32) -> Vec<u8> {
+    let mut p = seq.to_be_bytes().to_vec();
+    p.extend((0..96u32).map(|i| (seq.wrapping_mul(31).wrapping_add(i) & 0xff) as u8));
+    p
+}
+
+/// Sends N datagrams from the sender to the gateway's port 5000, paced so no socket overflows.
+fn send(ns: &Netns, from: SocketAddr, to: SocketAddr) {
+    let _in = ns.enter().unwrap();
+    let sock = UdpSocket::bind(from).unwrap();
+    let start = Instant::now();
+    for seq in 0..N {
+        sock.send_to(&payload(seq), to).unwrap();
+        if seq % 100 == 99 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "sending took too long"
+        );
+    }
+}
+
+/// Sends N datagrams and returns what the receiver got.
+fn exchange(line: &Line, v4: bool) -> BTreeSet<u32> {
+    let (from, gw, rx): (SocketAddr, SocketAddr, SocketAddr) = if v4 {
+        (
+            format!("{}:4000", Line::SENDER_V4).parse().unwrap(),
+            format!("{}:5000", Line::GATEWAY_IN_V4).parse().unwrap(),
+            format!("{}:6000", Line::RECEIVER_V4).parse().unwrap(),
+        )
+    } else {
+        (
+            format!("[{}]:4000", Line::SENDER_V6).parse().unwrap(),
+            format!("[{}]:5000", Line::GATEWAY_IN_V6).parse().unwrap(),
+            format!("[{}]:6000", Line::RECEIVER_V6).parse().unwrap(),
+        )
+    };
+    std::thread::scope(|s| {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let rx = s.spawn(|| receive(&line.receiver, rx, ready_tx, Duration::from_millis(1500)));
+        ready_rx.recv().unwrap();
+        send(&line.sender, from, gw);
+        rx.join().unwrap()
+    })
+}
+
+fn scrape(line: &Line, agent: &Agent) -> String {
+    let _in = line.gateway.enter().unwrap();
+    let (code, body) = http::get(agent.metrics, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    body
+}
+
+fn forwards_and_counts_exactly(mode: &str, v4: bool) {
+    support::require_root();
+    let line = Line::new(if v4 { "e4" } else { "e6" }).unwrap();
+    if mode == "xdp" {
+        line.prepare_for_xdp().unwrap();
+    }
+    line.resolve_neighbours().unwrap();
+    let rule = if v4 { "lidar" } else { "lidar6" };
+    let mut agent = Agent::start(&line.gateway, &config(mode, v4), "info").unwrap();
+
+    let got = exchange(&line, v4);
+    let metrics = scrape(&line, &agent);
+    let log = agent.stop_and_log().unwrap();
+    assert_eq!(
+        got.len(),
+        N as usize,
+        "{mode}: {} of {N} datagrams arrived\nagent log:\n{log}",
+        got.len()
+    );
+    let forwarded = http::metric(
+        &metrics,
+        &format!("edgeplane_udp_forward_packets_total{{rule=\"{rule}\"}}"),
+    )
+    .unwrap();
+    assert_eq!(forwarded, f64::from(N), "{mode}: kernel counter\n{metrics}");
+    let frame_len = 14 + if v4 { 20 } else { 40 } + 8 + payload(0).len();
+    let bytes = http::metric(
+        &metrics,
+        &format!("edgeplane_udp_forward_bytes_total{{rule=\"{rule}\"}}"),
+    )
+    .unwrap();
+    assert_eq!(bytes, f64::from(N) * frame_len as f64);
+    for reason in ["no_neighbour", "no_route", "ttl_exceeded"] {
+        let series =
+            format!("edgeplane_udp_forward_passed_total{{rule=\"{rule}\",reason=\"{reason}\"}}");
+        assert_eq!(http::metric(&metrics, &series).unwrap(), 0.0, "{series}");
+    }
+    let hook = if mode == "xdp" { "xdp" } else { "tc" };
+    let attached = format!("edgeplane_udp_forward_attached{{iface=\"g0\",hook=\"{hook}\"}}");
+    assert_eq!(http::metric(&metrics, &attached).unwrap(), 1.0);
+    assert!(log.contains("udp_forward attached"), "{log}");
+
+    // Agent gone: the programs are detached and nothing reaches the receiver.
+    let got = exchange(&line, v4);
+    assert!(
+        got.is_empty(),
+        "{mode}: {} datagrams arrived with the agent stopped",
+        got.len()
+    );
+}
+
+#[test]
+fn tc_mode_ipv4() {
+    forwards_and_counts_exactly("tc", true);
+}
+
+#[test]
+fn tc_mode_ipv6() {
+    forwards_and_counts_exactly("tc", false);
+}
+
+#[test]
+fn xdp_mode_ipv4() {
+    forwards_and_counts_exactly("xdp", true);
+}
+
+#[test]
+fn xdp_mode_ipv6() {
+    forwards_and_counts_exactly("xdp", false);
+}
+
+/// auto mode picks tc on veth.
+#[test]
+fn auto_mode_chooses_tc_on_veth() {
+    forwards_and_counts_exactly("auto", true);
+}
+
+/// With no ARP entry for the receiver, the first datagrams go through the stack (which resolves
+/// it) and none is lost; later ones take the fast path.
+#[test]
+fn unknown_neighbour_is_resolved_by_the_stack_without_loss() {
+    support::require_root();
+    let line = Line::new("nn").unwrap();
+    let agent = Agent::start(&line.gateway, &config("tc", true), "info").unwrap();
+    let got = exchange(&line, true);
+    assert_eq!(got.len(), N as usize);
+    let m = scrape(&line, &agent);
+    let fast = http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"lidar\"}").unwrap();
+    let slow = http::metric(
+        &m,
+        "edgeplane_udp_forward_passed_total{rule=\"lidar\",reason=\"no_neighbour\"}",
+    )
+    .unwrap();
+    assert!(
+        slow >= 1.0,
+        "the first datagram had no neighbour entry:\n{m}"
+    );
+    assert_eq!(fast + slow, f64::from(N), "{m}");
+}

@@ -1,0 +1,739 @@
+//! The udp_forward programs run through BPF_PROG_TEST_RUN with crafted frames, in a private
+//! network namespace whose routes and neighbours the FIB lookup really consults. Every frame the
+//! programs rewrite has its checksums recomputed by an independent implementation (etherparse).
+
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+};
+use edgeplane::{
+    config::Config,
+    loader,
+    udp_forward::{UdpForwarder, rules, stats},
+};
+use edgeplane_common::udp_forward::{PassReason, TC_PROGRAM, UdpStats, XDP_PROGRAM};
+use etherparse::{Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use support::netns::{Entered, Netns};
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// The receiver's MAC, as a permanent neighbour entry on the egress interface.
+const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x22];
+const SENDER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+
+/// UAPI `struct xdp_md` (linux/bpf.h), the XDP test-run context.
+#[repr(C)]
+#[derive(Default)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+/// The leading part of UAPI `struct __sk_buff` up to `ifindex`, the tc test-run context.
+#[repr(C)]
+#[derive(Default)]
+struct SkBuffHead {
+    len: u32,
+    pkt_type: u32,
+    mark: u32,
+    queue_mapping: u32,
+    protocol: u32,
+    vlan_present: u32,
+    vlan_tci: u32,
+    vlan_proto: u32,
+    priority: u32,
+    ingress_ifindex: u32,
+    ifindex: u32,
+}
+
+fn bytes_of<T>(v: &T) -> &[u8] {
+    // SAFETY: plain repr(C) structs of u32 fields, no padding.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast(), size_of::<T>()) }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Prog {
+    Xdp,
+    Tc,
+}
+
+impl Prog {
+    fn pass(self) -> u32 {
+        match self {
+            Self::Xdp => XDP_PASS,
+            Self::Tc => TC_ACT_UNSPEC,
+        }
+    }
+    fn redirect(self) -> u32 {
+        match self {
+            Self::Xdp => XDP_REDIRECT,
+            Self::Tc => TC_ACT_REDIRECT,
+        }
+    }
+}
+
+/// A namespace with an ingress veth `in0` and an egress veth `eg0` (198.18.2.1/24,
+/// fd18:2::1/64) whose next hops 198.18.2.2 and fd18:2::2 have permanent neighbour entries;
+/// the programs loaded and the rules installed by the agent's own code.
+struct Fixture {
+    // Drop order: maps and links first, then leave the namespace, then delete it.
+    udp: UdpForwarder,
+    ebpf: Ebpf,
+    _entered: Entered,
+    ns: Netns,
+    in_ifindex: u32,
+    eg_mac: [u8; 6],
+    in_mac: [u8; 6],
+}
+
+struct Options {
+    mode: &'static str,
+    forwarding: bool,
+    egress_mtu: u32,
+}
+
+const DEFAULTS: Options = Options {
+    mode: "xdp",
+    forwarding: true,
+    egress_mtu: 1500,
+};
+
+impl Fixture {
+    fn new(rules_toml: &str, opts: Options) -> Self {
+        support::require_root();
+        let ns = Netns::new("prog").unwrap();
+        for (a, b) in [("in0", "in0p"), ("eg0", "eg0p")] {
+            ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])
+                .unwrap();
+            ns.ip(&["link", "set", a, "up"]).unwrap();
+            ns.ip(&["link", "set", b, "up"]).unwrap();
+        }
+        ns.ip(&["link", "set", "eg0", "mtu", &opts.egress_mtu.to_string()])
+            .unwrap();
+        ns.ip(&["addr", "add", "198.18.1.1/24", "dev", "in0"])
+            .unwrap();
+        ns.ip(&["addr", "add", "198.18.2.1/24", "dev", "eg0"])
+            .unwrap();
+        ns.ip(&["-6", "addr", "add", "fd18:2::1/64", "dev", "eg0", "nodad"])
+            .unwrap();
+        let mac = NEXT_HOP_MAC.map(|b| format!("{b:02x}")).join(":");
+        for ip in ["198.18.2.2", "fd18:2::2"] {
+            ns.ip(&[
+                "neigh",
+                "add",
+                ip,
+                "lladdr",
+                &mac,
+                "dev",
+                "eg0",
+                "nud",
+                "permanent",
+            ])
+            .unwrap();
+        }
+        if opts.forwarding {
+            ns.enable_forwarding().unwrap();
+        }
+        let in_ifindex = ns.ifindex("in0").unwrap();
+        let (in_mac, eg_mac) = (ns.mac("in0").unwrap(), ns.mac("eg0").unwrap());
+        let entered = ns.enter().unwrap();
+
+        let text = format!("[udp]\nmode = \"{}\"\n{rules_toml}", opts.mode);
+        let config = Config::parse(&text, Path::new("test.toml")).unwrap();
+        let compiled = config
+            .udp
+            .forward
+            .iter()
+            .map(|r| rules::compile(r, &edgeplane::netdev::index).unwrap())
+            .collect();
+        let mut ebpf = loader::load(&[XDP_PROGRAM, TC_PROGRAM]).unwrap();
+        let mut udp = UdpForwarder::new(&mut ebpf).unwrap();
+        udp.apply(&mut ebpf, config.udp.mode, compiled).unwrap();
+        Self {
+            udp,
+            ebpf,
+            _entered: entered,
+            ns,
+            in_ifindex,
+            eg_mac,
+            in_mac,
+        }
+    }
+
+    /// Runs one frame through a program; returns its verdict and the frame as it left.
+    fn run(&self, prog: Prog, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let (ret, size) = match prog {
+            Prog::Xdp => {
+                let ctx = XdpMd {
+                    data_end: frame.len() as u32,
+                    ingress_ifindex: self.in_ifindex,
+                    ..Default::default()
+                };
+                let p: &Xdp = self.ebpf.program(XDP_PROGRAM).unwrap().try_into().unwrap();
+                let r = p
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(bytes_of(&ctx)),
+                        ..Default::default()
+                    })
+                    .unwrap();
+                (r.return_value, r.data_size_out)
+            }
+            Prog::Tc => {
+                let ctx = SkBuffHead {
+                    ifindex: self.in_ifindex,
+                    ..Default::default()
+                };
+                let p: &SchedClassifier =
+                    self.ebpf.program(TC_PROGRAM).unwrap().try_into().unwrap();
+                let r = p
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(bytes_of(&ctx)),
+                        ..Default::default()
+                    })
+                    .unwrap();
+                (r.return_value, r.data_size_out)
+            }
+        };
+        out.truncate(size as usize);
+        (ret, out)
+    }
+
+    fn rule_stats(&self, rule: &str) -> UdpStats {
+        let view = self.udp.view();
+        let slot = view.rules.iter().find(|r| r.name == rule).unwrap().slot;
+        stats::read(&self.udp.stats(), slot)
+    }
+
+    fn ingress_stats(&self) -> UdpStats {
+        let view = self.udp.view();
+        stats::read(
+            &self.udp.stats(),
+            view.ingress.iter().find(|i| i.iface == "in0").unwrap().slot,
+        )
+    }
+
+    fn udp4(
+        &self,
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        ttl: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(SENDER_MAC, self.in_mac)
+            .ipv4(src, dst, ttl)
+            .udp(sport, dport);
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    fn udp6(
+        &self,
+        src: &str,
+        dst: &str,
+        sport: u16,
+        dport: u16,
+        hops: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let ip = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let b = PacketBuilder::ethernet2(SENDER_MAC, self.in_mac)
+            .ipv6(ip(src), ip(dst), hops)
+            .udp(sport, dport);
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+}
+
+/// What a forwarded or rewritten frame looks like, checked against a reference implementation.
+struct Seen {
+    eth_dst: [u8; 6],
+    eth_src: [u8; 6],
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    sport: u16,
+    dport: u16,
+    ttl: u8,
+    payload: Vec<u8>,
+    udp_checksum: u16,
+}
+
+/// Parses a frame and asserts that its IPv4 header and UDP checksums are what a from-scratch
+/// computation gives.
+fn inspect(frame: &[u8]) -> Seen {
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(TransportSlice::Udp(udp)) = p.transport else {
+        panic!("not UDP")
+    };
+    let payload = udp.payload().to_vec();
+    let header = udp.to_header();
+    let (src, dst, ttl) = match p.net.unwrap() {
+        NetSlice::Ipv4(ip) => {
+            let h: Ipv4Header = ip.header().to_header();
+            assert_eq!(
+                h.header_checksum,
+                h.calc_header_checksum(),
+                "IPv4 header checksum"
+            );
+            if header.checksum != 0 {
+                assert_eq!(
+                    header.checksum,
+                    header.calc_checksum_ipv4(&h, &payload).unwrap(),
+                    "UDP/IPv4 checksum"
+                );
+            }
+            (
+                std::net::IpAddr::from(h.source),
+                std::net::IpAddr::from(h.destination),
+                h.time_to_live,
+            )
+        }
+        NetSlice::Ipv6(ip) => {
+            let h = ip.header().to_header();
+            assert_eq!(
+                header.checksum,
+                header.calc_checksum_ipv6(&h, &payload).unwrap(),
+                "UDP/IPv6 checksum"
+            );
+            (
+                std::net::IpAddr::from(h.source),
+                std::net::IpAddr::from(h.destination),
+                h.hop_limit,
+            )
+        }
+        _ => panic!("not IP"),
+    };
+    Seen {
+        eth_dst: frame[..6].try_into().unwrap(),
+        eth_src: frame[6..12].try_into().unwrap(),
+        src,
+        dst,
+        sport: header.source_port,
+        dport: header.destination_port,
+        ttl,
+        payload,
+        udp_checksum: header.checksum,
+    }
+}
+
+const PAYLOAD: &[u8] = b"lidar frame 0042: 0123456789abcdefghijklmnopqrstuvwxyz";
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn forwards_ipv4_rewriting_destination_with_valid_checksums() {
+    let f = Fixture::new(
+        r#"[[udp.forward]]
+           name = "lidar"
+           ingress = "in0"
+           match = { dst_port = 5000 }
+           to = { iface = "eg0", dst_ip = "198.18.2.2", dst_port = 6000 }"#,
+        DEFAULTS,
+    );
+    for (n, prog) in [Prog::Xdp, Prog::Tc].into_iter().enumerate() {
+        let frame = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5000, 64, PAYLOAD);
+        let (ret, out) = f.run(prog, &frame);
+        assert_eq!(ret, prog.redirect(), "{prog:?}");
+        let s = inspect(&out);
+        assert_eq!(
+            (s.eth_dst, s.eth_src),
+            (NEXT_HOP_MAC, f.eg_mac),
+            "{prog:?}: MACs from the neighbour table"
+        );
+        assert_eq!(
+            (s.src, s.dst),
+            (ip("198.18.1.2"), ip("198.18.2.2")),
+            "{prog:?}"
+        );
+        assert_eq!((s.sport, s.dport, s.ttl), (4000, 6000, 63), "{prog:?}");
+        assert_eq!(s.payload, PAYLOAD, "{prog:?}");
+        let st = f.rule_stats("lidar");
+        assert_eq!(
+            (st.packets, st.bytes),
+            (n as u64 + 1, (n as u64 + 1) * frame.len() as u64),
+            "{prog:?}"
+        );
+        assert_eq!(st.passed, [0; PassReason::COUNT]);
+    }
+}
+
+#[test]
+fn forwards_ipv6_and_rewrites_source_too() {
+    let f = Fixture::new(
+        r#"[[udp.forward]]
+           name = "radar6"
+           ingress = "in0"
+           match = { dst_ip = "fd18:1::1", dst_port = 5000 }
+           to = { iface = "eg0", dst_ip = "fd18:2::2", dst_port = 6000, src_ip = "fd18:2::1", src_port = 7000 }"#,
+        DEFAULTS,
+    );
+    for prog in [Prog::Xdp, Prog::Tc] {
+        let frame = f.udp6("fd18:1::2", "fd18:1::1", 4000, 5000, 64, PAYLOAD);
+        let (ret, out) = f.run(prog, &frame);
+        assert_eq!(ret, prog.redirect(), "{prog:?}");
+        let s = inspect(&out);
+        assert_eq!((s.eth_dst, s.eth_src), (NEXT_HOP_MAC, f.eg_mac));
+        assert_eq!(
+            (s.src, s.dst),
+            (ip("fd18:2::1"), ip("fd18:2::2")),
+            "{prog:?}"
+        );
+        assert_eq!((s.sport, s.dport, s.ttl), (7000, 6000, 63), "{prog:?}");
+        assert_eq!(s.payload, PAYLOAD);
+        // The same datagram to another port is not this rule's.
+        let other = f.udp6("fd18:1::2", "fd18:1::1", 4000, 5001, 64, PAYLOAD);
+        assert_eq!(f.run(prog, &other), (prog.pass(), other.clone()));
+    }
+    assert_eq!(f.rule_stats("radar6").packets, 2);
+    assert_eq!(f.ingress_stats().passed[PassReason::NoRule as usize], 2);
+}
+
+#[test]
+fn ipv4_source_rewrite_and_zero_checksum() {
+    let f = Fixture::new(
+        r#"[[udp.forward]]
+           name = "snat"
+           ingress = "in0"
+           match = { src_ip = "198.18.1.2", src_port = 4000 }
+           to = { iface = "eg0", dst_ip = "198.18.2.2", src_ip = "198.18.2.1", src_port = 40000 }"#,
+        DEFAULTS,
+    );
+    for prog in [Prog::Xdp, Prog::Tc] {
+        let frame = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5000, 9, PAYLOAD);
+        let (ret, out) = f.run(prog, &frame);
+        assert_eq!(ret, prog.redirect());
+        let s = inspect(&out);
+        assert_eq!(
+            (s.src, s.dst, s.sport, s.dport, s.ttl),
+            (ip("198.18.2.1"), ip("198.18.2.2"), 40000, 5000, 8)
+        );
+
+        // IPv4 allows "no checksum" (0): it must stay 0, not become a wrong value.
+        let mut zero = frame.clone();
+        zero[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+        let (ret, out) = f.run(prog, &zero);
+        assert_eq!(ret, prog.redirect());
+        let s = inspect(&out);
+        assert_eq!(s.udp_checksum, 0, "{prog:?}");
+        assert_eq!((s.src, s.sport), (ip("198.18.2.1"), 40000));
+    }
+}
+
+#[test]
+fn every_match_field_selects_its_rule_and_the_most_specific_wins() {
+    let f = Fixture::new(
+        r#"[[udp.forward]]
+           name = "by-dport"
+           ingress = "in0"
+           match = { dst_port = 5000 }
+           to = { iface = "eg0", dst_ip = "198.18.2.2", dst_port = 6000 }
+           [[udp.forward]]
+           name = "by-sport"
+           ingress = "in0"
+           match = { src_port = 4444 }
+           to = { iface = "eg0", dst_ip = "198.18.2.2", dst_port = 6001 }
+           [[udp.forward]]
+           name = "by-dip"
+           ingress = "in0"
+           match = { dst_ip = "198.18.1.1" }
+           to = { iface = "eg0", dst_ip = "198.18.2.2", dst_port = 6002 }
+           [[udp.forward]]
+           name = "by-sip"
+           ingress = "in0"
+           match = { src_ip = "198.18.1.99" }
+           to = { iface = "eg0", dst_ip = "198.18.2.2", dst_port = 6003 }
+           [[udp.forward]]
+           name = "by-all"
+           ingress = "in0"
+           match = { src_ip = "198.18.1.99", dst_ip = "198.18.1.1", src_port = 4444, dst_port = 5000 }
+           to = { iface = "eg0", dst_ip = "198.18.2.2", dst_port = 6004 }"#,
+        DEFAULTS,
+    );
+    let cases: [([u8; 4], [u8; 4], u16, u16, u16); 6] = [
+        ([198, 18, 1, 2], [198, 18, 1, 50], 1000, 5000, 6000),
+        ([198, 18, 1, 2], [198, 18, 1, 50], 4444, 7000, 6001),
+        ([198, 18, 1, 2], [198, 18, 1, 1], 1000, 7000, 6002),
+        ([198, 18, 1, 99], [198, 18, 1, 50], 1000, 7000, 6003),
+        // Matches all five rules: the one with every field wins.
+        ([198, 18, 1, 99], [198, 18, 1, 1], 4444, 5000, 6004),
+        // dst_ip and dst_port rules tie on specificity: addresses win over ports.
+        ([198, 18, 1, 2], [198, 18, 1, 1], 1000, 5000, 6002),
+    ];
+    for prog in [Prog::Xdp, Prog::Tc] {
+        for (src, dst, sport, dport, want) in cases {
+            let (ret, out) = f.run(prog, &f.udp4(src, dst, sport, dport, 64, PAYLOAD));
+            assert_eq!(ret, prog.redirect(), "{prog:?} {src:?}->{dst:?}:{dport}");
+            assert_eq!(
+                inspect(&out).dport,
+                want,
+                "{prog:?} {src:?}:{sport} -> {dst:?}:{dport}"
+            );
+        }
+    }
+    let counts: Vec<u64> = ["by-dport", "by-sport", "by-dip", "by-sip", "by-all"]
+        .iter()
+        .map(|r| f.rule_stats(r).packets)
+        .collect();
+    assert_eq!(counts, [2, 2, 4, 2, 2]);
+}
+
+#[test]
+fn frames_no_rule_takes_pass_untouched_counted_by_reason() {
+    let f = Fixture::new(
+        r#"[[udp.forward]]
+           name = "r"
+           ingress = "in0"
+           match = { dst_port = 5000 }
+           to = { iface = "eg0", dst_ip = "198.18.2.2" }"#,
+        DEFAULTS,
+    );
+    let good4 = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5000, 64, PAYLOAD);
+    let good6 = f.udp6("fd18:1::2", "fd18:1::1", 4000, 5000, 64, PAYLOAD);
+
+    let mut cases: Vec<(&str, Vec<u8>, PassReason)> = Vec::new();
+    let tcp = {
+        let b = PacketBuilder::ethernet2(SENDER_MAC, f.in_mac)
+            .ipv4([198, 18, 1, 2], [198, 18, 1, 1], 64)
+            .tcp(4000, 5000, 1, 1024);
+        let mut v = Vec::new();
+        b.write(&mut v, PAYLOAD).unwrap();
+        v
+    };
+    cases.push(("tcp", tcp, PassReason::NotUdp));
+    let mut arp = good4[..42].to_vec();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    cases.push(("arp", arp, PassReason::NotUdp));
+    // (Only XDP: the skb flavour of BPF_PROG_TEST_RUN rejects frames this short itself.)
+    cases.push((
+        "half an IPv4 header",
+        good4[..24].to_vec(),
+        PassReason::Truncated,
+    ));
+    cases.push((
+        "cut ipv4",
+        good4[..good4.len() - 10].to_vec(),
+        PassReason::Truncated,
+    ));
+    cases.push((
+        "cut ipv6",
+        good6[..good6.len() - 10].to_vec(),
+        PassReason::Truncated,
+    ));
+    cases.push((
+        "ipv4 header only",
+        good4[..14 + 20].to_vec(),
+        PassReason::Truncated,
+    ));
+    let mut frag = good4.clone();
+    frag[14 + 6] |= 0x20; // more fragments
+    cases.push(("ipv4 first fragment", frag, PassReason::Fragment));
+    let mut frag = good4.clone();
+    frag[14 + 7] = 0x10; // offset 128 bytes
+    cases.push(("ipv4 later fragment", frag, PassReason::Fragment));
+    let mut frag6 = good6.clone();
+    frag6[14 + 6] = 44;
+    cases.push(("ipv6 fragment header", frag6, PassReason::Fragment));
+    let mut opts = good4[..14 + 20].to_vec();
+    opts.extend_from_slice(&[1, 1, 1, 1]); // four NOP options
+    opts.extend_from_slice(&good4[14 + 20..]);
+    opts[14] = 0x46;
+    let tot = u16::from_be_bytes([opts[16], opts[17]]) + 4;
+    opts[16..18].copy_from_slice(&tot.to_be_bytes());
+    cases.push(("ipv4 options", opts, PassReason::IpOptions));
+    let mut hbh = good6.clone();
+    hbh[14 + 6] = 0; // hop-by-hop options header
+    cases.push(("ipv6 hop-by-hop", hbh, PassReason::IpOptions));
+    cases.push((
+        "other port",
+        f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5001, 64, PAYLOAD),
+        PassReason::NoRule,
+    ));
+
+    for prog in [Prog::Xdp, Prog::Tc] {
+        for (what, frame, reason) in &cases {
+            if prog == Prog::Tc && frame.len() < 14 + 20 {
+                continue;
+            }
+            let before = f.ingress_stats().passed[*reason as usize];
+            let (ret, out) = f.run(prog, frame);
+            assert_eq!(ret, prog.pass(), "{prog:?} {what}");
+            assert_eq!(
+                &out, frame,
+                "{prog:?} {what}: the frame must pass untouched"
+            );
+            assert_eq!(
+                f.ingress_stats().passed[*reason as usize],
+                before + 1,
+                "{prog:?} {what}: {reason:?}"
+            );
+        }
+    }
+    assert!(
+        PassReason::ALL
+            .iter()
+            .filter(|r| r.is_ingress())
+            .all(|r| cases.iter().any(|c| c.2 == *r))
+    );
+    assert_eq!(f.rule_stats("r").packets, 0);
+}
+
+#[test]
+fn matched_frames_the_kernel_must_handle_pass_by_reason() {
+    let f = Fixture::new(
+        r#"[[udp.forward]]
+           name = "ok"
+           ingress = "in0"
+           match = { dst_port = 5000 }
+           to = { iface = "eg0", dst_ip = "198.18.2.2", dst_port = 6000 }
+           [[udp.forward]]
+           name = "ok6"
+           ingress = "in0"
+           match = { dst_ip = "fd18:1::1", dst_port = 5000 }
+           to = { iface = "eg0", dst_ip = "fd18:2::2" }
+           [[udp.forward]]
+           name = "unrouted"
+           ingress = "in0"
+           match = { dst_port = 5001 }
+           to = { iface = "eg0", dst_ip = "203.0.113.9" }
+           [[udp.forward]]
+           name = "unresolved"
+           ingress = "in0"
+           match = { dst_port = 5002 }
+           to = { iface = "eg0", dst_ip = "198.18.2.3", dst_port = 6002 }"#,
+        DEFAULTS,
+    );
+    for prog in [Prog::Xdp, Prog::Tc] {
+        // A hop limit / TTL of 1 must not be forwarded; the stack answers with ICMP.
+        let ttl1 = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5000, 1, PAYLOAD);
+        assert_eq!(f.run(prog, &ttl1), (prog.pass(), ttl1.clone()), "{prog:?}");
+        // IPv6 forbids UDP checksum 0.
+        let mut zero6 = f.udp6("fd18:1::2", "fd18:1::1", 4000, 5000, 64, PAYLOAD);
+        zero6[14 + 40 + 6..14 + 40 + 8].copy_from_slice(&[0, 0]);
+        assert_eq!(
+            f.run(prog, &zero6),
+            (prog.pass(), zero6.clone()),
+            "{prog:?}"
+        );
+        // No route to the rewritten destination through eg0.
+        let unrouted = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5001, 64, PAYLOAD);
+        assert_eq!(
+            f.run(prog, &unrouted),
+            (prog.pass(), unrouted.clone()),
+            "{prog:?}"
+        );
+        // Next hop unknown: the stack gets the rewritten datagram, to route it and resolve the
+        // neighbour; TTL and MACs are left to the stack.
+        let unresolved = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5002, 64, PAYLOAD);
+        let (ret, out) = f.run(prog, &unresolved);
+        assert_eq!(ret, prog.pass(), "{prog:?}");
+        let s = inspect(&out);
+        assert_eq!(
+            (s.dst, s.dport, s.ttl, s.eth_src),
+            (ip("198.18.2.3"), 6002, 64, SENDER_MAC),
+            "{prog:?}"
+        );
+        assert_eq!(s.payload, PAYLOAD);
+    }
+    let reason = |rule: &str, r: PassReason| f.rule_stats(rule).passed[r as usize];
+    assert_eq!(reason("ok", PassReason::TtlExceeded), 2);
+    assert_eq!(reason("ok6", PassReason::ZeroChecksum), 2);
+    assert_eq!(reason("unrouted", PassReason::NoRoute), 2);
+    assert_eq!(reason("unresolved", PassReason::NoNeighbour), 2);
+    assert_eq!(
+        f.rule_stats("ok").packets + f.rule_stats("unresolved").packets,
+        0
+    );
+}
+
+#[test]
+fn oversized_frames_and_disabled_forwarding_pass() {
+    let rule = r#"[[udp.forward]]
+                  name = "r"
+                  ingress = "in0"
+                  match = { dst_port = 5000 }
+                  to = { iface = "eg0", dst_ip = "198.18.2.2", dst_port = 6000 }"#;
+    let f = Fixture::new(
+        rule,
+        Options {
+            egress_mtu: 1280,
+            ..DEFAULTS
+        },
+    );
+    let big = f.udp4(
+        [198, 18, 1, 2],
+        [198, 18, 1, 1],
+        4000,
+        5000,
+        64,
+        &[7u8; 1300],
+    );
+    for prog in [Prog::Xdp, Prog::Tc] {
+        let (ret, out) = f.run(prog, &big);
+        assert_eq!(ret, prog.pass(), "{prog:?}");
+        // Rewritten, so the stack fragments it towards the new destination.
+        assert_eq!(inspect(&out).dport, 6000);
+    }
+    assert_eq!(f.rule_stats("r").passed[PassReason::TooBig as usize], 2);
+    drop(f);
+
+    let f = Fixture::new(
+        rule,
+        Options {
+            forwarding: false,
+            ..DEFAULTS
+        },
+    );
+    let frame = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5000, 64, PAYLOAD);
+    for prog in [Prog::Xdp, Prog::Tc] {
+        assert_eq!(
+            f.run(prog, &frame),
+            (prog.pass(), frame.clone()),
+            "{prog:?}"
+        );
+    }
+    assert_eq!(
+        f.rule_stats("r").passed[PassReason::ForwardingDisabled as usize],
+        2
+    );
+}
+
+#[test]
+fn xdp_passes_when_the_egress_is_not_a_redirect_target() {
+    // In tc mode the agent puts no egress into the XDP devmap; the XDP program must notice.
+    let f = Fixture::new(
+        r#"[[udp.forward]]
+           name = "r"
+           ingress = "in0"
+           match = { dst_port = 5000 }
+           to = { iface = "eg0", dst_ip = "198.18.2.2" }"#,
+        Options {
+            mode: "tc",
+            ..DEFAULTS
+        },
+    );
+    let frame = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5000, 64, PAYLOAD);
+    assert_eq!(f.run(Prog::Xdp, &frame), (XDP_PASS, frame.clone()));
+    assert_eq!(f.rule_stats("r").passed[PassReason::NoEgress as usize], 1);
+    // The tc program redirects without the devmap.
+    assert_eq!(f.run(Prog::Tc, &frame).0, TC_ACT_REDIRECT);
+    let _ = &f.ns;
+}
