@@ -4,7 +4,7 @@ use edgeplane::config::Config;
 
 #[test]
 fn every_shipped_config_is_valid() {
-    let dir = support::workspace().join("configs");
+    let dir = edgeplane_testbed::workspace().join("configs");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

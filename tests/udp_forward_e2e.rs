@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{
+use edgeplane_testbed::{
     agent::Agent,
     http,
     netns::{Line, Netns},
@@ -87,15 +87,16 @@ fn payload(seq: u32) -> Vec<u8> {
     p
 }
 
-/// Sends N datagrams from the sender to the gateway's port 5000, paced so no socket overflows.
-fn send(ns: &Netns, from: SocketAddr, to: SocketAddr) {
+/// Sends N datagrams from the sender to the gateway's port 5000, `per_ms` per millisecond at
+/// most, so no socket overflows.
+fn send(ns: &Netns, from: SocketAddr, to: SocketAddr, per_ms: u32) {
     let _in = ns.enter().unwrap();
     let sock = UdpSocket::bind(from).unwrap();
     let start = Instant::now();
     for seq in 0..N {
         sock.send_to(&payload(seq), to).unwrap();
-        if seq % 100 == 99 {
-            std::thread::sleep(Duration::from_millis(2));
+        if seq % per_ms == per_ms - 1 {
+            std::thread::sleep(Duration::from_millis(1));
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
@@ -106,6 +107,12 @@ fn send(ns: &Netns, from: SocketAddr, to: SocketAddr) {
 
 /// Sends N datagrams and returns what the receiver got.
 fn exchange(line: &Line, v4: bool) -> BTreeSet<u32> {
+    exchange_while(line, v4, 50, || ())
+}
+
+/// Like [`exchange`] at `per_ms` datagrams per millisecond at most, running `during` on this
+/// thread while they flow.
+fn exchange_while(line: &Line, v4: bool, per_ms: u32, during: impl FnOnce()) -> BTreeSet<u32> {
     let (from, gw, rx): (SocketAddr, SocketAddr, SocketAddr) = if v4 {
         (
             format!("{}:4000", Line::SENDER_V4).parse().unwrap(),
@@ -123,7 +130,9 @@ fn exchange(line: &Line, v4: bool) -> BTreeSet<u32> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let rx = s.spawn(|| receive(&line.receiver, rx, ready_tx, Duration::from_millis(1500)));
         ready_rx.recv().unwrap();
-        send(&line.sender, from, gw);
+        let tx = s.spawn(|| send(&line.sender, from, gw, per_ms));
+        during();
+        tx.join().unwrap();
         rx.join().unwrap()
     })
 }
@@ -136,7 +145,7 @@ fn scrape(line: &Line, agent: &Agent) -> String {
 }
 
 fn forwards_and_counts_exactly(mode: &str, v4: bool) {
-    support::require_root();
+    edgeplane_testbed::require_root();
     let line = Line::new(if v4 { "e4" } else { "e6" }).unwrap();
     if mode == "xdp" {
         line.prepare_for_xdp().unwrap();
@@ -172,6 +181,7 @@ fn forwards_and_counts_exactly(mode: &str, v4: bool) {
             format!("edgeplane_udp_forward_passed_total{{rule=\"{rule}\",reason=\"{reason}\"}}");
         assert_eq!(http::metric(&metrics, &series).unwrap(), 0.0, "{series}");
     }
+    promtool_accepts(&metrics);
     let hook = if mode == "xdp" { "xdp" } else { "tc" };
     let attached = format!("edgeplane_udp_forward_attached{{iface=\"g0\",hook=\"{hook}\"}}");
     assert_eq!(http::metric(&metrics, &attached).unwrap(), 1.0);
@@ -212,16 +222,49 @@ fn auto_mode_chooses_tc_on_veth() {
     forwards_and_counts_exactly("auto", true);
 }
 
+fn promtool_accepts(metrics: &str) {
+    use std::{
+        io::Write as _,
+        process::{Command, Stdio},
+    };
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus, installed by `cargo xtask setup`)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// With no ARP entry for the receiver, the first datagrams go through the stack (which resolves
 /// it) and none is lost; later ones take the fast path.
 #[test]
 fn unknown_neighbour_is_resolved_by_the_stack_without_loss() {
-    support::require_root();
+    edgeplane_testbed::require_root();
     let line = Line::new("nn").unwrap();
-    let agent = Agent::start(&line.gateway, &config("tc", true), "info").unwrap();
+    let mut agent = Agent::start(&line.gateway, &config("tc", true), "debug").unwrap();
     let got = exchange(&line, true);
     assert_eq!(got.len(), N as usize);
     let m = scrape(&line, &agent);
+    // The program's own log line (aya-log) reaches the agent's log.
+    let log = agent.stop_and_log().unwrap();
+    assert!(
+        log.contains("sent a frame to the stack: no_neighbour"),
+        "{log}"
+    );
     let fast = http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"lidar\"}").unwrap();
     let slow = http::metric(
         &m,
@@ -233,4 +276,103 @@ fn unknown_neighbour_is_resolved_by_the_stack_without_loss() {
         "the first datagram had no neighbour entry:\n{m}"
     );
     assert_eq!(fast + slow, f64::from(N), "{m}");
+}
+
+/// SIGHUP while datagrams flow: an added rule takes effect, the unchanged rule loses nothing and
+/// keeps its counters; a bad config is rejected and the running rules stay.
+#[test]
+fn reload_keeps_unchanged_rules_forwarding_without_a_gap() {
+    edgeplane_testbed::require_root();
+    let line = Line::new("hup").unwrap();
+    line.resolve_neighbours().unwrap();
+    let base = config("tc", true);
+    let agent = Agent::start(&line.gateway, &base, "info").unwrap();
+    let added = format!(
+        "{base}\n[[udp.forward]]\nname = \"radar\"\ningress = \"g0\"\nmatch = {{ dst_port = 5001 }}\nto = {{ iface = \"g1\", dst_ip = \"{}\", dst_port = 6001 }}\n",
+        Line::RECEIVER_V4
+    );
+    let wait_for_log = |needle: &str, count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent.log_so_far().matches(needle).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` in:\n{}",
+                agent.log_so_far()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // 2000 datagrams at about 5 per ms: both reloads happen mid-stream.
+    let got = exchange_while(&line, true, 5, || {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(&agent.config, &added).unwrap();
+        agent.signal(libc::SIGHUP);
+        wait_for_log("reload applied", 1);
+        std::fs::write(
+            &agent.config,
+            added.replace("dst_port = 6001", "dst_port = 0"),
+        )
+        .unwrap();
+        agent.signal(libc::SIGHUP);
+        wait_for_log("reload rejected", 1);
+    });
+    assert_eq!(
+        got.len(),
+        N as usize,
+        "datagrams lost across reloads:\n{}",
+        agent.log_so_far()
+    );
+    assert!(
+        agent
+            .log_so_far()
+            .contains("udp.forward[1].to.dst_port: port 0"),
+        "{}",
+        agent.log_so_far()
+    );
+
+    let m = scrape(&line, &agent);
+    assert_eq!(
+        http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"lidar\"}").unwrap(),
+        f64::from(N),
+        "{m}"
+    );
+    assert_eq!(
+        http::metric(&m, "edgeplane_config_reloads_total{result=\"success\"}").unwrap(),
+        1.0
+    );
+    assert_eq!(
+        http::metric(&m, "edgeplane_config_reloads_total{result=\"failure\"}").unwrap(),
+        1.0
+    );
+    assert_eq!(
+        http::metric(&m, "edgeplane_config_last_reload_successful").unwrap(),
+        0.0
+    );
+    assert_eq!(
+        http::metric(&m, "edgeplane_udp_forward_rules").unwrap(),
+        2.0
+    );
+
+    // The rule added by the good reload forwards too.
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let rx_addr: SocketAddr = format!("{}:6001", Line::RECEIVER_V4).parse().unwrap();
+    let got = std::thread::scope(|s| {
+        let rx = s.spawn(|| {
+            receive(
+                &line.receiver,
+                rx_addr,
+                ready_tx,
+                Duration::from_millis(1000),
+            )
+        });
+        ready_rx.recv().unwrap();
+        let _in = line.sender.enter().unwrap();
+        let sock = UdpSocket::bind("198.18.1.2:0").unwrap();
+        for seq in 0..10 {
+            sock.send_to(&payload(seq), format!("{}:5001", Line::GATEWAY_IN_V4))
+                .unwrap();
+        }
+        rx.join().unwrap()
+    });
+    assert_eq!(got.len(), 10);
 }

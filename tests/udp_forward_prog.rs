@@ -14,8 +14,8 @@ use edgeplane::{
     udp_forward::{UdpForwarder, rules, stats},
 };
 use edgeplane_common::udp_forward::{PassReason, TC_PROGRAM, UdpStats, XDP_PROGRAM};
+use edgeplane_testbed::netns::{Entered, Netns};
 use etherparse::{Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use support::netns::{Entered, Netns};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -109,7 +109,7 @@ const DEFAULTS: Options = Options {
 
 impl Fixture {
     fn new(rules_toml: &str, opts: Options) -> Self {
-        support::require_root();
+        edgeplane_testbed::require_root();
         let ns = Netns::new("prog").unwrap();
         for (a, b) in [("in0", "in0p"), ("eg0", "eg0p")] {
             ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])

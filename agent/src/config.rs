@@ -434,7 +434,7 @@ mod tests {
         let err = parse(&ONE_RULE.replace("dst_port = 5000", "dst_prot = 5000")).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("unknown field `dst_prot`"), "{msg}");
-        assert!(msg.contains("line 9"), "{msg}");
+        assert!(msg.contains("line 8"), "{msg}");
         let err = parse("[htp]\nlisten = \"127.0.0.1:1\"\n").unwrap_err();
         assert!(err.to_string().contains("unknown field `htp`"), "{err}");
     }

@@ -1,6 +1,8 @@
 //! Project automation: `cargo xtask <command>`.
 
+mod demo;
 mod setup;
+mod test;
 mod toolchain;
 
 use clap::{Parser, Subcommand};
@@ -16,10 +18,16 @@ struct Cli {
 enum Command {
     /// Make this machine ready to build and test: nightly + rust-src, bpf-linker, apt packages.
     Setup(setup::Options),
+    /// Build everything, forward real traffic across a throwaway netns topology, print metrics.
+    Demo(demo::Options),
+    /// Set up, build, and run every test (unit, eBPF program, end-to-end).
+    Test(test::Options),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup(opts) => setup::run(&opts),
+        Command::Demo(opts) => demo::run(&opts),
+        Command::Test(opts) => test::run(&opts),
     }
 }

@@ -2,9 +2,9 @@
 
 use std::{fs, os::unix::fs::symlink, path::Path, process::Command};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
-use crate::toolchain::{self, BPF_LINKER_VERSION, output, run_checked, step};
+use crate::toolchain::{self, BPF_LINKER_VERSION, output, require_root, run_checked, step};
 
 /// Debian packages the build, demo and tests use, with why.
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -17,7 +17,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool check metrics in tests"),
 ];
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct Options {
     /// Don't install Debian packages (they must already be there).
     #[arg(long)]
@@ -45,13 +45,10 @@ fn apt_packages() -> anyhow::Result<()> {
         step("apt packages: all present");
         return Ok(());
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "missing Debian packages {missing:?}; run `sudo apt-get install {}` or run setup as root",
-            missing.join(" ")
-        );
-    }
+    require_root(&format!(
+        "installing the Debian packages {}",
+        missing.join(" ")
+    ))?;
     step(format_args!(
         "apt packages: installing {}",
         missing.join(" ")

@@ -84,3 +84,14 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
 pub fn step(msg: impl std::fmt::Display) {
     eprintln!("==> {msg}");
 }
+
+/// Fails with what to do when not running as root.
+pub fn require_root(why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "this needs root: {why}; run it as root, e.g. `sudo -E env PATH=\"$PATH\" cargo xtask ...`"
+        );
+    }
+    Ok(())
+}

@@ -1,4 +1,4 @@
-//! Helpers for tests that need a real kernel: network namespaces and veth links, the agent as a
+//! Throwaway test hosts for tests and the demo that need a real kernel: network namespaces and veth links, the agent as a
 //! process, HTTP scrapes. Everything started here is torn down on drop.
 
 pub mod agent;
@@ -9,9 +9,10 @@ use std::path::PathBuf;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is below the root")
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .nth(2)
+        .expect("tests/testbed is two levels below the root")
         .to_path_buf()
 }
 

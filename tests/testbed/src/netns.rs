@@ -93,6 +93,23 @@ impl Drop for Netns {
     }
 }
 
+/// Deletes namespaces a killed earlier run left behind (`ep-<tag>...`).
+pub fn remove_stale(tag: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    let prefix = format!("ep-{tag}");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(name) = line
+            .split_whitespace()
+            .next()
+            .filter(|n| n.starts_with(&prefix))
+        {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
 /// Returns the thread to its original namespace on drop.
 pub struct Entered {
     original: File,

@@ -1,0 +1,35 @@
+//! `cargo xtask test`: the whole test suite on this machine, from a fresh clone.
+
+use std::process::Command;
+
+use crate::{
+    setup,
+    toolchain::{self, require_root, run_checked, step},
+};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Only run tests whose name contains this (passed to `cargo test`).
+    filter: Option<String>,
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    require_root("the tests create network namespaces and load eBPF programs")?;
+    setup::run(&setup::Options::default())?;
+    let root = toolchain::workspace_root();
+    step("building the agent and the tests (release)");
+    run_checked(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--all-targets",
+    ]))?;
+    step("unit, eBPF program and end-to-end tests");
+    let mut test = Command::new("cargo");
+    test.current_dir(&root)
+        .args(["test", "--release", "--no-fail-fast"])
+        .env("EDGEPLANE_BIN", root.join("target/release/edgeplane"));
+    if let Some(f) = &opts.filter {
+        test.arg(f);
+    }
+    run_checked(&mut test)
+}
