@@ -58,7 +58,7 @@ pub enum AttachError {
         program: &'static str,
         iface: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("adding the clsact qdisc to {iface} failed: {source}")]
     Clsact {
@@ -71,14 +71,14 @@ pub enum AttachError {
         program: &'static str,
         iface: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("detaching `{program}` from {iface} failed: {source}")]
     Detach {
         program: &'static str,
         iface: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
 }
 
@@ -97,14 +97,14 @@ pub fn attach(
             let xdp: &mut Xdp = prog.try_into().map_err(|source| AttachError::Xdp {
                 program,
                 iface: iface.to_owned(),
-                source,
+                source: Box::new(source),
             })?;
             let id = xdp
                 .attach_to_if_index(ifindex, XdpMode::Driver)
                 .map_err(|source| AttachError::Xdp {
                     program,
                     iface: iface.to_owned(),
-                    source,
+                    source: Box::new(source),
                 })?;
             Link::Xdp(id)
         }
@@ -123,14 +123,14 @@ pub fn attach(
             let cls: &mut SchedClassifier = prog.try_into().map_err(|source| AttachError::Tc {
                 program,
                 iface: iface.to_owned(),
-                source,
+                source: Box::new(source),
             })?;
             let id =
                 cls.attach(iface, TcAttachType::Ingress)
                     .map_err(|source| AttachError::Tc {
                         program,
                         iface: iface.to_owned(),
-                        source,
+                        source: Box::new(source),
                     })?;
             Link::Tc(id)
         }
@@ -161,6 +161,6 @@ pub fn detach(ebpf: &mut Ebpf, a: Attachment) -> Result<(), AttachError> {
     result.map_err(|source| AttachError::Detach {
         program,
         iface,
-        source,
+        source: Box::new(source),
     })
 }

@@ -1,0 +1,95 @@
+//! BPF_PROG_TEST_RUN: kernel-measured run time per packet of udp_forward at XDP and tc, for a
+//! datagram a rule forwards and one no rule takes.
+
+use edgeplane_tests::udp_program::{DEFAULTS, Fixture, Prog};
+
+use crate::table::markdown;
+
+/// Runs per measurement; the kernel reports their mean. The kernel reruns the program on the
+/// same buffer, so a forwarded frame comes back rewritten with its TTL one lower: 250 runs
+/// from TTL 255 all take the forwarding path.
+const REPEAT: u32 = 250;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Measurements of REPEAT runs per case; the median is reported.
+    #[arg(long, default_value_t = 2000)]
+    rounds: usize,
+}
+
+/// One measured case: program, frame, verdict, median ns per run.
+pub struct Case {
+    pub program: &'static str,
+    pub frame: &'static str,
+    pub verdict: u32,
+    pub ns: f64,
+}
+
+pub fn measure(opts: &Options) -> Vec<Case> {
+    let f = Fixture::new(
+        r#"[[udp.forward]]
+           name = "bench"
+           ingress = "in0"
+           match = { src_port = 4000 }
+           to = { iface = "eg0", dst_ip = "198.18.2.2", dst_port = 6000 }"#,
+        DEFAULTS,
+    );
+    let payload = [0x5au8; 64];
+    // The rule matches the source port, which the rewrite keeps: every rerun is forwarded.
+    let matched = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5000, 255, &payload);
+    let unmatched = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4001, 5000, 255, &payload);
+    let mut out = Vec::new();
+    for (prog, program) in [(Prog::Xdp, "udp_forward_xdp"), (Prog::Tc, "udp_forward_tc")] {
+        for (frame, name) in [
+            (&matched, "matched (forwarded)"),
+            (&unmatched, "unmatched (no rule)"),
+        ] {
+            let mut samples: Vec<f64> = Vec::new();
+            let mut verdict = 0;
+            for _ in 0..opts.rounds {
+                let (ret, _, took) = f.run_repeated(prog, frame, REPEAT);
+                verdict = ret;
+                samples.push(took.as_nanos() as f64);
+            }
+            samples.sort_by(f64::total_cmp);
+            out.push(Case {
+                program,
+                frame: name,
+                verdict,
+                ns: samples[samples.len() / 2],
+            });
+        }
+    }
+    out
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    let cases = measure(opts);
+    let rows: Vec<Vec<String>> = cases
+        .iter()
+        .map(|c| {
+            vec![
+                c.program.into(),
+                c.frame.into(),
+                verdict_name(c.verdict).into(),
+                format!("{:.0}", c.ns),
+            ]
+        })
+        .collect();
+    println!(
+        "BPF_PROG_TEST_RUN, {} rounds of {REPEAT} runs (median of the rounds' means), 106-byte IPv4/UDP frame\n\n{}",
+        opts.rounds,
+        markdown(&["program", "frame", "verdict", "ns/packet"], &rows)
+    );
+    Ok(())
+}
+
+fn verdict_name(v: u32) -> &'static str {
+    match v {
+        2 => "XDP_PASS",
+        4 => "XDP_REDIRECT",
+        7 => "TC_ACT_REDIRECT",
+        u32::MAX => "TC_ACT_UNSPEC",
+        _ => "other",
+    }
+}

@@ -1,0 +1,3 @@
+//! Shared pieces of edgeplane's integration tests and benchmarks.
+
+pub mod udp_program;
