@@ -6,6 +6,9 @@
 
 pub mod udp_forward;
 
+/// Passes every frame; see `xdp_pass.rs`.
+pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
+
 /// Asserts a type's size at compile time. Both sides must agree on it.
 #[macro_export]
 macro_rules! assert_size {

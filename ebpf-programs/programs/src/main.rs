@@ -7,6 +7,7 @@ mod net;
 mod udp_forward;
 mod udp_forward_tc;
 mod udp_forward_xdp;
+mod xdp_pass;
 
 #[cfg(not(test))]
 #[panic_handler]
