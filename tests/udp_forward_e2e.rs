@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use edgeplane_common::XDP_PASS_PROGRAM;
 use edgeplane_testbed::{
     agent::Agent,
     http,
@@ -147,9 +148,10 @@ fn scrape(line: &Line, agent: &Agent) -> String {
 fn forwards_and_counts_exactly(mode: &str, v4: bool) {
     edgeplane_testbed::require_root();
     let line = Line::new(if v4 { "e4" } else { "e6" }).unwrap();
-    if mode == "xdp" {
+    let _peer_xdp = (mode == "xdp").then(|| {
         line.prepare_for_xdp().unwrap();
-    }
+        attach_xdp_pass(&line.receiver, "r0")
+    });
     line.resolve_neighbours().unwrap();
     let rule = if v4 { "lidar" } else { "lidar6" };
     let mut agent = Agent::start(&line.gateway, &config(mode, v4), "info").unwrap();
@@ -220,6 +222,20 @@ fn xdp_mode_ipv6() {
 #[test]
 fn auto_mode_chooses_tc_on_veth() {
     forwards_and_counts_exactly("auto", true);
+}
+
+/// XDP redirects into a veth reach its peer only when the peer runs XDP (or, from 5.13, has GRO
+/// on): attach the agent's own `xdp_pass` there. The link lives as long as the returned object.
+fn attach_xdp_pass(ns: &Netns, iface: &str) -> aya::Ebpf {
+    let _in = ns.enter().unwrap();
+    let mut ebpf = edgeplane::loader::load(&[XDP_PASS_PROGRAM]).unwrap();
+    let p: &mut aya::programs::Xdp = ebpf
+        .program_mut(XDP_PASS_PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    p.attach(iface, aya::programs::XdpMode::Driver).unwrap();
+    ebpf
 }
 
 fn promtool_accepts(metrics: &str) {
