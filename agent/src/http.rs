@@ -1,9 +1,6 @@
 //! The HTTP endpoints: /metrics, /healthz, /readyz.
 
-use std::{
-    future::Future,
-    sync::{Arc, RwLock},
-};
+use std::{future::Future, sync::Arc};
 
 use axum::{
     Json, Router,
@@ -15,14 +12,14 @@ use axum::{
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{metrics, status::Readiness, udp_forward::UdpView};
+use crate::{dataplane::Views, metrics};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone)]
 pub struct HttpState {
     pub registry: Arc<Registry>,
-    pub udp: Arc<RwLock<UdpView>>,
+    pub views: Views,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -76,7 +73,7 @@ async fn metrics_handler(State(s): State<HttpState>, headers: HeaderMap) -> impl
 }
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    let readiness = Readiness::of(&s.udp.read().expect("view lock"));
+    let readiness = s.views.readiness();
     let code = if readiness.ready {
         StatusCode::OK
     } else {

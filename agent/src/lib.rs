@@ -4,11 +4,15 @@
 
 pub mod agent;
 pub mod attach;
+pub mod can;
 pub mod config;
+pub mod dataplane;
 pub mod http;
 pub mod loader;
+mod maps;
 pub mod metrics;
 pub mod netdev;
+mod slots;
 pub mod status;
 pub mod udp_forward;
 

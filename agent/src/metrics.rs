@@ -6,9 +6,13 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use edgeplane_common::hist::{self, Log2Hist};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric},
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder,
+        NoLabelSet,
+    },
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
@@ -90,6 +94,23 @@ pub fn registry(agent: &AgentMetrics, collectors: Vec<Box<dyn Collector>>) -> Re
         ours.register_collector(c);
     }
     root
+}
+
+/// Encodes a kernel log2 histogram of nanoseconds as a Prometheus histogram in seconds. The
+/// count is the buckets' sum, so it always equals the +Inf bucket even if the kernel was
+/// mid-update.
+pub fn encode_log2_hist(enc: MetricEncoder<'_>, h: &Log2Hist) -> Result<(), std::fmt::Error> {
+    let buckets: Vec<(f64, u64)> = (0..hist::BUCKETS)
+        .map(|k| {
+            (
+                hist::upper_bound_ns(k).map_or(f64::INFINITY, |ns| ns as f64 / 1e9),
+                h.buckets[k],
+            )
+        })
+        .collect();
+    let count = h.buckets.iter().sum();
+    let mut enc = enc;
+    enc.encode_histogram::<NoLabelSet>(h.sum_ns as f64 / 1e9, count, &buckets, None)
 }
 
 /// Renders the registry in the OpenMetrics text format.

@@ -90,6 +90,21 @@ pub fn is_veth(name: &str) -> bool {
     driver(name).is_ok_and(|d| d == "veth")
 }
 
+/// Whether the interface is a CAN netdev (ARPHRD_CAN).
+pub fn is_can(name: &str) -> bool {
+    const ARPHRD_CAN: &str = "280";
+    std::fs::read_to_string(format!("/sys/class/net/{name}/type"))
+        .is_ok_and(|t| t.trim() == ARPHRD_CAN)
+}
+
+/// The interface's MTU; a CAN netdev's is 16 (classic CAN) or 72 (CAN FD).
+pub fn mtu(name: &str) -> io::Result<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))?
+        .trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 /// Whether the kernel forwards `family` packets on this interface (the FIB lookup requires it).
 pub fn forwarding_enabled(name: &str, family: Family) -> io::Result<bool> {
     let path = match family {

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::{attach::Hook, udp_forward::UdpView};
+use crate::{attach::Hook, can::CanView, udp_forward::UdpView};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -13,7 +13,7 @@ pub enum State {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Component {
-    /// `udp_forward/<iface>`.
+    /// `udp_forward/<iface>` or `can_route/<iface>`.
     pub name: String,
     pub state: State,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -28,11 +28,11 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn of(udp: &UdpView) -> Self {
+    pub fn of(udp: &UdpView, can: &CanView) -> Self {
         let mut wanted: Vec<&str> = udp.rules.iter().map(|r| r.ingress.as_str()).collect();
         wanted.sort_unstable();
         wanted.dedup();
-        let components: Vec<Component> = wanted
+        let mut components: Vec<Component> = wanted
             .into_iter()
             .map(|iface| {
                 let hook = udp
@@ -51,6 +51,18 @@ impl Readiness {
                 }
             })
             .collect();
+        components.extend(can.wanted.iter().map(|iface| {
+            let attached = can.ingress.iter().any(|(i, _)| i == iface);
+            Component {
+                name: format!("can_route/{iface}"),
+                state: if attached {
+                    State::Attached
+                } else {
+                    State::Detached
+                },
+                hook: attached.then_some(Hook::Tc),
+            }
+        }));
         Self {
             ready: components.iter().all(|c| c.state == State::Attached),
             components,

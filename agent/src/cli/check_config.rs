@@ -1,6 +1,6 @@
 use std::{collections::BTreeSet, path::PathBuf};
 
-use edgeplane::{agent, config::Config};
+use edgeplane::{config::Config, dataplane};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -15,7 +15,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let config = if args.offline {
         Config::load(&args.file)?
     } else {
-        agent::prepare(&args.file)?.0
+        dataplane::prepare(&args.file)?.config
     };
     let ingress: BTreeSet<&str> = config
         .udp

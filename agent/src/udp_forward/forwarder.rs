@@ -11,11 +11,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{
-        DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues,
-        xdp::XdpMapError,
-    },
-    util::nr_cpus,
+    maps::{DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, xdp::XdpMapError},
 };
 use edgeplane_common::udp_forward::{
     EGRESS_MAP, FAMILY_IPV4, INGRESS_MAP, MAX_INGRESS, MAX_RULES, RULES_MAP, STATS_MAP, TC_PROGRAM,
@@ -23,15 +19,13 @@ use edgeplane_common::udp_forward::{
 };
 use tracing::{info, warn};
 
-use super::{
-    rules::{CompiledRule, MapContents},
-    slots::Slots,
-};
+use super::rules::{CompiledRule, MapContents};
 use crate::{
     attach::{self, AttachError, Attachment, Hook},
     config::{AttachMode, Family},
     loader::LoadError,
-    netdev,
+    maps, netdev,
+    slots::Slots,
 };
 
 /// The per-CPU counters, shared with the metrics collector.
@@ -58,8 +52,6 @@ pub enum UdpForwardError {
     },
     #[error("more than {0} rules or ingress interfaces")]
     OutOfSlots(usize),
-    #[error("cannot tell the number of CPUs for the per-CPU counters: {0}")]
-    Cpus(#[source] std::io::Error),
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> UdpForwardError {
@@ -105,21 +97,11 @@ pub struct UdpForwarder {
 impl UdpForwarder {
     /// Takes the forwarder's maps out of the loaded object.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
-        fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
-            ebpf: &mut Ebpf,
-            name: &'static str,
-        ) -> Result<T, LoadError> {
-            let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
-            T::try_from(map).map_err(|source| LoadError::MapType {
-                map: name,
-                source: Box::new(source),
-            })
-        }
         Ok(Self {
-            rules_map: take(ebpf, RULES_MAP)?,
-            ingress_map: take(ebpf, INGRESS_MAP)?,
-            egress_map: take(ebpf, EGRESS_MAP)?,
-            stats: Arc::new(Mutex::new(take(ebpf, STATS_MAP)?)),
+            rules_map: maps::take(ebpf, RULES_MAP)?,
+            ingress_map: maps::take(ebpf, INGRESS_MAP)?,
+            egress_map: maps::take(ebpf, EGRESS_MAP)?,
+            stats: Arc::new(Mutex::new(maps::take(ebpf, STATS_MAP)?)),
             rule_slots: Slots::new(0, MAX_RULES),
             ingress_slots: Slots::new(MAX_RULES, MAX_INGRESS),
             installed: MapContents::default(),
@@ -344,13 +326,7 @@ impl UdpForwarder {
     }
 
     fn clear_stats(&mut self, slot: u32) -> Result<(), UdpForwardError> {
-        let cpus = nr_cpus().map_err(|(_, e)| UdpForwardError::Cpus(e))?;
-        let zero = PerCpuValues::try_from(vec![UdpStats::default(); cpus])
-            .map_err(UdpForwardError::Cpus)?;
-        self.stats
-            .lock()
-            .expect("stats lock")
-            .set(slot, zero, 0)
+        maps::clear_slot(&mut self.stats.lock().expect("stats lock"), slot)
             .map_err(map_err(STATS_MAP))
     }
 }

@@ -2,7 +2,6 @@
 
 mod forwarder;
 pub mod rules;
-mod slots;
 pub mod stats;
 
 pub use forwarder::{IngressInfo, RuleInfo, StatsMap, UdpForwardError, UdpForwarder, UdpView};

@@ -10,6 +10,7 @@ use prometheus_client::{
 };
 
 use super::{StatsMap, UdpView};
+use crate::maps;
 
 /// Reads the counters of every installed rule and ingress interface on each scrape.
 pub struct UdpCollector {
@@ -25,18 +26,13 @@ impl std::fmt::Debug for UdpCollector {
 
 /// Sums a slot's counters over all CPUs; a slot that can't be read counts as zero.
 pub fn read(stats: &StatsMap, slot: u32) -> UdpStats {
-    let map = stats.lock().expect("stats lock");
-    let mut total = UdpStats::default();
-    if let Ok(per_cpu) = map.get(&slot, 0) {
-        for s in per_cpu.iter() {
-            total.packets += s.packets;
-            total.bytes += s.bytes;
-            for (t, v) in total.passed.iter_mut().zip(s.passed) {
-                *t += v;
-            }
+    maps::sum_slot(&stats.lock().expect("stats lock"), slot, |t, s| {
+        t.packets += s.packets;
+        t.bytes += s.bytes;
+        for (t, v) in t.passed.iter_mut().zip(s.passed) {
+            *t += v;
         }
-    }
-    total
+    })
 }
 
 impl UdpCollector {

@@ -4,6 +4,8 @@
 //! kernel and userspace agree on the layout byte for byte.
 #![no_std]
 
+pub mod can;
+pub mod hist;
 pub mod udp_forward;
 
 /// Passes every frame; see `xdp_pass.rs`.

@@ -1,7 +1,11 @@
 //! edgeplane's eBPF object: one file per attach point over shared forwarding logic.
 #![no_std]
 #![no_main]
+// Atomic adds on map values: the BPF target's core has no AtomicU64.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod can_route;
 mod csum;
 mod net;
 mod udp_forward;

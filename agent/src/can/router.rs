@@ -1,0 +1,385 @@
+//! Installs compiled routes and watches into the kernel maps and attaches `can_route` at tc
+//! ingress of every CAN interface that has either.
+//!
+//! Rules live in an array indexed by a slot that stays with the route's name; an interface's
+//! value lists its rule slots in order. A changed rule is one map write; a new rule is written
+//! before the list that names it, a removed one leaves the list first: frames always see a
+//! consistent rule set.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
+    programs::SchedClassifier,
+};
+use edgeplane_common::can::{
+    ACT_MAP, ACT_PROGRAM, CRC8_MAP, CanIngress, CanIngressStats, CanRuleStats, CanWatch,
+    CanWatchKey, INGRESS_MAP, INGRESS_STATS_MAP, MAX_INGRESS, MAX_RULES, MAX_RULES_PER_IFACE,
+    PROGRAM, RULE_STATS_MAP, RULES_MAP, TUNNEL_RING, WATCH_MAP,
+};
+use tracing::{info, warn};
+
+use super::{id_label, rules::CompiledRoute};
+use crate::{
+    attach::{self, AttachError, Attachment, Hook},
+    loader::LoadError,
+    maps,
+    slots::Slots,
+};
+
+pub type RuleStats = Arc<Mutex<PerCpuArray<MapData, CanRuleStats>>>;
+pub type IngressStats = Arc<Mutex<PerCpuArray<MapData, CanIngressStats>>>;
+pub type WatchMap = Arc<Mutex<BpfHashMap<MapData, CanWatchKey, CanWatch>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CanRouterError {
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error("updating map {map} failed: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("more than {0} CAN routes or interfaces")]
+    OutOfSlots(usize),
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> CanRouterError {
+    move |source| CanRouterError::Map { map, source }
+}
+
+/// What the router runs, for metrics, readiness and the tunnel.
+#[derive(Debug, Clone, Default)]
+pub struct CanView {
+    pub routes: Vec<RouteInfo>,
+    /// Interfaces with `can_route` attached, with their stats slot.
+    pub ingress: Vec<(String, u32)>,
+    /// Interfaces that should have it (every route's ingress and watched interface).
+    pub wanted: Vec<String>,
+    pub watches: Vec<WatchInfo>,
+    /// Tunnel peers, indexed by the tunnel id in the kernel's records.
+    pub tunnels: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteInfo {
+    pub name: String,
+    pub slot: u32,
+    pub ingress: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct WatchInfo {
+    pub iface: String,
+    /// candump-style ID, the metrics' `id` label.
+    pub id: String,
+    pub key: CanWatchKey,
+    pub period_ns: u64,
+}
+
+/// A watch to install: its interface name, key and initial value.
+pub struct WantedWatch {
+    pub iface: String,
+    pub key: CanWatchKey,
+    pub value: CanWatch,
+}
+
+pub struct CanRouter {
+    rules: Array<MapData, edgeplane_common::can::CanRule>,
+    crc8: Array<MapData, [u8; 256]>,
+    ingress_map: BpfHashMap<MapData, u32, CanIngress>,
+    rule_stats: RuleStats,
+    ingress_stats: IngressStats,
+    watch: WatchMap,
+    tunnel_ring: Option<RingBuf<MapData>>,
+    /// Holds `can_route_act` for the tail calls; its entries live as long as this handle.
+    _act: ProgramArray<MapData>,
+    rule_slots: Slots,
+    ingress_slots: Slots,
+    installed_ingress: HashMap<u32, CanIngress>,
+    /// Watch keys in the map, with the (period, deadline) they were installed with.
+    installed_watch: HashMap<CanWatchKey, (u64, u64)>,
+    installed_rules: HashMap<u32, CompiledRoute>,
+    attachments: BTreeMap<String, Attachment>,
+    view: CanView,
+}
+
+impl CanRouter {
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        let mut act: ProgramArray<MapData> = maps::take(ebpf, ACT_MAP)?;
+        let prog: &SchedClassifier = ebpf
+            .program(ACT_PROGRAM)
+            .ok_or(LoadError::MissingProgram(ACT_PROGRAM))?
+            .try_into()
+            .map_err(|e| LoadError::Program {
+                program: ACT_PROGRAM,
+                source: Box::new(e),
+            })?;
+        let fd = prog.fd().map_err(|e| LoadError::Program {
+            program: ACT_PROGRAM,
+            source: Box::new(e),
+        })?;
+        act.set(0, fd, 0).map_err(|source| LoadError::MapType {
+            map: ACT_MAP,
+            source: Box::new(source),
+        })?;
+        Ok(Self {
+            _act: act,
+            rules: maps::take(ebpf, RULES_MAP)?,
+            crc8: maps::take(ebpf, CRC8_MAP)?,
+            ingress_map: maps::take(ebpf, INGRESS_MAP)?,
+            rule_stats: Arc::new(Mutex::new(maps::take(ebpf, RULE_STATS_MAP)?)),
+            ingress_stats: Arc::new(Mutex::new(maps::take(ebpf, INGRESS_STATS_MAP)?)),
+            watch: Arc::new(Mutex::new(maps::take(ebpf, WATCH_MAP)?)),
+            tunnel_ring: Some(maps::take(ebpf, TUNNEL_RING)?),
+            rule_slots: Slots::new(0, MAX_RULES),
+            ingress_slots: Slots::new(0, MAX_INGRESS),
+            installed_ingress: HashMap::new(),
+            installed_watch: HashMap::new(),
+            installed_rules: HashMap::new(),
+            attachments: BTreeMap::new(),
+            view: CanView::default(),
+        })
+    }
+
+    /// The tunnel's ring buffer; the tunnel sender owns it once taken.
+    pub fn take_tunnel_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.tunnel_ring.take()
+    }
+
+    pub fn rule_stats(&self) -> RuleStats {
+        Arc::clone(&self.rule_stats)
+    }
+    pub fn ingress_stats(&self) -> IngressStats {
+        Arc::clone(&self.ingress_stats)
+    }
+    pub fn watch_map(&self) -> WatchMap {
+        Arc::clone(&self.watch)
+    }
+    pub fn view(&self) -> CanView {
+        self.view.clone()
+    }
+
+    /// Makes `routes` and `watches` the running set. On an attach error the previous set stays
+    /// and attachments made by this call are undone.
+    pub fn apply(
+        &mut self,
+        ebpf: &mut Ebpf,
+        mut routes: Vec<CompiledRoute>,
+        watches: Vec<WantedWatch>,
+    ) -> Result<(), CanRouterError> {
+        // Interfaces in use, with their ifindex.
+        let mut ifaces: BTreeMap<String, u32> = BTreeMap::new();
+        for r in &routes {
+            ifaces.insert(r.ingress.clone(), r.ingress_ifindex);
+        }
+        for w in &watches {
+            ifaces.insert(w.iface.clone(), w.key.ifindex);
+        }
+
+        // 1. Attach where needed (tc: CAN netdevs have no XDP).
+        let mut fresh = Vec::new();
+        let mut replaced = Vec::new();
+        for (iface, &ifindex) in &ifaces {
+            match self.attachments.get(iface) {
+                Some(a) if a.ifindex == ifindex => continue,
+                Some(_) => replaced.push(iface.clone()),
+                None => {}
+            }
+            match attach::attach(ebpf, PROGRAM, Hook::Tc, iface, ifindex) {
+                Ok(a) => fresh.push(a),
+                Err(e) => {
+                    for a in fresh {
+                        if let Err(e) = attach::detach(ebpf, a) {
+                            warn!("rolling back: {e}");
+                        }
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+
+        // 2. Slots; new ones start with cleared counters.
+        let fresh_rules = self
+            .rule_slots
+            .assign(routes.iter().map(|r| r.name.as_str()))
+            .map_err(CanRouterError::OutOfSlots)?;
+        for slot in fresh_rules {
+            maps::clear_slot(&mut self.rule_stats.lock().expect("lock"), slot)
+                .map_err(map_err(RULE_STATS_MAP))?;
+        }
+        let fresh_ifaces = self
+            .ingress_slots
+            .assign(ifaces.keys().map(String::as_str))
+            .map_err(CanRouterError::OutOfSlots)?;
+        for slot in fresh_ifaces {
+            maps::clear_slot(&mut self.ingress_stats.lock().expect("lock"), slot)
+                .map_err(map_err(INGRESS_STATS_MAP))?;
+        }
+
+        // 3. Number the tunnel peers; write rules (and CRC tables) into their slots.
+        let mut tunnels: Vec<SocketAddr> = Vec::new();
+        for r in &mut routes {
+            if let Some(peer) = r.peer {
+                let id = tunnels.iter().position(|p| *p == peer).unwrap_or_else(|| {
+                    tunnels.push(peer);
+                    tunnels.len() - 1
+                });
+                r.rule.tunnel = id as u32;
+            }
+        }
+        let mut slot_of: HashMap<&str, u32> = HashMap::new();
+        for r in &routes {
+            let slot = self.rule_slots.get(&r.name).expect("assigned above");
+            slot_of.insert(&r.name, slot);
+            if self.installed_rules.get(&slot) == Some(r) {
+                continue;
+            }
+            if let Some(table) = &r.crc8_table {
+                self.crc8.set(slot, table, 0).map_err(map_err(CRC8_MAP))?;
+            }
+            self.rules
+                .set(slot, r.rule, 0)
+                .map_err(map_err(RULES_MAP))?;
+        }
+
+        // 4. Per-interface rule lists, in config order.
+        let mut wanted_ingress: HashMap<u32, CanIngress> = HashMap::new();
+        for (iface, &ifindex) in &ifaces {
+            let mut v = CanIngress {
+                slot: self.ingress_slots.get(iface).expect("assigned above"),
+                watch: u8::from(watches.iter().any(|w| w.key.ifindex == ifindex)),
+                ..CanIngress::default()
+            };
+            for r in routes
+                .iter()
+                .filter(|r| r.ingress_ifindex == ifindex)
+                .take(MAX_RULES_PER_IFACE)
+            {
+                v.rules[usize::from(v.count)] = slot_of[r.name.as_str()] as u16;
+                v.count += 1;
+            }
+            wanted_ingress.insert(ifindex, v);
+        }
+        for (ifindex, v) in &wanted_ingress {
+            if self.installed_ingress.get(ifindex) != Some(v) {
+                self.ingress_map
+                    .insert(ifindex, v, 0)
+                    .map_err(map_err(INGRESS_MAP))?;
+            }
+        }
+        for ifindex in self
+            .installed_ingress
+            .keys()
+            .filter(|i| !wanted_ingress.contains_key(i))
+        {
+            self.ingress_map
+                .remove(ifindex)
+                .map_err(map_err(INGRESS_MAP))?;
+        }
+        self.installed_ingress = wanted_ingress;
+
+        // 5. Watches: new or changed ones start afresh, unchanged ones keep measuring.
+        let mut installed_watch = HashMap::new();
+        {
+            let mut map = self.watch.lock().expect("lock");
+            for w in &watches {
+                let expect = (w.value.period_ns, w.value.late_ns);
+                if self.installed_watch.get(&w.key) != Some(&expect) {
+                    map.insert(w.key, w.value, 0).map_err(map_err(WATCH_MAP))?;
+                }
+                installed_watch.insert(w.key, expect);
+            }
+            for key in self
+                .installed_watch
+                .keys()
+                .filter(|k| !installed_watch.contains_key(k))
+            {
+                map.remove(key).map_err(map_err(WATCH_MAP))?;
+            }
+        }
+        self.installed_watch = installed_watch;
+
+        // 6. Detach what is no longer needed; keep the new attachments.
+        let gone: Vec<String> = self
+            .attachments
+            .keys()
+            .filter(|i| !ifaces.contains_key(*i) || replaced.contains(i))
+            .cloned()
+            .collect();
+        for iface in gone {
+            let a = self.attachments.remove(&iface).expect("listed above");
+            info!(iface, "detaching can_route");
+            if let Err(e) = attach::detach(ebpf, a) {
+                warn!("{e}");
+            }
+        }
+        for a in fresh {
+            info!(iface = a.iface, "can_route attached");
+            self.attachments.insert(a.iface.clone(), a);
+        }
+
+        // 7. Free slots of removed routes and interfaces; publish the view.
+        self.rule_slots
+            .retain(|n| routes.iter().any(|r| r.name == n));
+        self.ingress_slots.retain(|i| ifaces.contains_key(i));
+        self.installed_rules = routes
+            .iter()
+            .map(|r| (slot_of[r.name.as_str()], r.clone()))
+            .collect();
+        let mut iface_of: HashMap<u32, String> = HashMap::new();
+        for (iface, ifindex) in &ifaces {
+            iface_of.insert(*ifindex, iface.clone());
+        }
+        self.view = CanView {
+            routes: routes
+                .iter()
+                .map(|r| RouteInfo {
+                    name: r.name.clone(),
+                    slot: slot_of[r.name.as_str()],
+                    ingress: r.ingress.clone(),
+                })
+                .collect(),
+            ingress: self
+                .attachments
+                .values()
+                .map(|a| {
+                    (
+                        a.iface.clone(),
+                        self.ingress_slots
+                            .get(&a.iface)
+                            .expect("attached interfaces have slots"),
+                    )
+                })
+                .collect(),
+            wanted: ifaces.keys().cloned().collect(),
+            watches: watches
+                .iter()
+                .map(|w| WatchInfo {
+                    iface: w.iface.clone(),
+                    id: id_label(w.key.can_id),
+                    key: w.key,
+                    period_ns: w.value.period_ns,
+                })
+                .collect(),
+            tunnels,
+        };
+        Ok(())
+    }
+
+    /// Detaches every program.
+    pub fn shutdown(&mut self, ebpf: &mut Ebpf) {
+        for (_, a) in std::mem::take(&mut self.attachments) {
+            info!(iface = a.iface, "detaching can_route");
+            if let Err(e) = attach::detach(ebpf, a) {
+                warn!("{e}");
+            }
+        }
+    }
+}

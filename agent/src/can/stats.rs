@@ -1,0 +1,196 @@
+//! Exports the CAN router's counters and watched IDs' cycle times at scrape time.
+
+use std::sync::{Arc, RwLock};
+
+use edgeplane_common::{
+    can::{CanIngressStats, CanRuleStats, CanWatch, DropReason},
+    hist::Log2Hist,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
+
+use super::{
+    CanView,
+    router::{IngressStats, RuleStats, WatchMap},
+};
+use crate::{maps, metrics::encode_log2_hist};
+
+pub struct CanCollector {
+    pub rules: RuleStats,
+    pub ingress: IngressStats,
+    pub watch: WatchMap,
+    pub view: Arc<RwLock<CanView>>,
+}
+
+impl std::fmt::Debug for CanCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CanCollector").finish_non_exhaustive()
+    }
+}
+
+pub fn read_rule(stats: &RuleStats, slot: u32) -> CanRuleStats {
+    maps::sum_slot(&stats.lock().expect("lock"), slot, |t, s| {
+        t.frames += s.frames;
+        t.bytes += s.bytes;
+        t.routed += s.routed;
+        for (t, v) in t.dropped.iter_mut().zip(s.dropped) {
+            *t += v;
+        }
+    })
+}
+
+pub fn read_ingress(stats: &IngressStats, slot: u32) -> CanIngressStats {
+    maps::sum_slot(&stats.lock().expect("lock"), slot, |t, s| {
+        t.classic += s.classic;
+        t.fd += s.fd;
+        t.rtr += s.rtr;
+        t.error += s.error;
+        t.other += s.other;
+    })
+}
+
+impl Collector for CanCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let view = self.view.read().expect("view lock").clone();
+        let rules: Vec<(&str, CanRuleStats)> = view
+            .routes
+            .iter()
+            .map(|r| (r.name.as_str(), read_rule(&self.rules, r.slot)))
+            .collect();
+
+        for (name, help, value) in [
+            (
+                "can_frames",
+                "CAN frames a route's filter matched",
+                (|s: &CanRuleStats| s.frames) as fn(&CanRuleStats) -> u64,
+            ),
+            (
+                "can_bytes",
+                "Payload bytes of the frames a route matched",
+                |s| s.bytes,
+            ),
+            (
+                "can_routed",
+                "Frames a route sent out of its egress interface or into its tunnel",
+                |s| s.routed,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (rule, s) in &rules {
+                ConstCounter::new(value(s)).encode(family.encode_family(&[("rule", *rule)])?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "can_dropped",
+            "Frames a route matched but did not route (or dropped), by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (rule, s) in &rules {
+            for reason in DropReason::ALL {
+                ConstCounter::new(s.dropped[reason as usize]).encode(
+                    family.encode_family(&[("rule", *rule), ("reason", reason.label())])?,
+                )?;
+            }
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "can_ingress_frames",
+            "Frames seen on a CAN interface by kind (rtr frames also count as classic)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (iface, slot) in &view.ingress {
+            let s = read_ingress(&self.ingress, *slot);
+            for (kind, v) in [
+                ("classic", s.classic),
+                ("fd", s.fd),
+                ("rtr", s.rtr),
+                ("error", s.error),
+                ("other", s.other),
+            ] {
+                ConstCounter::new(v)
+                    .encode(family.encode_family(&[("iface", iface.as_str()), ("kind", kind)])?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "can_attached",
+            "1 for each CAN interface can_route is attached to",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (iface, _) in &view.ingress {
+            ConstGauge::new(1i64).encode(family.encode_family(&[("iface", iface.as_str())])?)?;
+        }
+
+        // Watched IDs: one consistent read of each value.
+        let watches: Vec<(&str, &str, u64, CanWatch)> = {
+            let map = self.watch.lock().expect("lock");
+            view.watches
+                .iter()
+                .map(|w| {
+                    (
+                        w.iface.as_str(),
+                        w.id.as_str(),
+                        w.period_ns,
+                        map.get(&w.key, 0).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        };
+        let hists: [(&str, &str, fn(&CanWatch) -> &Log2Hist); 2] = [
+            (
+                "can_cycle_seconds",
+                "Time between consecutive frames of a watched ID",
+                |w| &w.cycle,
+            ),
+            (
+                "can_jitter_seconds",
+                "Deviation of a watched ID's cycle time from its expected period",
+                |w| &w.jitter,
+            ),
+        ];
+        for (name, help, hist) in hists {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (iface, id, _, w) in &watches {
+                encode_log2_hist(
+                    family.encode_family(&[("iface", *iface), ("id", *id)])?,
+                    hist(w),
+                )?;
+            }
+        }
+        for (name, help, value) in [
+            (
+                "can_deadline_missed",
+                "Frames of a watched ID later than period × tolerance after the previous one",
+                (|w: &CanWatch| w.missed) as fn(&CanWatch) -> u64,
+            ),
+            ("can_id_frames", "Frames of a watched ID", |w| w.frames),
+            (
+                "can_id_bytes",
+                "Payload bytes of a watched ID's frames",
+                |w| w.bytes,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (iface, id, _, w) in &watches {
+                ConstCounter::new(value(w))
+                    .encode(family.encode_family(&[("iface", *iface), ("id", *id)])?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "can_expected_period_seconds",
+            "The configured period of a watched ID",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (iface, id, period_ns, _) in &watches {
+            ConstGauge::new(*period_ns as f64 / 1e9)
+                .encode(family.encode_family(&[("iface", *iface), ("id", *id)])?)?;
+        }
+        Ok(())
+    }
+}

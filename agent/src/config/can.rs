@@ -1,0 +1,762 @@
+//! The `[can]` section: CAN routes (filter, action, modifications, checksums), watched IDs with
+//! their expected period, and the UDP tunnel (cannelloni format) in both directions.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{IpAddr, SocketAddr, ToSocketAddrs as _},
+    str::FromStr,
+};
+
+use edgeplane_common::can::{
+    CAN_EFF_FLAG, CAN_EFF_MASK, CAN_ERR_FLAG, CAN_SFF_MASK, MAX_RULES_PER_IFACE,
+};
+use serde::{Deserialize, Deserializer};
+
+use super::{Problem, check_rule_name};
+use crate::netdev;
+
+pub const MAX_CAN_ROUTES: usize = edgeplane_common::can::MAX_RULES as usize;
+pub const MAX_CAN_WATCHES: usize = edgeplane_common::can::MAX_WATCHES as usize;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanConfig {
+    /// A tunnelled frame waits at most this long for others to share its datagram.
+    #[serde(default = "CanConfig::default_flush_timeout_us")]
+    pub flush_timeout_us: u32,
+    /// Largest UDP payload the tunnel sends.
+    #[serde(default = "CanConfig::default_max_datagram")]
+    pub max_datagram: u16,
+    /// Local address tunnel datagrams are sent from (port 0: any).
+    #[serde(default = "CanConfig::default_tunnel_bind")]
+    pub tunnel_bind: SocketAddr,
+    #[serde(default)]
+    pub route: Vec<CanRoute>,
+    #[serde(default)]
+    pub watch: Vec<CanWatchConfig>,
+    #[serde(default)]
+    pub receive: Vec<CanReceive>,
+}
+
+impl CanConfig {
+    fn default_flush_timeout_us() -> u32 {
+        500
+    }
+    fn default_max_datagram() -> u16 {
+        1400
+    }
+    fn default_tunnel_bind() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    }
+}
+
+impl Default for CanConfig {
+    fn default() -> Self {
+        Self {
+            flush_timeout_us: Self::default_flush_timeout_us(),
+            max_datagram: Self::default_max_datagram(),
+            tunnel_bind: Self::default_tunnel_bind(),
+            route: Vec::new(),
+            watch: Vec::new(),
+            receive: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanRoute {
+    /// Unique name; the `rule` label of the metrics.
+    pub name: String,
+    /// CAN netdev the frames arrive on.
+    pub ingress: String,
+    /// candump syntax: `<id>:<mask>` matches when `id & mask == can_id & mask`, `<id>~<mask>`
+    /// matches the others. An 8-digit id is an extended (29-bit) one.
+    pub filter: CanFilter,
+    /// Where matching frames go: another CAN netdev or a UDP tunnel peer.
+    pub to: Option<CanTarget>,
+    /// What to do instead of sending them: `count` or `drop` (from local sockets).
+    pub action: Option<CanAction>,
+    /// Frames that already crossed this many gateways are not routed (can-gw's `-l`).
+    #[serde(default = "CanRoute::default_hops")]
+    pub hops: u8,
+    #[serde(default)]
+    pub modify: Vec<CanModifyOp>,
+    pub checksum: Option<CanChecksum>,
+}
+
+impl CanRoute {
+    fn default_hops() -> u8 {
+        1
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CanFilter {
+    pub id: u32,
+    pub mask: u32,
+    pub invert: bool,
+}
+
+impl FromStr for CanFilter {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (sep, invert) = if s.contains('~') {
+            ('~', true)
+        } else {
+            (':', false)
+        };
+        let (id, mask) = s.split_once(sep).ok_or_else(|| {
+            format!("filter `{s}` must be `<id>:<mask>` or `<id>~<mask>` in hex, e.g. `123:7FF`")
+        })?;
+        let hex = |v: &str| {
+            u32::from_str_radix(v, 16).map_err(|e| format!("filter `{s}`: `{v}` is not hex: {e}"))
+        };
+        let (mut id_v, mask_v) = (hex(id)?, hex(mask)?);
+        // candump: an 8-digit id names an extended frame.
+        if id.len() == 8 {
+            id_v |= CAN_EFF_FLAG;
+        }
+        Ok(Self {
+            id: id_v,
+            mask: mask_v & !CAN_ERR_FLAG,
+            invert,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for CanFilter {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for CanFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:X}{}{:X}",
+            self.id,
+            if self.invert { '~' } else { ':' },
+            self.mask
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanTarget {
+    /// Route to this CAN netdev.
+    pub iface: Option<String>,
+    /// Tunnel to this peer (`host:port`), in cannelloni's UDP format version 2.
+    pub udp: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CanAction {
+    /// Only count matching frames.
+    Count,
+    /// Keep matching frames from local sockets on the ingress interface.
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModOp {
+    And,
+    Or,
+    Xor,
+    Set,
+}
+
+/// One can-gw style modification (`cangw -m`); whatever the listing order, AND runs first,
+/// then OR, XOR and SET.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanModifyOp {
+    pub op: ModOp,
+    pub id: Option<u32>,
+    /// Length (CAN FD) or DLC (classic CAN).
+    pub len: Option<u8>,
+    /// CAN FD flags.
+    pub flags: Option<u8>,
+    /// Up to 64 bytes, hex; the operation covers the bytes given, from data[0].
+    pub data: Option<HexBytes>,
+}
+
+/// Bytes written as hex digits (`"0011aaff"`), optionally separated by `.`, `:` or spaces.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HexBytes(pub Vec<u8>);
+
+impl<'de> Deserialize<'de> for HexBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let digits: String = s
+            .chars()
+            .filter(|c| !matches!(c, '.' | ':' | ' '))
+            .collect();
+        if digits.len() % 2 != 0 {
+            return Err(serde::de::Error::custom(format!(
+                "`{s}`: an odd number of hex digits"
+            )));
+        }
+        (0..digits.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map(HexBytes)
+            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not hex: {e}")))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanChecksum {
+    pub xor: Option<XorChecksum>,
+    pub crc8: Option<Crc8Checksum>,
+}
+
+/// `cangw -x`: data[result] = init ^ data[from] ^ ... ^ data[to]. Negative indexes count from
+/// the frame's length (-1 is its last byte).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XorChecksum {
+    pub from: i8,
+    pub to: i8,
+    pub result: i8,
+    #[serde(default)]
+    pub init: u8,
+}
+
+/// `cangw -c`: CRC8 (MSB first, polynomial `poly`) over data[from..=to], then the profile's
+/// extra byte, XORed with `final_xor` into data[result].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Crc8Checksum {
+    pub from: i8,
+    pub to: i8,
+    pub result: i8,
+    #[serde(default)]
+    pub init: u8,
+    #[serde(default)]
+    pub final_xor: u8,
+    /// Default 0x1D (SAE J1850, AUTOSAR CRC8).
+    #[serde(default = "Crc8Checksum::default_poly")]
+    pub poly: u8,
+    #[serde(default)]
+    pub profile: Crc8Profile,
+    /// 1 byte for `one_u8`, 16 for `sixteen_u8`.
+    pub profile_data: Option<HexBytes>,
+}
+
+impl Crc8Checksum {
+    fn default_poly() -> u8 {
+        0x1d
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Crc8Profile {
+    #[default]
+    None,
+    /// One more byte: profile_data[0].
+    OneU8,
+    /// profile_data[data[1] & 0xf] (AUTOSAR E2E profile 1).
+    SixteenU8,
+    /// The standard ID's two bytes XORed.
+    SffIdXor,
+}
+
+/// A periodic ID whose cycle time and jitter are measured.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanWatchConfig {
+    pub iface: String,
+    pub id: u32,
+    /// Extended (29-bit) ID; default: when `id` is above 0x7FF.
+    pub extended: Option<bool>,
+    /// Expected period in milliseconds.
+    pub period_ms: f64,
+    /// A frame later than `period × tolerance` misses its deadline.
+    #[serde(default = "CanWatchConfig::default_tolerance")]
+    pub tolerance: f64,
+}
+
+impl CanWatchConfig {
+    fn default_tolerance() -> f64 {
+        1.5
+    }
+
+    pub fn is_extended(&self) -> bool {
+        self.extended.unwrap_or(self.id > CAN_SFF_MASK)
+    }
+
+    /// The `can_id` as the kernel sees it (with CAN_EFF_FLAG for extended IDs).
+    pub fn can_id(&self) -> u32 {
+        if self.is_extended() {
+            self.id | CAN_EFF_FLAG
+        } else {
+            self.id
+        }
+    }
+}
+
+/// The receiving end of a tunnel: datagrams arriving on `listen` are decoded and their frames
+/// written to `iface`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanReceive {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub iface: String,
+    /// Accept datagrams only from this address (cannelloni's remote).
+    pub peer: Option<IpAddr>,
+}
+
+impl CanRoute {
+    /// The tunnel peer, resolved.
+    pub fn udp_peer(&self) -> Option<Result<SocketAddr, String>> {
+        let udp = self.to.as_ref()?.udp.as_ref()?;
+        Some(resolve(udp))
+    }
+}
+
+fn resolve(hostport: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = hostport.parse() {
+        return Ok(a);
+    }
+    hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("`{hostport}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{hostport}` resolves to no address"))
+}
+
+impl CanConfig {
+    /// Static checks of the `[can]` section.
+    pub(super) fn problems(&self, out: &mut Vec<Problem>) {
+        let mut push = |key: String, message: String| out.push(Problem { key, message });
+        if !(1..=1_000_000).contains(&self.flush_timeout_us) {
+            push(
+                "can.flush_timeout_us".into(),
+                "must be 1 to 1000000 (µs)".into(),
+            );
+        }
+        // The header (5) and one full CAN FD frame (4 + 1 + 1 + 64) must fit.
+        if !(75..=65507).contains(&self.max_datagram) {
+            push(
+                "can.max_datagram".into(),
+                "must be 75 (one CAN FD frame) to 65507 bytes".into(),
+            );
+        }
+        if self.route.len() > MAX_CAN_ROUTES {
+            push(
+                "can.route".into(),
+                format!("{} routes; at most {MAX_CAN_ROUTES}", self.route.len()),
+            );
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut per_ingress: HashMap<&str, usize> = HashMap::new();
+        for (i, r) in self.route.iter().enumerate() {
+            let key = |f: &str| format!("can.route[{i}].{f}");
+            if let Err(why) = check_rule_name(&r.name) {
+                push(key("name"), why);
+            } else if let Some(first) = names.insert(&r.name, i) {
+                push(
+                    key("name"),
+                    format!(
+                        "duplicate route name `{}` (also can.route[{first}])",
+                        r.name
+                    ),
+                );
+            }
+            if let Err(why) = netdev::check_name(&r.ingress) {
+                push(key("ingress"), why);
+            }
+            let n = per_ingress.entry(&r.ingress).or_default();
+            *n += 1;
+            if *n == MAX_RULES_PER_IFACE + 1 {
+                push(
+                    key("ingress"),
+                    format!("more than {MAX_RULES_PER_IFACE} routes on `{}`", r.ingress),
+                );
+            }
+            match (&r.to, r.action) {
+                (None, None) => push(key("to"), "give `to = { iface = ... }`, `to = { udp = \"host:port\" }` or `action = \"count\"|\"drop\"`".into()),
+                (Some(_), Some(_)) => push(key("action"), "a route has either `to` or `action`, not both".into()),
+                (Some(t), None) => match (&t.iface, &t.udp) {
+                    (Some(iface), None) => {
+                        if let Err(why) = netdev::check_name(iface) {
+                            push(key("to.iface"), why);
+                        } else if *iface == r.ingress {
+                            push(key("to.iface"), "routing a frame back to its own bus would loop it".into());
+                        }
+                    }
+                    (None, Some(udp)) => {
+                        if !udp.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0)) {
+                            push(key("to.udp"), format!("`{udp}` must be `host:port` with a port above 0"));
+                        }
+                    }
+                    _ => push(key("to"), "give exactly one of `iface` and `udp`".into()),
+                },
+                (None, Some(_)) => {
+                    if !r.modify.is_empty() || r.checksum.is_some() {
+                        push(key("modify"), "modifications and checksums apply to routed frames only".into());
+                    }
+                }
+            }
+            if r.hops == 0 {
+                push(
+                    key("hops"),
+                    "must be at least 1 (a frame from a bus has made 0 hops)".into(),
+                );
+            }
+            let mut ops = HashSet::new();
+            for (j, m) in r.modify.iter().enumerate() {
+                let mkey = |f: &str| format!("can.route[{i}].modify[{j}]{f}");
+                if !ops.insert(m.op) {
+                    push(
+                        mkey(".op"),
+                        format!(
+                            "`{:?}` appears twice; combine its fields into one entry",
+                            m.op
+                        )
+                        .to_lowercase(),
+                    );
+                }
+                if m.id.is_none() && m.len.is_none() && m.flags.is_none() && m.data.is_none() {
+                    push(
+                        mkey(""),
+                        "names no field: give at least one of id, len, flags, data".into(),
+                    );
+                }
+                if m.len.is_some_and(|l| l > 64) && m.op == ModOp::Set {
+                    push(mkey(".len"), "a CAN frame's length is at most 64".into());
+                }
+                if m.data
+                    .as_ref()
+                    .is_some_and(|d| d.0.is_empty() || d.0.len() > 64)
+                {
+                    push(mkey(".data"), "must be 1 to 64 bytes".into());
+                }
+            }
+            if let Some(c) = &r.checksum {
+                let idx_ok = |v: i8| (-64..64).contains(&v);
+                if let Some(x) = &c.xor {
+                    for (f, v) in [("from", x.from), ("to", x.to), ("result", x.result)] {
+                        if !idx_ok(v) {
+                            push(
+                                key(&format!("checksum.xor.{f}")),
+                                "index must be -64 to 63".into(),
+                            );
+                        }
+                    }
+                }
+                if let Some(c8) = &c.crc8 {
+                    for (f, v) in [("from", c8.from), ("to", c8.to), ("result", c8.result)] {
+                        if !idx_ok(v) {
+                            push(
+                                key(&format!("checksum.crc8.{f}")),
+                                "index must be -64 to 63".into(),
+                            );
+                        }
+                    }
+                    let want = match c8.profile {
+                        Crc8Profile::OneU8 => 1,
+                        Crc8Profile::SixteenU8 => 16,
+                        Crc8Profile::None | Crc8Profile::SffIdXor => 0,
+                    };
+                    let have = c8.profile_data.as_ref().map_or(0, |d| d.0.len());
+                    if have != want {
+                        push(
+                            key("checksum.crc8.profile_data"),
+                            format!("profile {:?} takes {want} byte(s), got {have}", c8.profile),
+                        );
+                    }
+                }
+            }
+        }
+
+        if self.watch.len() > MAX_CAN_WATCHES {
+            push(
+                "can.watch".into(),
+                format!("{} watches; at most {MAX_CAN_WATCHES}", self.watch.len()),
+            );
+        }
+        let mut watched: HashMap<(&str, u32), usize> = HashMap::new();
+        for (i, w) in self.watch.iter().enumerate() {
+            let key = |f: &str| format!("can.watch[{i}].{f}");
+            if let Err(why) = netdev::check_name(&w.iface) {
+                push(key("iface"), why);
+            }
+            let max = if w.is_extended() {
+                CAN_EFF_MASK
+            } else {
+                CAN_SFF_MASK
+            };
+            if w.id > max {
+                push(
+                    key("id"),
+                    format!(
+                        "{:#X} does not fit a {} ID (max {max:#X})",
+                        w.id,
+                        if w.is_extended() { "29-bit" } else { "11-bit" }
+                    ),
+                );
+            }
+            if !(w.period_ms > 0.0 && w.period_ms <= 3_600_000.0) {
+                push(
+                    key("period_ms"),
+                    "must be above 0 and at most one hour".into(),
+                );
+            }
+            if !(w.tolerance >= 1.0 && w.tolerance <= 1000.0) {
+                push(key("tolerance"), "must be 1.0 (no slack) to 1000".into());
+            }
+            if let Some(first) = watched.insert((&w.iface, w.can_id()), i) {
+                push(
+                    key("id"),
+                    format!(
+                        "{:#X} on `{}` is already watched (can.watch[{first}])",
+                        w.id, w.iface
+                    ),
+                );
+            }
+        }
+
+        let mut rnames: HashMap<&str, usize> = HashMap::new();
+        let mut listens: HashMap<SocketAddr, usize> = HashMap::new();
+        for (i, r) in self.receive.iter().enumerate() {
+            let key = |f: &str| format!("can.receive[{i}].{f}");
+            if let Err(why) = check_rule_name(&r.name) {
+                push(key("name"), why);
+            } else if let Some(first) = rnames.insert(&r.name, i) {
+                push(
+                    key("name"),
+                    format!(
+                        "duplicate receive name `{}` (also can.receive[{first}])",
+                        r.name
+                    ),
+                );
+            }
+            if r.listen.port() == 0 {
+                push(key("listen"), "needs a port: the peer sends to it".into());
+            }
+            if let Some(first) = listens.insert(r.listen, i) {
+                push(
+                    key("listen"),
+                    format!("{} is already used by can.receive[{first}]", r.listen),
+                );
+            }
+            if let Err(why) = netdev::check_name(&r.iface) {
+                push(key("iface"), why);
+            }
+        }
+    }
+
+    /// Host checks: interfaces exist and are CAN netdevs, tunnel peers resolve.
+    pub(super) fn host_problems(&self, out: &mut Vec<Problem>) {
+        let mut check_can = |key: String, iface: &str| {
+            if netdev::index(iface).is_none() {
+                out.push(Problem {
+                    key,
+                    message: format!(
+                        "interface `{iface}` does not exist on this host (see `ip link`)"
+                    ),
+                });
+            } else if !netdev::is_can(iface) {
+                out.push(Problem {
+                    key,
+                    message: format!("`{iface}` is not a CAN interface"),
+                });
+            }
+        };
+        for (i, r) in self.route.iter().enumerate() {
+            check_can(format!("can.route[{i}].ingress"), &r.ingress);
+            if let Some(iface) = r.to.as_ref().and_then(|t| t.iface.as_ref()) {
+                check_can(format!("can.route[{i}].to.iface"), iface);
+            }
+        }
+        for (i, w) in self.watch.iter().enumerate() {
+            check_can(format!("can.watch[{i}].iface"), &w.iface);
+        }
+        for (i, r) in self.receive.iter().enumerate() {
+            check_can(format!("can.receive[{i}].iface"), &r.iface);
+        }
+        for (i, r) in self.route.iter().enumerate() {
+            if let Some(Err(why)) = r.udp_peer() {
+                out.push(Problem {
+                    key: format!("can.route[{i}].to.udp"),
+                    message: why,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{Config, ConfigError};
+
+    fn can(text: &str) -> Result<CanConfig, ConfigError> {
+        Config::parse(text, Path::new("t.toml")).map(|c| c.can)
+    }
+
+    fn keys(text: &str) -> Vec<String> {
+        match can(text) {
+            Err(e) => e.problems().iter().map(|p| p.key.clone()).collect(),
+            Ok(_) => vec![],
+        }
+    }
+
+    #[test]
+    fn filters_follow_candump() {
+        assert_eq!(
+            "123:7FF".parse::<CanFilter>().unwrap(),
+            CanFilter {
+                id: 0x123,
+                mask: 0x7ff,
+                invert: false
+            }
+        );
+        assert_eq!(
+            "123~7FF".parse::<CanFilter>().unwrap(),
+            CanFilter {
+                id: 0x123,
+                mask: 0x7ff,
+                invert: true
+            }
+        );
+        let eff = "12345678:1FFFFFFF".parse::<CanFilter>().unwrap();
+        assert_eq!(eff.id, 0x1234_5678 | CAN_EFF_FLAG);
+        assert_eq!("0:0".parse::<CanFilter>().unwrap().mask, 0);
+        assert!("123".parse::<CanFilter>().is_err());
+        assert!("12g:7FF".parse::<CanFilter>().is_err());
+    }
+
+    #[test]
+    fn a_full_route_parses() {
+        let c = can(
+            r#"[[can.route]]
+               name = "pt-to-body"
+               ingress = "can0"
+               filter = "100:700"
+               to = { iface = "can1" }
+               hops = 2
+               modify = [ { op = "set", data = "11.22" }, { op = "and", id = 0x7FF, len = 8 } ]
+               checksum = { xor = { from = 0, to = -2, result = -1 }, crc8 = { from = 0, to = 5, result = 6, init = 0xFF, profile = "one_u8", profile_data = "AB" } }
+               [[can.watch]]
+               iface = "can0"
+               id = 0x123
+               period_ms = 10
+               [[can.receive]]
+               name = "from-edge"
+               listen = "0.0.0.0:20000"
+               iface = "can1"
+               peer = "192.0.2.5""#,
+        )
+        .unwrap();
+        let r = &c.route[0];
+        assert_eq!(r.hops, 2);
+        assert_eq!(r.modify[0].data, Some(HexBytes(vec![0x11, 0x22])));
+        assert_eq!(
+            r.checksum.as_ref().unwrap().crc8.as_ref().unwrap().poly,
+            0x1d
+        );
+        assert_eq!(c.watch[0].can_id(), 0x123);
+        assert_eq!(c.watch[0].tolerance, 1.5);
+        assert_eq!(c.flush_timeout_us, 500);
+    }
+
+    #[test]
+    fn impossible_routes_name_their_keys() {
+        let k = keys(
+            r#"[[can.route]]
+               name = "a"
+               ingress = "can0"
+               filter = "1:1"
+               [[can.route]]
+               name = "a"
+               ingress = "can0"
+               filter = "1:1"
+               to = { iface = "can0" }
+               action = "drop"
+               hops = 0
+               modify = [ { op = "or" }, { op = "or", data = "" } ]
+               [[can.route]]
+               name = "c"
+               ingress = "can0"
+               filter = "1:1"
+               to = { udp = "nohost" }
+               checksum = { crc8 = { from = 0, to = 99, result = 7, profile = "one_u8" } }"#,
+        );
+        assert_eq!(
+            k,
+            [
+                "can.route[0].to",
+                "can.route[1].name",
+                "can.route[1].action",
+                "can.route[1].hops",
+                "can.route[1].modify[0]",
+                "can.route[1].modify[1].op",
+                "can.route[1].modify[1].data",
+                "can.route[2].to.udp",
+                "can.route[2].checksum.crc8.to",
+                "can.route[2].checksum.crc8.profile_data",
+            ]
+        );
+    }
+
+    #[test]
+    fn watches_and_receivers_are_checked() {
+        let k = keys(
+            r#"[[can.watch]]
+               iface = "can0"
+               id = 0x800
+               extended = false
+               period_ms = 0
+               [[can.watch]]
+               iface = "can0"
+               id = 0x800
+               extended = false
+               period_ms = 5
+               tolerance = 0.5
+               [[can.receive]]
+               name = "r"
+               listen = "0.0.0.0:0"
+               iface = "can1""#,
+        );
+        assert_eq!(
+            k,
+            [
+                "can.watch[0].id",
+                "can.watch[0].period_ms",
+                "can.watch[1].id",
+                "can.watch[1].tolerance",
+                "can.watch[1].id",
+                "can.receive[0].listen",
+            ]
+        );
+        let c = can("[[can.watch]]\niface = \"can0\"\nid = 0x18FEF100\nperiod_ms = 100\n").unwrap();
+        assert_eq!(c.watch[0].can_id(), 0x18FE_F100 | CAN_EFF_FLAG);
+    }
+
+    #[test]
+    fn bad_hex_and_unknown_keys_fail_parsing() {
+        let e = can("[[can.route]]\nname = \"a\"\ningress = \"can0\"\nfilter = \"1:1\"\nto = { iface = \"can1\" }\nmodify = [ { op = \"set\", data = \"0g\" } ]\n").unwrap_err();
+        assert!(e.to_string().contains("is not hex"), "{e}");
+        let e = can("[can]\nflush_timeout = 5\n").unwrap_err();
+        assert!(
+            e.to_string().contains("unknown field `flush_timeout`"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! Everything the agent runs in the kernel and beside it, applied from one prepared config.
+
+use std::{
+    path::Path,
+    sync::{Arc, RwLock},
+};
+
+use anyhow::Context as _;
+use aya::Ebpf;
+use edgeplane_common::{
+    XDP_PASS_PROGRAM, can,
+    udp_forward::{TC_PROGRAM, XDP_PROGRAM},
+};
+use prometheus_client::collector::Collector;
+use tokio::io::unix::AsyncFd;
+use tracing::warn;
+
+use crate::{
+    can::{
+        CanRouter, CanView,
+        router::WantedWatch,
+        rules::{self as can_rules, CompiledRoute},
+        stats::CanCollector,
+        tunnel::Tunnels,
+    },
+    config::Config,
+    loader, netdev,
+    status::Readiness,
+    udp_forward::{
+        UdpForwarder, UdpView,
+        rules::{self as udp_rules, CompiledRule},
+        stats::UdpCollector,
+    },
+};
+
+/// A validated, host-checked config with its rules compiled: applying it can only fail in the
+/// kernel (an attach refused) or on a socket.
+pub struct Prepared {
+    pub config: Config,
+    udp: Vec<CompiledRule>,
+    can_routes: Vec<CompiledRoute>,
+    can_watches: Vec<(
+        String,
+        u32,
+        edgeplane_common::can::CanWatchKey,
+        edgeplane_common::can::CanWatch,
+    )>,
+}
+
+struct HostFacts;
+
+impl can_rules::Host for HostFacts {
+    fn ifindex(&self, iface: &str) -> Option<u32> {
+        netdev::index(iface)
+    }
+    fn is_fd(&self, iface: &str) -> bool {
+        netdev::mtu(iface).is_ok_and(|m| m == can::CANFD_MTU as u32)
+    }
+}
+
+/// Reads, validates and host-checks a config, and compiles its rules.
+pub fn prepare(path: &Path) -> anyhow::Result<Prepared> {
+    let config = Config::load(path)?;
+    config.check_host(path)?;
+    let udp = config
+        .udp
+        .forward
+        .iter()
+        .map(|r| udp_rules::compile(r, &netdev::index))
+        .collect::<Result<Vec<_>, _>>()?;
+    let can_routes = config
+        .can
+        .route
+        .iter()
+        .map(|r| can_rules::compile(r, &HostFacts))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut can_watches = Vec::new();
+    for w in &config.can.watch {
+        let ifindex =
+            netdev::index(&w.iface).with_context(|| format!("interface {} vanished", w.iface))?;
+        let (key, value) = can_rules::watch(w, ifindex);
+        can_watches.push((w.iface.clone(), ifindex, key, value));
+    }
+    Ok(Prepared {
+        config,
+        udp,
+        can_routes,
+        can_watches,
+    })
+}
+
+/// Views shared with the HTTP side.
+#[derive(Clone, Default)]
+pub struct Views {
+    pub udp: Arc<RwLock<UdpView>>,
+    pub can: Arc<RwLock<CanView>>,
+}
+
+impl Views {
+    pub fn readiness(&self) -> Readiness {
+        Readiness::of(
+            &self.udp.read().expect("lock"),
+            &self.can.read().expect("lock"),
+        )
+    }
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    udp: UdpForwarder,
+    can: CanRouter,
+    tunnels: Tunnels,
+    views: Views,
+}
+
+impl Dataplane {
+    /// Loads every program (so a verifier rejection shows at start) and takes the maps.
+    pub fn load() -> anyhow::Result<Self> {
+        let mut ebpf = loader::load(&[
+            XDP_PROGRAM,
+            TC_PROGRAM,
+            can::PROGRAM,
+            can::ACT_PROGRAM,
+            XDP_PASS_PROGRAM,
+        ])?;
+        forward_kernel_logs(&mut ebpf);
+        let udp = UdpForwarder::new(&mut ebpf)?;
+        let mut can = CanRouter::new(&mut ebpf)?;
+        let ring = can
+            .take_tunnel_ring()
+            .context("the CAN tunnel ring buffer was already taken")?;
+        Ok(Self {
+            ebpf,
+            udp,
+            can,
+            tunnels: Tunnels::new(ring),
+            views: Views::default(),
+        })
+    }
+
+    pub fn views(&self) -> Views {
+        self.views.clone()
+    }
+
+    /// Collectors reading this data plane's counters at scrape time.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(UdpCollector {
+                stats: self.udp.stats(),
+                view: Arc::clone(&self.views.udp),
+            }),
+            Box::new(CanCollector {
+                rules: self.can.rule_stats(),
+                ingress: self.can.ingress_stats(),
+                watch: self.can.watch_map(),
+                view: Arc::clone(&self.views.can),
+            }),
+            Box::new(self.tunnels.metrics()),
+        ]
+    }
+
+    /// Makes `p` the running configuration. On an error the previous one is restored (as far
+    /// as it had been applied) and keeps running.
+    pub async fn apply(&mut self, p: &Prepared, previous: Option<&Prepared>) -> anyhow::Result<()> {
+        let result = self.apply_parts(p).await;
+        if let Err(e) = &result
+            && let Some(prev) = previous
+            && let Err(again) = self.apply_parts(prev).await
+        {
+            warn!("restoring the previous configuration after `{e:#}` failed too: {again:#}");
+        }
+        self.publish();
+        result
+    }
+
+    async fn apply_parts(&mut self, p: &Prepared) -> anyhow::Result<()> {
+        self.udp
+            .apply(&mut self.ebpf, p.config.udp.mode, p.udp.clone())
+            .context("installing the UDP rules")?;
+        let watches = p
+            .can_watches
+            .iter()
+            .map(|(iface, _, key, value)| WantedWatch {
+                iface: iface.clone(),
+                key: *key,
+                value: *value,
+            })
+            .collect();
+        self.can
+            .apply(&mut self.ebpf, p.can_routes.clone(), watches)
+            .context("installing the CAN routes")?;
+        self.tunnels
+            .apply(&p.config.can, &self.can.view().tunnels)
+            .await
+            .context("starting the CAN tunnel")?;
+        Ok(())
+    }
+
+    fn publish(&self) {
+        *self.views.udp.write().expect("lock") = self.udp.view();
+        *self.views.can.write().expect("lock") = self.can.view();
+    }
+
+    /// Detaches every program and stops the tunnel.
+    pub fn shutdown(&mut self) {
+        self.tunnels.shutdown();
+        self.udp.shutdown(&mut self.ebpf);
+        self.can.shutdown(&mut self.ebpf);
+        self.publish();
+    }
+}
+
+/// Relays aya-log records from the programs into the agent's log.
+fn forward_kernel_logs(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("kernel program logs unavailable: {e}");
+            return;
+        }
+    };
+    // SAFETY: the AsyncFd owns the logger, so the fd stays open for as long as it is registered.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("kernel program logs unavailable: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
