@@ -126,14 +126,14 @@ impl Dataplane {
         forward_kernel_logs(&mut ebpf);
         let udp = UdpForwarder::new(&mut ebpf)?;
         let mut can = CanRouter::new(&mut ebpf)?;
-        let ring = can
-            .take_tunnel_ring()
-            .context("the CAN tunnel ring buffer was already taken")?;
+        let (ring, sockets) = can
+            .take_tunnel_maps()
+            .context("the CAN tunnel maps were already taken")?;
         Ok(Self {
             ebpf,
             udp,
             can,
-            tunnels: Tunnels::new(ring),
+            tunnels: Tunnels::new(ring, sockets),
             views: Views::default(),
         })
     }

@@ -1,3 +1,4 @@
 //! Shared pieces of edgeplane's integration tests and benchmarks.
 
+pub mod can;
 pub mod udp_program;

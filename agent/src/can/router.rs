@@ -20,7 +20,7 @@ use aya::{
 use edgeplane_common::can::{
     ACT_MAP, ACT_PROGRAM, CRC8_MAP, CanIngress, CanIngressStats, CanRuleStats, CanWatch,
     CanWatchKey, INGRESS_MAP, INGRESS_STATS_MAP, MAX_INGRESS, MAX_RULES, MAX_RULES_PER_IFACE,
-    PROGRAM, RULE_STATS_MAP, RULES_MAP, TUNNEL_RING, WATCH_MAP,
+    PROGRAM, RULE_STATS_MAP, RULES_MAP, TUNNEL_RING, TUNNEL_SOCKETS_MAP, WATCH_MAP,
 };
 use tracing::{info, warn};
 
@@ -35,6 +35,8 @@ use crate::{
 pub type RuleStats = Arc<Mutex<PerCpuArray<MapData, CanRuleStats>>>;
 pub type IngressStats = Arc<Mutex<PerCpuArray<MapData, CanIngressStats>>>;
 pub type WatchMap = Arc<Mutex<BpfHashMap<MapData, CanWatchKey, CanWatch>>>;
+/// Cookies of the tunnel's CAN sockets; see `TUNNEL_SOCKETS_MAP`.
+pub type TunnelSockets = BpfHashMap<MapData, u64, u8>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CanRouterError {
@@ -97,7 +99,7 @@ pub struct CanRouter {
     rule_stats: RuleStats,
     ingress_stats: IngressStats,
     watch: WatchMap,
-    tunnel_ring: Option<RingBuf<MapData>>,
+    tunnel_ring: Option<(RingBuf<MapData>, TunnelSockets)>,
     /// Holds `can_route_act` for the tail calls; its entries live as long as this handle.
     _act: ProgramArray<MapData>,
     rule_slots: Slots,
@@ -137,7 +139,10 @@ impl CanRouter {
             rule_stats: Arc::new(Mutex::new(maps::take(ebpf, RULE_STATS_MAP)?)),
             ingress_stats: Arc::new(Mutex::new(maps::take(ebpf, INGRESS_STATS_MAP)?)),
             watch: Arc::new(Mutex::new(maps::take(ebpf, WATCH_MAP)?)),
-            tunnel_ring: Some(maps::take(ebpf, TUNNEL_RING)?),
+            tunnel_ring: Some((
+                maps::take(ebpf, TUNNEL_RING)?,
+                maps::take(ebpf, TUNNEL_SOCKETS_MAP)?,
+            )),
             rule_slots: Slots::new(0, MAX_RULES),
             ingress_slots: Slots::new(0, MAX_INGRESS),
             installed_ingress: HashMap::new(),
@@ -148,8 +153,8 @@ impl CanRouter {
         })
     }
 
-    /// The tunnel's ring buffer; the tunnel sender owns it once taken.
-    pub fn take_tunnel_ring(&mut self) -> Option<RingBuf<MapData>> {
+    /// The tunnel's ring buffer and socket set; the tunnel owns them once taken.
+    pub fn take_tunnel_maps(&mut self) -> Option<(RingBuf<MapData>, TunnelSockets)> {
         self.tunnel_ring.take()
     }
 

@@ -16,6 +16,10 @@ pub const RULE_STATS_MAP: &str = "CAN_RULE_STATS";
 pub const INGRESS_STATS_MAP: &str = "CAN_INGRESS_STATS";
 pub const WATCH_MAP: &str = "CAN_WATCH";
 pub const TUNNEL_RING: &str = "CAN_TUNNEL";
+/// Cookies of the agent's own CAN sockets (the tunnel's receivers): frames they write come
+/// back through tc ingress by the CAN core's loopback and count as having made one hop.
+pub const TUNNEL_SOCKETS_MAP: &str = "CAN_TUNNEL_SOCKETS";
+pub const MAX_TUNNEL_SOCKETS: u32 = 64;
 pub const PROGRAM: &str = "can_route";
 /// Sends a frame for one queued rule; tail-called from `can_route` through [`ACT_MAP`].
 pub const ACT_PROGRAM: &str = "can_route_act";

@@ -11,7 +11,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_skb_store_bytes},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_skb_store_bytes},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::TcContext,
@@ -21,8 +21,8 @@ use edgeplane_common::{
         CAN_EFF_FLAG, CAN_EFF_MASK, CAN_ERR_FLAG, CAN_MAX_DLEN, CAN_MTU, CAN_RTR_FLAG,
         CANFD_MAX_DLEN, CANFD_MTU, CanCrc8, CanFrame, CanIngress, CanIngressStats, CanRule,
         CanRuleStats, CanTunnelRecord, CanWatch, CanWatchKey, CanXor, DropReason, ETH_P_CAN,
-        ETH_P_CANFD, HOP_MARK_SHIFT, MAX_INGRESS, MAX_RULES, MAX_RULES_PER_IFACE, MAX_WATCHES,
-        action, crc8_profile, rule_flag,
+        ETH_P_CANFD, HOP_MARK_SHIFT, MAX_INGRESS, MAX_RULES, MAX_RULES_PER_IFACE,
+        MAX_TUNNEL_SOCKETS, MAX_WATCHES, action, crc8_profile, rule_flag,
     },
     hist::{Log2Hist, bucket},
 };
@@ -48,6 +48,8 @@ static CAN_SCRATCH: PerCpuArray<CanFrame> = PerCpuArray::with_max_entries(2, 0);
 /// The rules queued for `can_route_act`, per CPU (a tail-call chain stays on its CPU).
 #[map]
 static CAN_PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static CAN_TUNNEL_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_TUNNEL_SOCKETS, 0);
 /// Slot 0: `can_route_act`, installed by the agent.
 #[map]
 static CAN_ACT: ProgramArray = ProgramArray::with_max_entries(1, 0);
@@ -165,6 +167,11 @@ fn try_can_route(ctx: &TcContext) -> Option<i32> {
         (*pending).next = 0;
         (*pending).fd = u8::from(fd);
         (*pending).hops = (mark >> HOP_MARK_SHIFT) as u8;
+        // Written by the tunnel's receiver: it crossed the remote gateway already.
+        let cookie = bpf_get_socket_cookie(ctx.skb.skb.cast());
+        if cookie != 0 && (*pending).hops == 0 && CAN_TUNNEL_SOCKETS.get(&cookie).is_some() {
+            (*pending).hops = 1;
+        }
         (*pending).mark = mark;
         (*pending).ifindex = ifindex;
         (*pending).verdict = verdict;

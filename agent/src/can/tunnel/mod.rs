@@ -17,6 +17,7 @@ use self::{
     metrics::TunnelMetrics,
     sender::{Sender, SenderConfig},
 };
+use super::router::TunnelSockets;
 use crate::config::{CanConfig, CanReceive};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,15 +47,24 @@ pub enum TunnelError {
 pub struct Tunnels {
     metrics: Arc<TunnelMetrics>,
     ring: Option<RingBuf<MapData>>,
+    /// Cookies of the receivers' CAN sockets, so can_route knows their frames' origin.
+    sockets: TunnelSockets,
     sender: Option<Sender>,
-    receivers: HashMap<String, (CanReceive, JoinHandle<()>)>,
+    receivers: HashMap<String, Receiver>,
+}
+
+struct Receiver {
+    config: CanReceive,
+    cookie: u64,
+    task: JoinHandle<()>,
 }
 
 impl Tunnels {
-    pub fn new(ring: RingBuf<MapData>) -> Self {
+    pub fn new(ring: RingBuf<MapData>, sockets: TunnelSockets) -> Self {
         Self {
             metrics: Arc::new(TunnelMetrics::default()),
             ring: Some(ring),
+            sockets,
             sender: None,
             receivers: HashMap::new(),
         }
@@ -64,9 +74,19 @@ impl Tunnels {
         Arc::clone(&self.metrics)
     }
 
+    /// Stops a receiver and waits for it, so its UDP port is free again.
+    async fn stop(&mut self, name: &str) {
+        if let Some(r) = self.receivers.remove(name) {
+            r.task.abort();
+            let _ = r.task.await;
+            let _ = self.sockets.remove(&r.cookie);
+        }
+    }
+
     /// Runs the tunnel for `peers` (indexed by the kernel's tunnel ids) and the config's
-    /// receivers. New sockets are opened before anything running changes, so an error leaves
-    /// the previous tunnel as it was.
+    /// receivers. New sockets are opened before anything else changes, so an error leaves the
+    /// running tunnel as it was (except a changed receiver that keeps its address, which must
+    /// give the address up first).
     pub async fn apply(
         &mut self,
         can: &CanConfig,
@@ -74,28 +94,32 @@ impl Tunnels {
     ) -> Result<(), TunnelError> {
         let mut started = Vec::new();
         for r in &can.receive {
-            if self.receivers.get(&r.name).is_some_and(|(old, _)| old == r) {
-                continue;
-            }
-            // A receiver that keeps its address must give it up before it is bound again.
             if self
                 .receivers
                 .get(&r.name)
-                .is_some_and(|(old, _)| old.listen == r.listen)
+                .is_some_and(|old| old.config == *r)
             {
-                let (_, task) = self.receivers.remove(&r.name).expect("checked above");
-                task.abort();
-                let _ = task.await;
+                continue;
+            }
+            if self
+                .receivers
+                .get(&r.name)
+                .is_some_and(|old| old.config.listen == r.listen)
+            {
+                self.stop(&r.name).await;
             }
             let udp = bind_udp(r)?;
-            let can_sock = socketcan::tokio::CanFdSocket::open(&r.iface).map_err(|source| {
-                TunnelError::CanSocket {
-                    name: r.name.clone(),
-                    iface: r.iface.clone(),
-                    source,
-                }
-            })?;
-            started.push((r.clone(), udp, can_sock));
+            let can_err = |source| TunnelError::CanSocket {
+                name: r.name.clone(),
+                iface: r.iface.clone(),
+                source,
+            };
+            let can_sock = socketcan::tokio::CanFdSocket::open(&r.iface).map_err(can_err)?;
+            let cookie = socket_cookie(&can_sock).map_err(can_err)?;
+            self.sockets
+                .insert(cookie, 1, 0)
+                .map_err(|e| can_err(std::io::Error::other(e)))?;
+            started.push((r.clone(), udp, can_sock, cookie));
         }
 
         let config = SenderConfig {
@@ -119,36 +143,68 @@ impl Tunnels {
             (None, None) => unreachable!("the ring is either unused or owned by the sender"),
         }
 
-        self.receivers.retain(|name, (_, task)| {
-            let keep = can.receive.iter().any(|r| &r.name == name);
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
-        for (r, udp, can_sock) in started {
-            info!(tunnel = r.name, listen = %r.listen, iface = r.iface, "can tunnel receiver started");
+        let gone: Vec<String> = self
+            .receivers
+            .keys()
+            .filter(|name| {
+                !can.receive.iter().any(|r| &r.name == *name)
+                    || started.iter().any(|s| &s.0.name == *name)
+            })
+            .cloned()
+            .collect();
+        for name in gone {
+            self.stop(&name).await;
+        }
+        for (config, udp, can_sock, cookie) in started {
+            info!(tunnel = config.name, listen = %config.listen, iface = config.iface, "can tunnel receiver started");
             let task = receiver::spawn(
-                r.name.clone(),
+                config.name.clone(),
                 udp,
                 can_sock,
-                r.peer,
+                config.peer,
                 Arc::clone(&self.metrics),
             );
-            if let Some((_, old)) = self.receivers.insert(r.name.clone(), (r, task)) {
-                old.abort();
-            }
+            self.receivers.insert(
+                config.name.clone(),
+                Receiver {
+                    config,
+                    cookie,
+                    task,
+                },
+            );
         }
         Ok(())
     }
 
     /// Stops the receivers and flushes and stops the sender.
     pub fn shutdown(&mut self) {
-        for (_, (_, task)) in self.receivers.drain() {
-            task.abort();
+        for (_, r) in self.receivers.drain() {
+            r.task.abort();
+            let _ = self.sockets.remove(&r.cookie);
         }
         self.sender = None;
     }
+}
+
+/// The kernel's cookie of a socket (SO_COOKIE), as bpf_get_socket_cookie() reports it.
+fn socket_cookie(s: &impl std::os::fd::AsRawFd) -> std::io::Result<u64> {
+    const SO_COOKIE: libc::c_int = 57;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd and out pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 fn bind_udp(r: &CanReceive) -> Result<tokio::net::UdpSocket, TunnelError> {

@@ -1,0 +1,387 @@
+//! can_route inside a real kernel with CAN (run by `cargo xtask vm-test`): a test bus sends on
+//! one end of a vxcan pair, the agent routes from the other end to a second pair, the test reads
+//! there. Every frame is compared byte for byte; the agent's counters must match exactly.
+
+use std::time::Duration;
+
+use edgeplane_common::can::{CAN_EFF_FLAG, CAN_RTR_FLAG};
+use edgeplane_testbed::{agent::Agent, http, netns::Netns, require_root};
+use edgeplane_tests::can::{Bus, Frame, vxcan_pair};
+
+/// A namespace with bus A (agent side `a0`, test side `a1`), bus B (`b0`/`b1`), both CAN FD,
+/// and a classic-only bus C (`c0`/`c1`).
+struct Buses {
+    ns: Netns,
+}
+
+impl Buses {
+    fn new(tag: &str) -> Self {
+        require_root();
+        let ns = Netns::new(tag).unwrap();
+        vxcan_pair(&ns, "a0", "a1", true).unwrap();
+        vxcan_pair(&ns, "b0", "b1", true).unwrap();
+        vxcan_pair(&ns, "c0", "c1", false).unwrap();
+        Self { ns }
+    }
+
+    fn agent(&self, can: &str) -> Agent {
+        let config = format!("[http]\nlisten = \"127.0.0.1:9464\"\n\n{can}");
+        Agent::start(&self.ns, &config, "info").unwrap()
+    }
+
+    fn bus(&self, iface: &str) -> Bus {
+        Bus::open(&self.ns, iface).unwrap()
+    }
+
+    fn metrics(&self, agent: &Agent) -> String {
+        let _in = self.ns.enter().unwrap();
+        http::get(agent.metrics, "/metrics").unwrap().1
+    }
+}
+
+fn metric(m: &str, series: &str) -> f64 {
+    http::metric(m, series).unwrap()
+}
+
+const QUIET: Duration = Duration::from_millis(500);
+const LIMIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn routes_what_the_filter_matches_classic_fd_extended_and_remote() {
+    let b = Buses::new("canf");
+    let agent = b.agent(
+        r#"[[can.route]]
+name = "body"
+ingress = "a0"
+filter = "100:7F0"
+to = { iface = "b0" }
+
+[[can.route]]
+name = "j1939"
+ingress = "a0"
+filter = "18FEF100:1FFFFF00"
+to = { iface = "b0" }
+"#,
+    );
+    let (tx, rx) = (b.bus("a1"), b.bus("b1"));
+    let mut sent_match = Vec::new();
+    let mut sent = 0;
+    for i in 0..16u32 {
+        // 0x100..0x10F match the first route; 0x110.. do not.
+        let f = Frame::classic(0x100 + i, &[i as u8; 8][..(i % 9) as usize]);
+        tx.send(&f).unwrap();
+        sent += 1;
+        sent_match.push(f);
+        let miss = Frame::classic(0x110 + i, &[0xee; 4]);
+        tx.send(&miss).unwrap();
+        sent += 1;
+    }
+    let fd = Frame::fd(0x105, &(0..64).collect::<Vec<u8>>());
+    let eff = Frame::fd(
+        0x18FE_F1AA | CAN_EFF_FLAG,
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+    );
+    let eff_miss = Frame::classic(0x18FE_F2AA | CAN_EFF_FLAG, &[9]);
+    // SFF 0x100 must not match the extended filter and vice versa.
+    let sff_like_eff = Frame::classic(0x100 | CAN_EFF_FLAG, &[7]);
+    let remote = Frame {
+        can_id: 0x101 | CAN_RTR_FLAG,
+        fd: false,
+        flags: 0,
+        len: 4,
+        data: vec![],
+    };
+    for f in [&fd, &eff, &eff_miss, &sff_like_eff, &remote] {
+        tx.send(f).unwrap();
+        sent += 1;
+    }
+    sent_match.extend([fd, eff, remote]);
+
+    let got = rx.collect(QUIET, LIMIT);
+    assert_eq!(got, sent_match, "routed frames differ");
+    let m = b.metrics(&agent);
+    assert_eq!(
+        metric(&m, "edgeplane_can_frames_total{rule=\"body\"}"),
+        18.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "edgeplane_can_routed_total{rule=\"body\"}"),
+        18.0
+    );
+    assert_eq!(
+        metric(&m, "edgeplane_can_frames_total{rule=\"j1939\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "edgeplane_can_routed_total{rule=\"j1939\"}"),
+        1.0
+    );
+    let kinds = ["classic", "fd", "rtr"].map(|k| {
+        metric(
+            &m,
+            &format!("edgeplane_can_ingress_frames_total{{iface=\"a0\",kind=\"{k}\"}}"),
+        )
+    });
+    assert_eq!(kinds[0] + kinds[1], f64::from(sent));
+    assert_eq!((kinds[1], kinds[2]), (2.0, 1.0));
+    eprintln!("sent {sent} frames, routed 19 (body 18, j1939 1), each byte-identical");
+}
+
+#[test]
+fn modifications_and_checksums_are_applied_like_cangw() {
+    let b = Buses::new("canm");
+    // Listed out of order on purpose: AND, OR, XOR, SET always apply in that order.
+    let agent = b.agent(
+        r#"[[can.route]]
+name = "mod"
+ingress = "a0"
+filter = "200:700"
+to = { iface = "b0" }
+modify = [
+  { op = "set", id = 0x3A0 },
+  { op = "xor", data = "FF" },
+  { op = "or", data = "0001" },
+  { op = "and", id = 0x0FF, data = "0F0F" },
+]
+checksum = { crc8 = { from = 0, to = 5, result = 6, init = 0xFF, final_xor = 0xFF }, xor = { from = 0, to = -2, result = -1, init = 0x5A } }
+"#,
+    );
+    let (tx, rx) = (b.bus("a1"), b.bus("b1"));
+    let input = [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0];
+    tx.send(&Frame::classic(0x234, &input)).unwrap();
+    let got = rx.collect(QUIET, LIMIT);
+    assert_eq!(got.len(), 1, "{got:?}");
+
+    // By hand: data[0] = ((0x12 & 0x0F) | 0x00) ^ 0xFF, data[1] = (0x34 & 0x0F) | 0x01;
+    // the id is ANDed then SET, so SET wins. Then CRC8 over data[0..=5] into data[6] (SAE
+    // J1850 polynomial 0x1D), then XOR over data[0..=6] into data[7].
+    let mut d = input;
+    d[0] = ((0x12 & 0x0f) | 0x00) ^ 0xff;
+    d[1] = (0x34 & 0x0f) | 0x01;
+    let table = crc8_table(0x1d);
+    d[6] = d[..=5]
+        .iter()
+        .fold(0xffu8, |c, b| table[usize::from(c ^ b)])
+        ^ 0xff;
+    d[7] = d[..=6].iter().fold(0x5au8, |x, b| x ^ b);
+    assert_eq!(got[0], Frame::classic(0x3A0, &d));
+    let m = b.metrics(&agent);
+    assert_eq!(metric(&m, "edgeplane_can_routed_total{rule=\"mod\"}"), 1.0);
+}
+
+fn crc8_table(poly: u8) -> [u8; 256] {
+    std::array::from_fn(|i| {
+        (0..8).fold(i as u8, |c, _| {
+            if c & 0x80 != 0 {
+                (c << 1) ^ poly
+            } else {
+                c << 1
+            }
+        })
+    })
+}
+
+#[test]
+fn drop_inverted_filter_fd_to_classic_and_bad_length() {
+    let b = Buses::new("cand");
+    let agent = b.agent(
+        r#"[[can.route]]
+name = "hide"
+ingress = "a0"
+filter = "7DF:7FF"
+action = "drop"
+
+[[can.route]]
+name = "not-7df"
+ingress = "a0"
+filter = "7DF~7FF"
+to = { iface = "c0" }
+
+[[can.route]]
+name = "grow"
+ingress = "a0"
+filter = "300:7FF"
+to = { iface = "b0" }
+modify = [ { op = "set", len = 12 } ]
+"#,
+    );
+    let tx = b.bus("a1");
+    // A local application on the ingress bus: dropped frames must not reach it.
+    let local = b.bus("a0");
+    let (to_c, to_b) = (b.bus("c1"), b.bus("b1"));
+    tx.send(&Frame::classic(0x7DF, &[2, 1, 0])).unwrap();
+    tx.send(&Frame::classic(0x123, &[1])).unwrap();
+    tx.send(&Frame::fd(0x124, &[1; 16])).unwrap(); // FD for the classic-only bus C
+    tx.send(&Frame::classic(0x300, &[3; 8])).unwrap(); // len 12 is no classic frame
+
+    let seen_locally: Vec<u32> = local
+        .collect(QUIET, LIMIT)
+        .iter()
+        .map(|f| f.can_id)
+        .collect();
+    assert!(
+        !seen_locally.contains(&0x7DF),
+        "dropped frame reached a local socket: {seen_locally:x?}"
+    );
+    assert!(seen_locally.contains(&0x123));
+    assert_eq!(
+        to_c.collect(QUIET, LIMIT),
+        vec![Frame::classic(0x123, &[1]), Frame::classic(0x300, &[3; 8])]
+    );
+    assert!(to_b.collect(QUIET, LIMIT).is_empty());
+    let m = b.metrics(&agent);
+    assert_eq!(
+        metric(
+            &m,
+            "edgeplane_can_dropped_total{rule=\"hide\",reason=\"rule\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "edgeplane_can_dropped_total{rule=\"not-7df\",reason=\"fd_to_classic\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "edgeplane_can_routed_total{rule=\"not-7df\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "edgeplane_can_dropped_total{rule=\"grow\",reason=\"bad_length\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn hop_limit_ends_routing_loops() {
+    for hops in [1u8, 3] {
+        let b = Buses::new("canh");
+        // a0 -> b0 and b1 -> a1: what leaves on b0 arrives on b1 and is routed back to a0.
+        let agent = b.agent(&format!(
+            r#"[[can.route]]
+name = "ab"
+ingress = "a0"
+filter = "0:0"
+to = {{ iface = "b0" }}
+hops = {hops}
+
+[[can.route]]
+name = "ba"
+ingress = "b1"
+filter = "0:0"
+to = {{ iface = "a1" }}
+hops = {hops}
+"#
+        ));
+        let tx = b.bus("a1");
+        tx.send(&Frame::classic(0x42, &[1, 2])).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let m = b.metrics(&agent);
+        // The frame arrives from the bus with 0 hops; each routing adds one until `hops`.
+        let ab = metric(&m, "edgeplane_can_routed_total{rule=\"ab\"}");
+        let ba = metric(&m, "edgeplane_can_routed_total{rule=\"ba\"}");
+        assert_eq!(ab + ba, f64::from(hops), "hops {hops}:\n{m}");
+        let stopped = metric(
+            &m,
+            "edgeplane_can_dropped_total{rule=\"ab\",reason=\"hop_limit\"}",
+        ) + metric(
+            &m,
+            "edgeplane_can_dropped_total{rule=\"ba\",reason=\"hop_limit\"}",
+        );
+        assert_eq!(
+            stopped, 1.0,
+            "hops {hops}: the loop must end with one hop_limit drop"
+        );
+        eprintln!("hops = {hops}: routed {ab} + {ba} times, then stopped");
+    }
+}
+
+#[test]
+fn cycle_times_are_measured_against_the_period() {
+    let b = Buses::new("canc");
+    let agent = b.agent(
+        r#"[[can.watch]]
+iface = "a0"
+id = 0x123
+period_ms = 10
+
+[[can.watch]]
+iface = "a0"
+id = 0x18DAF110
+period_ms = 10
+tolerance = 1.5
+"#,
+    );
+    let tx = b.bus("a1");
+    // 0x123 on time every 10 ms; the extended ID every 20 ms, twice as slow as expected.
+    let start = std::time::Instant::now();
+    for i in 0..200u32 {
+        let due = start + Duration::from_millis(10 * u64::from(i));
+        std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+        tx.send(&Frame::classic(0x123, &i.to_le_bytes())).unwrap();
+        if i % 2 == 0 {
+            tx.send(&Frame::classic(0x18DA_F110 | CAN_EFF_FLAG, &[0; 8]))
+                .unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let m = b.metrics(&agent);
+    let s = |series: &str| metric(&m, series);
+    let on_time = "iface=\"a0\",id=\"123\"";
+    let slow = "iface=\"a0\",id=\"18DAF110\"";
+    assert_eq!(
+        s(&format!("edgeplane_can_id_frames_total{{{on_time}}}")),
+        200.0
+    );
+    assert_eq!(
+        s(&format!("edgeplane_can_cycle_seconds_count{{{on_time}}}")),
+        199.0
+    );
+    let mean = s(&format!("edgeplane_can_cycle_seconds_sum{{{on_time}}}")) / 199.0;
+    // 10 ms lies in the bucket (8.39 ms, 16.78 ms].
+    let below = s(&format!(
+        "edgeplane_can_cycle_seconds_bucket{{{on_time},le=\"0.008388608\"}}"
+    ));
+    let within = s(&format!(
+        "edgeplane_can_cycle_seconds_bucket{{{on_time},le=\"0.016777216\"}}"
+    )) - below;
+    let missed = s(&format!("edgeplane_can_deadline_missed_total{{{on_time}}}"));
+    eprintln!(
+        "0x123 at 10 ms: mean cycle {:.3} ms, {within} of 199 in (8.4, 16.8] ms, {missed} missed deadlines",
+        mean * 1e3
+    );
+    assert!((0.009..0.011).contains(&mean), "mean cycle {mean}");
+    assert!(within >= 180.0, "{within} of 199 cycles near 10 ms\n{m}");
+    assert!(
+        missed <= 10.0,
+        "{missed} deadlines missed at the right period"
+    );
+
+    let slow_missed = s(&format!("edgeplane_can_deadline_missed_total{{{slow}}}"));
+    let slow_cycles = s(&format!("edgeplane_can_cycle_seconds_count{{{slow}}}"));
+    let slow_jitter = s(&format!("edgeplane_can_jitter_seconds_sum{{{slow}}}")) / slow_cycles;
+    eprintln!(
+        "0x18DAF110 at 20 ms, expected 10 ms: {slow_missed} of {slow_cycles} missed, mean jitter {:.3} ms",
+        slow_jitter * 1e3
+    );
+    assert_eq!(slow_cycles, 99.0);
+    assert!(
+        slow_missed >= 95.0,
+        "{slow_missed} of 99 late frames counted"
+    );
+    assert!(
+        (0.008..0.012).contains(&slow_jitter),
+        "mean jitter {slow_jitter}"
+    );
+    assert_eq!(
+        s(&format!("edgeplane_can_expected_period_seconds{{{slow}}}")),
+        0.01
+    );
+}

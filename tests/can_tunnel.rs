@@ -1,0 +1,283 @@
+//! The CAN-over-UDP tunnel between two agents (run by `cargo xtask vm-test`): host A and host B
+//! in two namespaces, each with a CAN bus and a veth between them. Frames go both ways in
+//! cannelloni's format; malformed datagrams change nothing on the bus.
+
+use std::{
+    net::UdpSocket,
+    time::{Duration, Instant},
+};
+
+use edgeplane_common::can::CAN_EFF_FLAG;
+use edgeplane_testbed::{
+    agent::Agent,
+    http,
+    netns::{Netns, veth},
+    require_root,
+};
+use edgeplane_tests::can::{Bus, Frame, vxcan_pair};
+
+const A_IP: &str = "198.18.7.1";
+const B_IP: &str = "198.18.7.2";
+const QUIET: Duration = Duration::from_millis(800);
+const LIMIT: Duration = Duration::from_secs(30);
+
+struct Hosts {
+    a: Netns,
+    b: Netns,
+}
+
+impl Hosts {
+    fn new() -> Self {
+        require_root();
+        let (a, b) = (Netns::new("tuna").unwrap(), Netns::new("tunb").unwrap());
+        veth(&a, "ta0", &b, "tb0").unwrap();
+        a.ip(&["addr", "add", &format!("{A_IP}/24"), "dev", "ta0"])
+            .unwrap();
+        b.ip(&["addr", "add", &format!("{B_IP}/24"), "dev", "tb0"])
+            .unwrap();
+        vxcan_pair(&a, "a0", "a1", true).unwrap();
+        vxcan_pair(&b, "b0", "b1", true).unwrap();
+        Self { a, b }
+    }
+}
+
+/// Each host tunnels everything from its bus to the other and writes what it receives to it.
+fn config(bus: &str, peer_ip: &str, peer_port: u16, listen: &str, from: &str) -> String {
+    format!(
+        r#"[http]
+listen = "127.0.0.1:9464"
+
+[[can.route]]
+name = "to-peer"
+ingress = "{bus}"
+filter = "0:0"
+to = {{ udp = "{peer_ip}:{peer_port}" }}
+
+[[can.receive]]
+name = "from-peer"
+listen = "{listen}"
+iface = "{bus}"
+peer = "{from}"
+"#
+    )
+}
+
+fn metrics(ns: &Netns, agent: &Agent) -> String {
+    let _in = ns.enter().unwrap();
+    http::get(agent.metrics, "/metrics").unwrap().1
+}
+
+fn m(text: &str, series: &str) -> f64 {
+    http::metric(text, series).unwrap()
+}
+
+fn frames(n: u32) -> Vec<Frame> {
+    (0..n)
+        .map(|i| match i % 3 {
+            0 => Frame::classic(0x100 + (i % 0x700), &i.to_be_bytes()),
+            1 => Frame::fd(0x1234_0000 | i | CAN_EFF_FLAG, &[i as u8; 48]),
+            _ => Frame::fd(0x7ff, &[(i >> 8) as u8, i as u8]),
+        })
+        .collect()
+}
+
+#[test]
+fn frames_cross_both_ways_and_do_not_echo() {
+    let h = Hosts::new();
+    let agent_a = Agent::start(
+        &h.a,
+        &config("a0", B_IP, 20000, &format!("{A_IP}:20001"), B_IP),
+        "info",
+    )
+    .unwrap();
+    let agent_b = Agent::start(
+        &h.b,
+        &config("b0", A_IP, 20001, &format!("{B_IP}:20000"), A_IP),
+        "info",
+    )
+    .unwrap();
+    let (a_tx, b_rx) = (
+        Bus::open(&h.a, "a1").unwrap(),
+        Bus::open(&h.b, "b1").unwrap(),
+    );
+    let (b_tx, a_rx) = (
+        Bus::open(&h.b, "b1").unwrap(),
+        Bus::open(&h.a, "a1").unwrap(),
+    );
+
+    let n = 3000;
+    let sent = frames(n);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| b_rx.collect(QUIET, LIMIT));
+        for (i, f) in sent.iter().enumerate() {
+            a_tx.send(f).unwrap();
+            // About 3 frames per ms: a busy CAN FD bus.
+            if i % 3 == 2 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let got = reader.join().unwrap();
+        assert_eq!(
+            got.len(),
+            sent.len(),
+            "A -> B: {} of {} frames arrived",
+            got.len(),
+            sent.len()
+        );
+        assert_eq!(got, sent, "A -> B frames differ");
+    });
+    eprintln!(
+        "A -> B: {n} frames in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+
+    let back = frames(300);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| a_rx.collect(QUIET, LIMIT));
+        for f in &back {
+            b_tx.send(f).unwrap();
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        let got: Vec<Frame> = reader
+            .join()
+            .unwrap()
+            .into_iter()
+            .filter(|f| back.contains(f))
+            .collect();
+        assert_eq!(got, back, "B -> A frames differ");
+    });
+
+    let (ma, mb) = (metrics(&h.a, &agent_a), metrics(&h.b, &agent_b));
+    let tx_a = format!("tunnel=\"{B_IP}:20000\"");
+    assert_eq!(
+        m(
+            &ma,
+            &format!("edgeplane_can_tunnel_frames_total{{{tx_a},direction=\"tx\"}}")
+        ),
+        f64::from(n)
+    );
+    assert_eq!(
+        m(
+            &mb,
+            "edgeplane_can_tunnel_frames_total{tunnel=\"from-peer\",direction=\"rx\"}"
+        ),
+        f64::from(n)
+    );
+    // Frames B wrote to its bus come back through its tc ingress; they must not go back to A.
+    assert_eq!(
+        m(
+            &mb,
+            "edgeplane_can_dropped_total{rule=\"to-peer\",reason=\"hop_limit\"}"
+        ),
+        f64::from(n),
+        "{mb}"
+    );
+    assert_eq!(
+        m(&mb, "edgeplane_can_routed_total{rule=\"to-peer\"}"),
+        300.0
+    );
+    let datagrams = m(
+        &ma,
+        &format!("edgeplane_can_tunnel_datagrams_total{{{tx_a},direction=\"tx\"}}"),
+    );
+    let queued = m(
+        &ma,
+        &format!("edgeplane_can_tunnel_queue_seconds_count{{{tx_a}}}"),
+    );
+    let below_1ms = m(
+        &ma,
+        &format!("edgeplane_can_tunnel_queue_seconds_bucket{{{tx_a},le=\"0.001048576\"}}"),
+    );
+    let mean_us = m(
+        &ma,
+        &format!("edgeplane_can_tunnel_queue_seconds_sum{{{tx_a}}}"),
+    ) / queued
+        * 1e6;
+    eprintln!(
+        "A batched {n} frames into {datagrams} datagrams ({:.1} frames each); time in the tunnel queue: mean {mean_us:.0} µs, {:.1}% under 1.05 ms",
+        f64::from(n) / datagrams,
+        below_1ms / queued * 100.0
+    );
+    assert_eq!(queued, f64::from(n));
+}
+
+#[test]
+fn malformed_datagrams_change_nothing_on_the_bus() {
+    let h = Hosts::new();
+    let agent_b = Agent::start(
+        &h.b,
+        &config("b0", A_IP, 20001, &format!("{B_IP}:20000"), A_IP),
+        "info",
+    )
+    .unwrap();
+    let b_rx = Bus::open(&h.b, "b1").unwrap();
+    let _in = h.a.enter().unwrap();
+    let sock = UdpSocket::bind(format!("{A_IP}:0")).unwrap();
+    let to = format!("{B_IP}:20000");
+    // One good classic frame (0x123, 2 bytes): header, id, len, data.
+    let good: Vec<u8> = vec![2, 0, 0, 0, 1, 0, 0, 0x01, 0x23, 2, 0xab, 0xcd];
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![("truncated", good[..4].to_vec())];
+    let mut v = good.clone();
+    v[0] = 3;
+    cases.push(("bad_version", v));
+    let mut v = good.clone();
+    v[1] = 1;
+    cases.push(("bad_op_code", v));
+    let mut v = good.clone();
+    v[9] = 0x80 | 65; // CAN FD length 65
+    cases.push(("bad_length", v));
+    let mut v = good.clone();
+    v[9] = 9; // classic length 9
+    cases.push(("bad_length", v));
+    let mut v = good.clone();
+    v[4] = 2; // count overruns the datagram
+    cases.push(("truncated", v));
+    let mut v = good.clone();
+    v.push(0x55);
+    cases.push(("trailing_bytes", v));
+    for (_, d) in &cases {
+        sock.send_to(d, &to).unwrap();
+    }
+    // From an address that is not the configured peer.
+    h.a.ip(&["addr", "add", "198.18.7.9/24", "dev", "ta0"])
+        .unwrap();
+    let stranger = UdpSocket::bind("198.18.7.9:0").unwrap();
+    stranger.send_to(&good, &to).unwrap();
+
+    assert!(
+        b_rx.collect(QUIET, LIMIT).is_empty(),
+        "a malformed datagram reached the bus"
+    );
+    let mb = metrics(&h.b, &agent_b);
+    for reason in [
+        "truncated",
+        "bad_version",
+        "bad_op_code",
+        "bad_length",
+        "trailing_bytes",
+        "unknown_peer",
+    ] {
+        let want = cases
+            .iter()
+            .filter(|c| c.0 == reason)
+            .count()
+            .max(usize::from(reason == "unknown_peer")) as f64;
+        assert_eq!(
+            m(
+                &mb,
+                &format!(
+                    "edgeplane_can_tunnel_rejected_total{{tunnel=\"from-peer\",reason=\"{reason}\"}}"
+                )
+            ),
+            want,
+            "{reason}"
+        );
+    }
+    // The good one still goes through.
+    sock.send_to(&good, &to).unwrap();
+    assert_eq!(
+        b_rx.collect(QUIET, LIMIT),
+        vec![Frame::classic(0x123, &[0xab, 0xcd])]
+    );
+}

@@ -1,0 +1,144 @@
+//! CAN test buses: vxcan pairs in a namespace, and raw CAN_RAW sockets that send and receive
+//! exact `can_frame` / `canfd_frame` bytes.
+
+use std::{
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+use edgeplane_common::can::{CAN_MTU, CANFD_MTU, CanFrame};
+use edgeplane_testbed::netns::Netns;
+use socketcan::{CanFdSocket, Socket as _};
+
+/// A frame as a test writes and expects it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// With the EFF/RTR flags.
+    pub can_id: u32,
+    pub fd: bool,
+    /// CAN FD flags (BRS, ESI).
+    pub flags: u8,
+    /// Length or DLC; for remote frames the requested DLC.
+    pub len: u8,
+    pub data: Vec<u8>,
+}
+
+impl Frame {
+    pub fn classic(can_id: u32, data: &[u8]) -> Self {
+        Self {
+            can_id,
+            fd: false,
+            flags: 0,
+            len: data.len() as u8,
+            data: data.to_vec(),
+        }
+    }
+
+    pub fn fd(can_id: u32, data: &[u8]) -> Self {
+        Self {
+            can_id,
+            fd: true,
+            flags: 0x01,
+            len: data.len() as u8,
+            data: data.to_vec(),
+        }
+    }
+
+    fn raw(&self) -> CanFrame {
+        let mut f = CanFrame {
+            can_id: self.can_id,
+            len: self.len,
+            flags: self.flags,
+            ..CanFrame::default()
+        };
+        f.data[..self.data.len()].copy_from_slice(&self.data);
+        f
+    }
+}
+
+/// Creates a vxcan pair `a` <-> `b` in `ns`, both up; CAN FD capable (MTU 72) if `fd`.
+pub fn vxcan_pair(ns: &Netns, a: &str, b: &str, fd: bool) -> anyhow::Result<()> {
+    ns.ip(&["link", "add", a, "type", "vxcan", "peer", "name", b])?;
+    for i in [a, b] {
+        if fd {
+            ns.ip(&["link", "set", i, "mtu", "72"])?;
+        }
+        ns.ip(&["link", "set", i, "up"])?;
+    }
+    Ok(())
+}
+
+/// A CAN_RAW socket with CAN FD frames enabled, bound to one interface.
+pub struct Bus {
+    sock: CanFdSocket,
+    pub iface: String,
+}
+
+impl Bus {
+    /// Opens the socket from inside `ns`; it keeps working from any thread afterwards.
+    pub fn open(ns: &Netns, iface: &str) -> anyhow::Result<Self> {
+        let _in = ns.enter()?;
+        let sock = CanFdSocket::open(iface)?;
+        sock.set_read_timeout(Duration::from_millis(200))?;
+        Ok(Self {
+            sock,
+            iface: iface.to_owned(),
+        })
+    }
+
+    pub fn send(&self, f: &Frame) -> anyhow::Result<()> {
+        let raw = f.raw();
+        let n = if f.fd { CANFD_MTU } else { CAN_MTU };
+        // SAFETY: writes `n` bytes of a plain struct at least that long.
+        let w = unsafe { libc::write(self.sock.as_raw_fd(), (&raw const raw).cast(), n) };
+        anyhow::ensure!(
+            w == n as isize,
+            "write to {}: {}",
+            self.iface,
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    }
+
+    /// The next frame, or None after the read timeout.
+    pub fn recv(&self) -> Option<Frame> {
+        let mut raw = CanFrame::default();
+        // SAFETY: reads at most sizeof(CanFrame) bytes into it.
+        let n = unsafe {
+            libc::read(
+                self.sock.as_raw_fd(),
+                (&raw mut raw).cast(),
+                size_of::<CanFrame>(),
+            )
+        };
+        let fd = match usize::try_from(n).ok()? {
+            CAN_MTU => false,
+            CANFD_MTU => true,
+            _ => return None,
+        };
+        let rtr = raw.can_id & edgeplane_common::can::CAN_RTR_FLAG != 0;
+        let data_len = if rtr { 0 } else { usize::from(raw.len.min(64)) };
+        Some(Frame {
+            can_id: raw.can_id,
+            fd,
+            // Kernels from 6.2 mark CAN FD frames with CANFD_FDF (0x04) themselves: not compared.
+            flags: if fd { raw.flags & !0x04 } else { 0 },
+            len: raw.len,
+            data: raw.data[..data_len].to_vec(),
+        })
+    }
+
+    /// Everything that arrives until `quiet` passes without a frame (at most `limit` total).
+    pub fn collect(&self, quiet: Duration, limit: Duration) -> Vec<Frame> {
+        let start = Instant::now();
+        let mut last = Instant::now();
+        let mut out = Vec::new();
+        while start.elapsed() < limit && last.elapsed() < quiet {
+            if let Some(f) = self.recv() {
+                out.push(f);
+                last = Instant::now();
+            }
+        }
+        out
+    }
+}
