@@ -24,9 +24,30 @@ use crate::{
     toolchain::{output, step, workspace_root},
 };
 
-/// Integration-test executables (`[[test]]` names of the edgeplane-tests package) that run in
-/// the VMs by default: the ones that need a real kernel.
-pub const VM_TESTS: &[&str] = &["udp_forward_prog", "udp_forward_e2e"];
+/// An integration-test executable of the edgeplane-tests package that runs in the VMs.
+pub struct VmTest {
+    /// Its `[[test]]` name.
+    pub name: &'static str,
+    /// The oldest kernel series it can run on and why, when that is newer than the oldest
+    /// kernel the product supports; on older ones it is skipped.
+    pub needs: Option<(&'static str, &'static str)>,
+}
+
+/// The tests that run in the VMs by default: the ones that need a real kernel.
+pub const VM_TESTS: &[VmTest] = &[
+    VmTest {
+        name: "udp_forward_prog",
+        needs: Some((
+            "5.15",
+            "it runs the XDP program by BPF_PROG_TEST_RUN with an xdp_md context \
+             (ingress_ifindex), which the kernel accepts from 5.15 (EINVAL before)",
+        )),
+    },
+    VmTest {
+        name: "udp_forward_e2e",
+        needs: None,
+    },
+];
 
 const DEFAULT_TIMEOUT_SECS: u64 = 20 * 60;
 const DEFAULT_TEST_TIMEOUT_SECS: u64 = 10 * 60;
@@ -80,7 +101,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
     let series = select_series(&opts.kernels)?;
     let wanted: Vec<&str> = if opts.tests.is_empty() {
-        VM_TESTS.to_vec()
+        VM_TESTS.iter().map(|t| t.name).collect()
     } else {
         opts.tests.iter().map(String::as_str).collect()
     };
@@ -93,17 +114,29 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
     let cache = target.join("vm-cache");
     let logs = target.join("vm-logs");
     fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let payload = initramfs::Payload {
-        agent: &agent,
-        tests: &tests,
-        filter: opts.filter.as_deref(),
-        test_timeout_secs: opts.test_timeout,
-    };
     let kvm = std::env::var_os("EDGEPLANE_VM_KVM").is_some_and(|v| v == "1");
 
     let mut reports = Vec::new();
     for s in series {
         let kernel = kernels::fetch(s, &cache, opts.refresh_kernels)?;
+        let (runnable, skipped): (Vec<_>, Vec<_>) = tests
+            .iter()
+            .cloned()
+            .partition(|(name, _)| too_old_for(s.name, name).is_none());
+        let skipped: Vec<String> = skipped.into_iter().map(|(name, _)| name).collect();
+        for name in &skipped {
+            let (min, why) = too_old_for(s.name, name).expect("partitioned on it");
+            step(format_args!(
+                "kernel {}: skipping {name}, which needs {min}+: {why}",
+                s.name
+            ));
+        }
+        let payload = initramfs::Payload {
+            agent: &agent,
+            tests: &runnable,
+            filter: opts.filter.as_deref(),
+            test_timeout_secs: opts.test_timeout,
+        };
         let initrd = cache.join(format!("initramfs-{}.cpio", s.name));
         let size = initramfs::build(&kernel, &payload, &initrd)?;
         let log = logs.join(format!("{}.log", s.name));
@@ -130,9 +163,25 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
             s.name,
             minutes(boot.wall)
         ));
-        reports.push(Report { kernel, log, boot });
+        reports.push(Report {
+            kernel,
+            log,
+            boot,
+            skipped,
+        });
     }
     summarize(&reports, &wanted)
+}
+
+/// The minimum series and the reason, when `test` can't run on `series`.
+fn too_old_for(series: &str, test: &str) -> Option<(&'static str, &'static str)> {
+    let (min, why) = VM_TESTS.iter().find(|t| t.name == test)?.needs?;
+    (version(series) < version(min)).then_some((min, why))
+}
+
+/// "5.10" -> [5, 10], so that 5.10 < 5.15 < 6.1.
+fn version(series: &str) -> Vec<u32> {
+    series.split('.').filter_map(|p| p.parse().ok()).collect()
 }
 
 fn select_series(names: &[String]) -> anyhow::Result<Vec<&'static kernels::Series>> {
@@ -230,53 +279,57 @@ struct Report {
     kernel: kernels::Kernel,
     log: PathBuf,
     boot: qemu::Boot,
+    /// Tests this kernel is too old for.
+    skipped: Vec<String>,
 }
 
 /// Prints one row per kernel and test, then every problem; fails if there was one.
 fn summarize(reports: &[Report], wanted: &[&str]) -> anyhow::Result<()> {
     let mut problems = Vec::new();
+    let row = |k: &kernels::Kernel, what: &str, result: &str, time: Option<f64>| {
+        let time = time.map_or_else(|| "-".to_owned(), |t| format!("{t:.1} s"));
+        eprintln!(
+            "{:<7} {:<17} {:<22} {:<8} {:>9}",
+            k.series, k.release, what, result, time
+        );
+    };
     eprintln!();
     eprintln!(
-        "{:<8} {:<26} {:<20} {:<8} {:>9}",
+        "{:<7} {:<17} {:<22} {:<8} {:>9}",
         "kernel", "release", "test", "result", "time"
     );
     for r in reports {
-        let b = &r.boot;
-        let k = &r.kernel;
+        let (k, b) = (&r.kernel, &r.boot);
+        let boot = b.booted.map(|d| d.as_secs_f64());
+        row(
+            k,
+            "(boot to /init)",
+            if boot.is_some() { "ok" } else { "FAIL" },
+            boot,
+        );
         for name in wanted {
-            match b.results.iter().find(|t| t.test == *name) {
-                Some(t) => {
-                    eprintln!(
-                        "{:<8} {:<26} {:<20} {:<8} {:>7.1} s",
-                        k.series, k.release, t.test, t.outcome, t.secs
-                    );
-                    if t.outcome != qemu::Outcome::Pass {
-                        problems.push(format!(
-                            "{}: {} {} (exit code {}){}",
-                            k.series,
-                            t.test,
-                            t.outcome,
-                            t.exit_code,
-                            failed_cases(&t.failed)
-                        ));
-                    }
-                }
-                None => {
-                    eprintln!(
-                        "{:<8} {:<26} {:<20} {:<8} {:>9}",
-                        k.series, k.release, name, "MISSING", "-"
-                    );
-                }
+            if r.skipped.iter().any(|s| s == name) {
+                row(k, name, "SKIP", None);
+                continue;
+            }
+            let Some(t) = b.results.iter().find(|t| t.test == *name) else {
+                row(k, name, "MISSING", None);
+                continue;
+            };
+            row(k, name, &t.outcome.to_string(), Some(t.secs));
+            if t.outcome != qemu::Outcome::Pass {
+                problems.push(format!(
+                    "{}: {} {} (exit code {}){}",
+                    k.series,
+                    t.test,
+                    t.outcome,
+                    t.exit_code,
+                    failed_cases(&t.failed)
+                ));
             }
         }
-        eprintln!(
-            "{:<8} {:<26} {:<20} {:<8} {:>9}",
-            k.series,
-            k.release,
-            "(whole VM)",
-            if b.done { "done" } else { "unfinished" },
-            minutes(b.wall)
-        );
+        let finished = if b.done { "ok" } else { "FAIL" };
+        row(k, "(whole VM)", finished, Some(b.wall.as_secs_f64()));
         problems.extend(vm_problems(r, wanted));
     }
     eprintln!();
@@ -294,7 +347,7 @@ fn summarize(reports: &[Report], wanted: &[&str]) -> anyhow::Result<()> {
 fn vm_problems(r: &Report, wanted: &[&str]) -> Vec<String> {
     let (k, b, log) = (&r.kernel, &r.boot, r.log.display());
     let mut problems = Vec::new();
-    if !b.booted {
+    if b.booted.is_none() {
         let qemu = if b.qemu_stderr.is_empty() {
             String::new()
         } else {
@@ -317,7 +370,7 @@ fn vm_problems(r: &Report, wanted: &[&str]) -> Vec<String> {
             k.series,
             minutes(b.wall)
         ));
-    } else if b.booted && !b.done {
+    } else if b.booted.is_some() && !b.done {
         problems.push(format!(
             "{}: /init stopped before the end (see {log})",
             k.series
@@ -326,9 +379,9 @@ fn vm_problems(r: &Report, wanted: &[&str]) -> Vec<String> {
     let missing: Vec<&str> = wanted
         .iter()
         .copied()
-        .filter(|n| !b.results.iter().any(|t| t.test == *n))
+        .filter(|n| !b.results.iter().any(|t| t.test == *n) && !r.skipped.iter().any(|s| s == n))
         .collect();
-    if b.booted && !missing.is_empty() {
+    if b.booted.is_some() && !missing.is_empty() {
         problems.push(format!(
             "{}: no result for {} (see {log})",
             k.series,
