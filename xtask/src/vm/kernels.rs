@@ -217,12 +217,9 @@ impl Apt {
     }
 
     fn update(&self) -> anyhow::Result<()> {
-        let out = output(self.command("apt-get").arg("update"))?;
-        // apt-get update exits 0 even when a source failed; it says so with W:/E: lines.
-        if let Some(err) = out.lines().find(|l| l.starts_with("E:")) {
-            bail!("apt-get update: {err}");
-        }
-        Ok(())
+        // Without --error-on=any, apt-get update exits 0 when a source could not be fetched,
+        // and the kernel would silently come from stale lists.
+        run_checked(self.command("apt-get").args(["update", "--error-on=any"]))
     }
 
     /// The image package the metapackage depends on, e.g. `linux-image-6.1.0-41-amd64`.
