@@ -60,6 +60,10 @@ if [ "$setup_ok" = 1 ]; then
             result=FAIL
         fi
         echo "EDGEPLANE-VM: $t $result $rc $secs"
+        # A test killed by the timeout leaves its agents and namespaces behind (no destructors
+        # ran): start the next executable from a clean system. -1 spares PID 1, this shell.
+        kill -KILL -1 2>/dev/null
+        ip -all netns delete 2>/dev/null
     done
 fi
 

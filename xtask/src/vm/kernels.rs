@@ -60,8 +60,10 @@ pub fn fetch(series: &'static Series, cache: &Path, refresh: bool) -> anyhow::Re
     let dir = cache.join("kernels").join(series.suite);
     let stamp = dir.join("package");
     let root = dir.join("root");
-    if !refresh && let Ok(package) = fs::read_to_string(&stamp) {
-        let kernel = describe(series, package.trim().to_owned(), &root)?;
+    if !refresh
+        && let Ok(package) = fs::read_to_string(&stamp)
+        && let Ok(kernel) = describe(series, package.trim().to_owned(), &root)
+    {
         step(format_args!(
             "kernel {}: {} (cached)",
             series.name, kernel.package
@@ -85,9 +87,11 @@ pub fn fetch(series: &'static Series, cache: &Path, refresh: bool) -> anyhow::Re
             series.name
         );
     }
-    if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == package) && root.is_dir() {
+    if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == package)
+        && let Ok(kernel) = describe(series, package.clone(), &root)
+    {
         step(format_args!("kernel {}: {package} is current", series.name));
-        return describe(series, package, &root);
+        return Ok(kernel);
     }
 
     step(format_args!(
@@ -124,11 +128,7 @@ fn describe(series: &'static Series, package: String, root: &Path) -> anyhow::Re
     let modules = root.join("lib/modules").join(&release);
     for p in [&vmlinuz, &modules.join("modules.dep")] {
         if !p.exists() {
-            bail!(
-                "{} is missing: remove {} and run again",
-                p.display(),
-                root.display()
-            );
+            bail!("{package}: no {}", p.display());
         }
     }
     Ok(Kernel {
