@@ -37,9 +37,10 @@ must ip link set lo up
 echo "EDGEPLANE-VM-BOOTED $(uname -r)"
 
 # Centiseconds since boot, for the per-test time (busybox date has no sub-second format).
+# /proc/uptime has two decimals; "1" in front keeps a fraction like "09" from reading as octal.
 now_cs() {
     read -r up _ </proc/uptime
-    echo "${up%.*}${up#*.}"
+    echo "$((${up%.*} * 100 + 1${up#*.} - 100))"
 }
 
 if [ "$setup_ok" = 1 ]; then

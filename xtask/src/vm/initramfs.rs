@@ -46,7 +46,7 @@ const TESTS_DIR: &str = "opt/edgeplane/tests";
 const CONFIG_PATH: &str = "etc/edgeplane-vm.conf";
 const INIT: &str = include_str!("init.sh");
 
-/// What the VM runs, the same for every kernel.
+/// What a VM runs.
 pub struct Payload<'a> {
     pub agent: &'a Path,
     /// Test executables by the name /init runs them as.

@@ -9,7 +9,7 @@ use std::{
     fs::File,
     io::{BufRead as _, BufReader, Read, Write as _},
     path::Path,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -99,14 +99,15 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+    let mut child = KillOnDrop(
+        cmd.spawn()
+            .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?,
+    );
     let mut log = File::create(s.log).with_context(|| format!("creating {}", s.log.display()))?;
 
     let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().expect("piped");
-    let stderr = child.stderr.take().expect("piped");
+    let stdout = child.0.stdout.take().expect("piped");
+    let stderr = child.0.stderr.take().expect("piped");
     let readers = [
         forward_lines(stdout, Stream::Console, tx.clone()),
         forward_lines(stderr, Stream::Qemu, tx),
@@ -132,7 +133,7 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 boot.timed_out = true;
                 progress(kernel, start, "timed out: killing qemu");
-                child.kill().context("killing qemu")?;
+                child.0.kill().context("killing qemu")?;
                 break;
             }
         };
@@ -165,13 +166,25 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
             progress(kernel, start, &line);
         }
     }
-    child.wait().context("waiting for qemu")?;
+    child.0.wait().context("waiting for qemu")?;
     for r in readers {
         // A reader ends when its pipe closes, which qemu's exit (or kill) does.
         let _ = r.join();
     }
     boot.wall = start.elapsed();
     Ok(boot)
+}
+
+/// Ends qemu when the harness fails half-way (say, the log can't be written): a VM left
+/// running would hold two cores.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // After a normal exit both are no-ops.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
