@@ -4,6 +4,7 @@ mod demo;
 mod setup;
 mod test;
 mod toolchain;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -20,8 +21,10 @@ enum Command {
     Setup(setup::Options),
     /// Build everything, forward real traffic across a throwaway netns topology, print metrics.
     Demo(demo::Options),
-    /// Set up, build, and run every test (unit, eBPF program, end-to-end).
+    /// Set up, build, and run every test (unit, eBPF program, end-to-end), then the VM tests.
     Test(test::Options),
+    /// Run the kernel tests inside qemu on each supported Debian kernel (5.10, 6.1).
+    VmTest(vm::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +32,6 @@ fn main() -> anyhow::Result<()> {
         Command::Setup(opts) => setup::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::Test(opts) => test::run(&opts),
+        Command::VmTest(opts) => vm::run(&opts),
     }
 }

@@ -15,6 +15,17 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "veth offload settings in tests"),
     ("iputils-ping", "neighbour resolution in tests"),
     ("prometheus", "promtool check metrics in tests"),
+    (
+        "can-utils",
+        "cansend, candump, cangw in the CAN tests (VM only)",
+    ),
+    (
+        "qemu-system-x86",
+        "the VM tests on Debian's 5.10 and 6.1 kernels",
+    ),
+    ("busybox-static", "the VM tests' initramfs userland"),
+    ("kmod", "depmod: modules.dep of the VM tests' kernels"),
+    ("xz-utils", "decompressing .ko.xz modules for the VM tests"),
 ];
 
 #[derive(clap::Args, Default)]

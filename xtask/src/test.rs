@@ -5,12 +5,16 @@ use std::process::Command;
 use crate::{
     setup,
     toolchain::{self, require_root, run_checked, step},
+    vm,
 };
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Only run tests whose name contains this (passed to `cargo test`).
+    /// Only run tests whose name contains this (passed to `cargo test` and to the VM tests).
     filter: Option<String>,
+    /// Skip the tests in qemu on Debian's kernels (`cargo xtask vm-test`), for quick local runs.
+    #[arg(long)]
+    no_vm: bool,
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -31,5 +35,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if let Some(f) = &opts.filter {
         test.arg(f);
     }
-    run_checked(&mut test)
+    run_checked(&mut test)?;
+    if opts.no_vm {
+        step("VM tests skipped (--no-vm)");
+        return Ok(());
+    }
+    step("the kernel tests in qemu on each supported kernel");
+    vm::run_after_setup(&vm::Options::all(opts.filter.clone()))
 }

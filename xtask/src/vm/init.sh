@@ -1,0 +1,72 @@
+#!/bin/sh
+# /init of the VM tests' initramfs, run by busybox sh as PID 1: prepare the system the tests
+# expect, run each test executable, print one result line per executable on the serial console,
+# power off. `cargo xtask vm-test` writes the settings below into /etc/edgeplane-vm.conf:
+#   MODULES        kernel modules to insmod, dependencies first
+#   TESTS          test executables in /opt/edgeplane/tests to run, in order
+#   FILTER         libtest name filter, may be empty
+#   TEST_TIMEOUT   seconds each test executable may take
+# The harness parses the lines starting with EDGEPLANE-VM; everything else is for humans.
+
+export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
+export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
+export EDGEPLANE_BIN=/opt/edgeplane/bin/edgeplane
+. /etc/edgeplane-vm.conf
+
+setup_ok=1
+must() {
+    "$@" || { echo "EDGEPLANE-VM-SETUP: FAIL $*"; setup_ok=0; }
+}
+
+must mount -t proc proc /proc
+must mount -t sysfs sysfs /sys
+must mount -t devtmpfs devtmpfs /dev
+# ip netns keeps its namespace handles under /run/netns; tests write configs and logs to /tmp.
+must mount -t tmpfs tmpfs /run
+must mount -t tmpfs tmpfs /tmp
+must mount -t bpf bpf /sys/fs/bpf
+must mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# Only for debugging a failure by hand (trace_pipe); not every kernel config has it.
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+
+for m in $MODULES; do
+    must insmod "$m"
+done
+must ip link set lo up
+
+echo "EDGEPLANE-VM-BOOTED $(uname -r)"
+
+# Centiseconds since boot, for the per-test time (busybox date has no sub-second format).
+# /proc/uptime has two decimals; "1" in front keeps a fraction like "09" from reading as octal.
+now_cs() {
+    read -r up _ </proc/uptime
+    echo "$((${up%.*} * 100 + 1${up#*.} - 100))"
+}
+
+if [ "$setup_ok" = 1 ]; then
+    for t in $TESTS; do
+        echo "EDGEPLANE-VM-START: $t"
+        start=$(now_cs)
+        # One test at a time: under emulation parallel tests only compete for the two vCPUs,
+        # and the end-to-end tests' timing assumptions get tighter.
+        timeout "$TEST_TIMEOUT" "/opt/edgeplane/tests/$t" --test-threads=1 ${FILTER:+"$FILTER"}
+        rc=$?
+        cs=$(($(now_cs) - start))
+        secs="$((cs / 100)).$((cs / 10 % 10))"
+        if [ "$rc" = 0 ]; then
+            result=PASS
+        elif [ "$((cs / 100))" -ge "$TEST_TIMEOUT" ]; then
+            result=TIMEOUT
+        else
+            result=FAIL
+        fi
+        echo "EDGEPLANE-VM: $t $result $rc $secs"
+        # A test killed by the timeout leaves its agents and namespaces behind (no destructors
+        # ran): start the next executable from a clean system. -1 spares PID 1, this shell.
+        kill -KILL -1 2>/dev/null
+        ip -all netns delete 2>/dev/null
+    done
+fi
+
+echo "EDGEPLANE-VM-DONE"
+poweroff -f

@@ -1,0 +1,252 @@
+//! The initramfs a VM boots: busybox, the kernel modules the tests need, the host tools they
+//! call with their shared libraries, the agent and the test executables, and /init.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    env, fs,
+    io::{BufWriter, Write as _},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{cpio::Archive, kernels::Kernel};
+use crate::toolchain::output;
+
+/// Kernel modules loaded at boot, with their dependencies. Where a kernel has one built in
+/// (modules.builtin), it is skipped.
+pub const MODULES: &[&str] = &[
+    "veth",        // the test topologies' links
+    "sch_ingress", // the clsact qdisc the tc programs attach to
+    "cls_bpf",     // tc filters that run eBPF programs
+    "can",         // AF_CAN
+    "can-raw",     // raw CAN sockets (cansend, candump)
+    "can-gw",      // the kernel's CAN gateway (cangw)
+    "can-dev",     // CAN device infrastructure
+    "vcan",        // virtual CAN interfaces
+    "vxcan",       // virtual CAN tunnels between namespaces
+];
+
+/// Host programs the tests run, found on the host's PATH (and the sbin directories).
+const HOST_TOOLS: &[&str] = &[
+    "ip",       // iproute2: namespaces, links, addresses, routes
+    "tc",       // iproute2: qdiscs and filters
+    "ethtool",  // veth offloads
+    "ping",     // iputils: neighbour resolution, with -6
+    "promtool", // prometheus: checks the metrics format
+    "cansend",  // can-utils
+    "candump",  // can-utils
+    "cangw",    // can-utils
+];
+
+/// Where the project's binaries go in the guest; /init knows these paths.
+const AGENT_PATH: &str = "opt/edgeplane/bin/edgeplane";
+const TESTS_DIR: &str = "opt/edgeplane/tests";
+const CONFIG_PATH: &str = "etc/edgeplane-vm.conf";
+const INIT: &str = include_str!("init.sh");
+
+/// What a VM runs.
+pub struct Payload<'a> {
+    pub agent: &'a Path,
+    /// Test executables by the name /init runs them as.
+    pub tests: &'a [(String, PathBuf)],
+    pub filter: Option<&'a str>,
+    pub test_timeout_secs: u64,
+}
+
+/// Writes the initramfs for `kernel` to `out` (an uncompressed cpio: see [`super::qemu`]) and
+/// returns the size of the files in it.
+pub fn build(kernel: &Kernel, payload: &Payload, out: &Path) -> anyhow::Result<u64> {
+    let mut archive = Archive::default();
+    for dir in ["proc", "sys", "dev", "run", "tmp", "root"] {
+        archive.dir(dir)?;
+    }
+    archive.symlink("var/run", "/run")?;
+    archive.bytes("init", INIT, 0o755)?;
+
+    let busybox = find_program("busybox")?;
+    add_binary(&mut archive, "bin/busybox", &busybox)?;
+    for applet in output(Command::new(&busybox).arg("--list-full"))?.lines() {
+        // The real tools take precedence: busybox's ip, tc and ping lack options the tests use.
+        let name = applet.rsplit('/').next().unwrap_or(applet);
+        if applet != "bin/busybox" && !HOST_TOOLS.contains(&name) {
+            archive.symlink(applet, "/bin/busybox")?;
+        }
+    }
+    for tool in HOST_TOOLS {
+        add_binary(
+            &mut archive,
+            &format!("usr/local/bin/{tool}"),
+            &find_program(tool)?,
+        )?;
+    }
+    add_binary(&mut archive, AGENT_PATH, payload.agent)?;
+    for (name, path) in payload.tests {
+        add_binary(&mut archive, &format!("{TESTS_DIR}/{name}"), path)?;
+    }
+
+    let mut modules = Vec::new();
+    for rel in load_order(&kernel.modules, MODULES)? {
+        let (guest, data) = module_contents(&kernel.modules, &rel)?;
+        let guest = format!("lib/modules/{}/{guest}", kernel.release);
+        archive.bytes(&guest, data, 0o644)?;
+        modules.push(format!("/{guest}"));
+    }
+
+    let tests: Vec<&str> = payload.tests.iter().map(|(n, _)| n.as_str()).collect();
+    let config = format!(
+        "MODULES={}\nTESTS={}\nFILTER={}\nTEST_TIMEOUT={}\n",
+        sh_quote(&modules.join(" ")),
+        sh_quote(&tests.join(" ")),
+        sh_quote(payload.filter.unwrap_or_default()),
+        payload.test_timeout_secs,
+    );
+    archive.bytes(CONFIG_PATH, config, 0o644)?;
+
+    let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut w = BufWriter::new(file);
+    let size = archive.write(&mut w)?;
+    w.flush()
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(size)
+}
+
+/// `path` in the guest, plus the shared libraries and dynamic loader it needs at the paths ldd
+/// finds them on the host (the guest's loader searches the same multiarch directories).
+fn add_binary(archive: &mut Archive, path: &str, host: &Path) -> anyhow::Result<()> {
+    archive.host_file(path, host, 0o755)?;
+    for lib in shared_libraries(host)? {
+        let guest = lib.to_str().context("non-UTF-8 library path")?;
+        archive.host_file(guest, &lib, 0o755)?;
+    }
+    Ok(())
+}
+
+fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("running ldd")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        // Static executables are fine: ldd says so and exits 1.
+        let all = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        if all.contains("not a dynamic executable") {
+            return Ok(Vec::new());
+        }
+        bail!("ldd {}: {all}", binary.display());
+    }
+    let mut libs = Vec::new();
+    for line in stdout.lines().map(str::trim) {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)", "/lib64/ld-linux-x86-64.so.2
+        // (0x...)", and "linux-vdso.so.1 (0x...)", which the kernel provides.
+        let path = match line.split_once(" => ") {
+            Some((name, rest)) if rest.starts_with("not found") => {
+                bail!("{}: shared library {name} not found", binary.display())
+            }
+            Some((_, rest)) => rest.split(" (").next().unwrap_or(rest),
+            None if line.starts_with('/') => line.split(" (").next().unwrap_or(line),
+            None => continue,
+        };
+        libs.push(PathBuf::from(path));
+    }
+    Ok(libs)
+}
+
+/// Finds a program like the shell would, also in the sbin directories, which a non-login
+/// root shell may lack on its PATH.
+fn find_program(name: &str) -> anyhow::Result<PathBuf> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!("{name} is not installed: run `cargo xtask setup`, which installs it")
+        })
+}
+
+/// The modules' files (relative to the modules directory) with their dependencies, each after
+/// what it depends on, from depmod's modules.dep.
+fn load_order(dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<String>> {
+    let dep_path = dir.join("modules.dep");
+    let dep_text =
+        fs::read_to_string(&dep_path).with_context(|| format!("reading {}", dep_path.display()))?;
+    // file -> its dependencies' files; module name -> file.
+    let mut deps: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut files: BTreeMap<String, &str> = BTreeMap::new();
+    for line in dep_text.lines() {
+        let (file, rest) = line
+            .split_once(':')
+            .with_context(|| format!("{}: bad line {line:?}", dep_path.display()))?;
+        deps.insert(file, rest.split_whitespace().collect());
+        files.insert(module_name(file), file);
+    }
+    let builtin_path = dir.join("modules.builtin");
+    let builtin: BTreeSet<String> = fs::read_to_string(&builtin_path)
+        .with_context(|| format!("reading {}", builtin_path.display()))?
+        .lines()
+        .map(module_name)
+        .collect();
+
+    let mut order = Vec::new();
+    for name in wanted {
+        let key = module_name(name);
+        match files.get(&key) {
+            Some(file) => visit(file, &deps, &mut order),
+            None if builtin.contains(&key) => {}
+            None => bail!("module {name} is neither in modules.dep nor built in"),
+        }
+    }
+    Ok(order)
+}
+
+/// Depth-first, dependencies first; each file once.
+fn visit(file: &str, deps: &BTreeMap<&str, Vec<&str>>, order: &mut Vec<String>) {
+    if order.iter().any(|f| f == file) {
+        return;
+    }
+    for dep in deps.get(file).into_iter().flatten() {
+        visit(dep, deps, order);
+    }
+    order.push(file.to_owned());
+}
+
+/// `kernel/net/can/can-raw.ko.xz` -> `can_raw`: the kernel treats - and _ alike in names.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    stem.replace('-', "_")
+}
+
+/// The module's path in the guest and its contents, decompressed: busybox's insmod reads only
+/// plain ELF, and newer Debian kernels ship modules as .ko.xz.
+fn module_contents(dir: &Path, rel: &str) -> anyhow::Result<(String, Vec<u8>)> {
+    let path = dir.join(rel);
+    if let Some(plain) = rel.strip_suffix(".xz") {
+        let out = Command::new("xz")
+            .arg("-dc")
+            .arg(&path)
+            .output()
+            .context("running xz (Debian package xz-utils)")?;
+        if !out.status.success() {
+            bail!(
+                "xz -dc {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        return Ok((plain.to_owned(), out.stdout));
+    }
+    if !rel.ends_with(".ko") {
+        bail!("{}: unsupported module compression", path.display());
+    }
+    let data = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((rel.to_owned(), data))
+}
+
+/// Single-quotes a value for the shell.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}

@@ -1,0 +1,399 @@
+//! `cargo xtask vm-test`: the kernel tests inside qemu, on each kernel the product supports.
+//!
+//! The host's kernel may be newer than what users run and may lack features (CAN): each VM
+//! boots one of Debian's kernels with an initramfs holding the agent, the test executables and
+//! the tools they call, runs the tests as root, and reports one result line per executable.
+
+mod cpio;
+mod initramfs;
+mod kernels;
+mod qemu;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    setup,
+    toolchain::{output, step, workspace_root},
+};
+
+/// An integration-test executable of the edgeplane-tests package that runs in the VMs.
+pub struct VmTest {
+    /// Its `[[test]]` name.
+    pub name: &'static str,
+    /// The oldest kernel series it can run on and why, when that is newer than the oldest
+    /// kernel the product supports; on older ones it is skipped.
+    pub needs: Option<(&'static str, &'static str)>,
+}
+
+/// The tests that run in the VMs by default: the ones that need a real kernel.
+pub const VM_TESTS: &[VmTest] = &[
+    VmTest {
+        name: "udp_forward_prog",
+        needs: Some((
+            "5.15",
+            "it runs the XDP program by BPF_PROG_TEST_RUN with an xdp_md context \
+             (ingress_ifindex), which the kernel accepts from 5.15 (EINVAL before)",
+        )),
+    },
+    VmTest {
+        name: "udp_forward_e2e",
+        needs: None,
+    },
+];
+
+const DEFAULT_TIMEOUT_SECS: u64 = 20 * 60;
+const DEFAULT_TEST_TIMEOUT_SECS: u64 = 10 * 60;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Kernel series to boot (repeatable). All of them by default.
+    #[arg(
+        long = "kernel",
+        value_name = "SERIES",
+        value_parser = clap::builder::PossibleValuesParser::new(kernels::SERIES.iter().map(|s| s.name)),
+    )]
+    kernels: Vec<String>,
+    /// Test executable to run (repeatable), e.g. udp_forward_e2e. By default every one in
+    /// `vm::VM_TESTS`.
+    #[arg(long = "test", value_name = "NAME")]
+    tests: Vec<String>,
+    /// Only run test functions whose name contains this (libtest's filter).
+    filter: Option<String>,
+    /// Look for newer kernel packages instead of using the cached ones.
+    #[arg(long)]
+    refresh_kernels: bool,
+    /// Seconds one kernel may take from boot to power-off before qemu is killed.
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_SECS)]
+    timeout: u64,
+    /// Seconds one test executable may take inside the VM.
+    #[arg(long, default_value_t = DEFAULT_TEST_TIMEOUT_SECS)]
+    test_timeout: u64,
+    /// Show the whole serial console, not only test progress (it is always in the log).
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+impl Options {
+    /// Every test on every kernel, as `cargo xtask test` runs them.
+    pub fn all(filter: Option<String>) -> Self {
+        Self {
+            kernels: Vec::new(),
+            tests: Vec::new(),
+            filter,
+            refresh_kernels: false,
+            timeout: DEFAULT_TIMEOUT_SECS,
+            test_timeout: DEFAULT_TEST_TIMEOUT_SECS,
+            verbose: false,
+        }
+    }
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    setup::run(&setup::Options::default())?;
+    run_after_setup(opts)
+}
+
+/// [`run`] on a machine `cargo xtask setup` has prepared.
+pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
+    let series = select_series(&opts.kernels);
+    let wanted: Vec<&str> = if opts.tests.is_empty() {
+        VM_TESTS.iter().map(|t| t.name).collect()
+    } else {
+        opts.tests.iter().map(String::as_str).collect()
+    };
+
+    step("building the agent and the test executables (release)");
+    let agent = build_agent()?;
+    let tests = build_tests(&wanted)?;
+
+    let target = target_dir()?;
+    let cache = target.join("vm-cache");
+    let logs = target.join("vm-logs");
+    fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let kvm = std::env::var_os("EDGEPLANE_VM_KVM").is_some_and(|v| v == "1");
+
+    let mut reports = Vec::new();
+    for s in series {
+        let kernel = kernels::fetch(s, &cache, opts.refresh_kernels)?;
+        let (runnable, skipped): (Vec<_>, Vec<_>) = tests
+            .iter()
+            .cloned()
+            .partition(|(name, _)| too_old_for(s.name, name).is_none());
+        let skipped: Vec<String> = skipped.into_iter().map(|(name, _)| name).collect();
+        for name in &skipped {
+            let (min, why) = too_old_for(s.name, name).expect("partitioned on it");
+            step(format_args!(
+                "kernel {}: skipping {name}, which needs {min}+: {why}",
+                s.name
+            ));
+        }
+        let payload = initramfs::Payload {
+            agent: &agent,
+            tests: &runnable,
+            filter: opts.filter.as_deref(),
+            test_timeout_secs: opts.test_timeout,
+        };
+        let initrd = cache.join(format!("initramfs-{}.cpio", s.name));
+        let size = initramfs::build(&kernel, &payload, &initrd)?;
+        let log = logs.join(format!("{}.log", s.name));
+        step(format_args!(
+            "kernel {}: booting {} ({} MB initramfs, {}), console log {}",
+            s.name,
+            kernel.release,
+            size >> 20,
+            if kvm { "KVM" } else { "TCG" },
+            log.display()
+        ));
+        let boot = qemu::boot(
+            &kernel,
+            &qemu::Settings {
+                initrd: &initrd,
+                log: &log,
+                timeout: Duration::from_secs(opts.timeout),
+                kvm,
+                verbose: opts.verbose,
+            },
+        )?;
+        step(format_args!(
+            "kernel {}: finished in {}",
+            s.name,
+            minutes(boot.wall)
+        ));
+        reports.push(Report {
+            kernel,
+            log,
+            boot,
+            skipped,
+        });
+    }
+    summarize(&reports, &wanted)
+}
+
+/// The minimum series and the reason, when `test` can't run on `series`.
+fn too_old_for(series: &str, test: &str) -> Option<(&'static str, &'static str)> {
+    let (min, why) = VM_TESTS.iter().find(|t| t.name == test)?.needs?;
+    (version(series) < version(min)).then_some((min, why))
+}
+
+/// "5.10" -> [5, 10], so that 5.10 < 5.15 < 6.1.
+fn version(series: &str) -> Vec<u32> {
+    series.split('.').filter_map(|p| p.parse().ok()).collect()
+}
+
+/// The series named on the command line (clap checked the names), or all of them.
+fn select_series(names: &[String]) -> Vec<&'static kernels::Series> {
+    kernels::SERIES
+        .iter()
+        .filter(|s| names.is_empty() || names.iter().any(|n| n == s.name))
+        .collect()
+}
+
+/// `cargo build --release -p edgeplane`, returning the agent's path as cargo reports it.
+fn build_agent() -> anyhow::Result<PathBuf> {
+    let artifacts = cargo_artifacts(&["build", "--release", "-p", "edgeplane"], "bin")?;
+    artifacts
+        .get("edgeplane")
+        .cloned()
+        .context("cargo built no edgeplane binary")
+}
+
+/// Builds the integration tests and returns the executables of `wanted`, by name.
+fn build_tests(wanted: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let artifacts = cargo_artifacts(
+        &["test", "--release", "--no-run", "-p", "edgeplane-tests"],
+        "test",
+    )?;
+    wanted
+        .iter()
+        .map(|name| match artifacts.get(*name) {
+            Some(path) => Ok((name.to_string(), path.clone())),
+            None => {
+                let known: Vec<_> = artifacts.keys().map(String::as_str).collect();
+                bail!(
+                    "no test executable {name} in edgeplane-tests: choose from {}",
+                    known.join(", ")
+                )
+            }
+        })
+        .collect()
+}
+
+/// Runs cargo with JSON messages and returns the executables of the targets of `kind`.
+fn cargo_artifacts(args: &[&str], kind: &str) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .args(args)
+        // Diagnostics still reach the terminal rendered; only the artifacts come as JSON.
+        .arg("--message-format=json-render-diagnostics")
+        .stderr(Stdio::inherit());
+    let out = output(&mut cmd)?;
+    let mut found = BTreeMap::new();
+    for line in out.lines() {
+        let msg: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("cargo printed {line:?}"))?;
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let target = &msg["target"];
+        let is_kind = target["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == kind));
+        if let (true, Some(name), Some(exe)) =
+            (is_kind, target["name"].as_str(), msg["executable"].as_str())
+        {
+            found.insert(name.to_owned(), PathBuf::from(exe));
+        }
+    }
+    Ok(found)
+}
+
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let out = output(Command::new("cargo").current_dir(workspace_root()).args([
+        "metadata",
+        "--no-deps",
+        "--format-version",
+        "1",
+    ]))?;
+    let meta: serde_json::Value = serde_json::from_str(&out).context("parsing cargo metadata")?;
+    meta["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata has no target_directory")
+}
+
+struct Report {
+    kernel: kernels::Kernel,
+    log: PathBuf,
+    boot: qemu::Boot,
+    /// Tests this kernel is too old for.
+    skipped: Vec<String>,
+}
+
+/// Prints one row per kernel and test, then every problem; fails if there was one.
+fn summarize(reports: &[Report], wanted: &[&str]) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    let row = |k: &kernels::Kernel, what: &str, result: &str, time: Option<f64>| {
+        let time = time.map_or_else(|| "-".to_owned(), |t| format!("{t:.1} s"));
+        eprintln!(
+            "{:<7} {:<17} {:<22} {:<8} {:>9}",
+            k.series, k.release, what, result, time
+        );
+    };
+    eprintln!();
+    eprintln!(
+        "{:<7} {:<17} {:<22} {:<8} {:>9}",
+        "kernel", "release", "test", "result", "time"
+    );
+    for r in reports {
+        let (k, b) = (&r.kernel, &r.boot);
+        let boot = b.booted.map(|d| d.as_secs_f64());
+        row(
+            k,
+            "(boot to /init)",
+            if boot.is_some() { "ok" } else { "FAIL" },
+            boot,
+        );
+        for name in wanted {
+            if r.skipped.iter().any(|s| s == name) {
+                row(k, name, "SKIP", None);
+                continue;
+            }
+            let Some(t) = b.results.iter().find(|t| t.test == *name) else {
+                row(k, name, "MISSING", None);
+                continue;
+            };
+            row(k, name, &t.outcome.to_string(), Some(t.secs));
+            if t.outcome != qemu::Outcome::Pass {
+                problems.push(format!(
+                    "{}: {} {} (exit code {}){}",
+                    k.series,
+                    t.test,
+                    t.outcome,
+                    t.exit_code,
+                    failed_cases(&t.failed)
+                ));
+            }
+        }
+        let finished = if b.done { "ok" } else { "FAIL" };
+        row(k, "(whole VM)", finished, Some(b.wall.as_secs_f64()));
+        problems.extend(vm_problems(r, wanted));
+    }
+    eprintln!();
+    if problems.is_empty() {
+        step("VM tests passed on every kernel");
+        return Ok(());
+    }
+    for p in &problems {
+        eprintln!("  - {p}");
+    }
+    bail!("{} problem(s) in the VM tests", problems.len())
+}
+
+/// What went wrong with a VM as a whole: no boot, set-up failures, timeouts, missing results.
+fn vm_problems(r: &Report, wanted: &[&str]) -> Vec<String> {
+    let (k, b, log) = (&r.kernel, &r.boot, r.log.display());
+    let mut problems = Vec::new();
+    if b.booted.is_none() {
+        let qemu = if b.qemu_stderr.is_empty() {
+            String::new()
+        } else {
+            format!("; qemu said:\n{}", b.qemu_stderr.trim_end())
+        };
+        problems.push(format!(
+            "{}: {} did not start /init (see {log}){qemu}",
+            k.series, k.package
+        ));
+    }
+    for f in &b.setup_failures {
+        problems.push(format!(
+            "{}: set-up command failed: {f} (see {log})",
+            k.series
+        ));
+    }
+    if b.timed_out {
+        problems.push(format!(
+            "{}: killed after {}; the console up to then is in {log}",
+            k.series,
+            minutes(b.wall)
+        ));
+    } else if b.booted.is_some() && !b.done {
+        problems.push(format!(
+            "{}: /init stopped before the end (see {log})",
+            k.series
+        ));
+    }
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|n| !b.results.iter().any(|t| t.test == *n) && !r.skipped.iter().any(|s| s == n))
+        .collect();
+    if b.booted.is_some() && !missing.is_empty() {
+        problems.push(format!(
+            "{}: no result for {} (see {log})",
+            k.series,
+            missing.join(", ")
+        ));
+    }
+    problems
+}
+
+fn failed_cases(failed: &[String]) -> String {
+    if failed.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", failed.join(", "))
+    }
+}
+
+fn minutes(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}m{:02}s", s / 60, s % 60)
+}
