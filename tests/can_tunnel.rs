@@ -132,6 +132,11 @@ fn frames_cross_both_ways_and_do_not_echo() {
         start.elapsed().as_secs_f64()
     );
 
+    // Opened now: a socket on a1 also receives what a_tx sent there (CAN's local loopback).
+    let (b_tx, a_rx) = (
+        Bus::open(&h.b, "b1").unwrap(),
+        Bus::open(&h.a, "a1").unwrap(),
+    );
     let back = frames(300);
     std::thread::scope(|s| {
         let reader = s.spawn(|| a_rx.collect(QUIET, LIMIT));

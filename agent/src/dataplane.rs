@@ -116,13 +116,7 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads every program (so a verifier rejection shows at start) and takes the maps.
     pub fn load() -> anyhow::Result<Self> {
-        let mut ebpf = loader::load(&[
-            XDP_PROGRAM,
-            TC_PROGRAM,
-            can::PROGRAM,
-            can::ACT_PROGRAM,
-            XDP_PASS_PROGRAM,
-        ])?;
+        let mut ebpf = loader::load(&[XDP_PROGRAM, TC_PROGRAM, can::PROGRAM, XDP_PASS_PROGRAM])?;
         forward_kernel_logs(&mut ebpf);
         let udp = UdpForwarder::new(&mut ebpf)?;
         let mut can = CanRouter::new(&mut ebpf)?;
@@ -151,6 +145,7 @@ impl Dataplane {
             }),
             Box::new(CanCollector {
                 rules: self.can.rule_stats(),
+                gateway: self.can.gateway(),
                 ingress: self.can.ingress_stats(),
                 watch: self.can.watch_map(),
                 view: Arc::clone(&self.views.can),

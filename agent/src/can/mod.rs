@@ -1,6 +1,7 @@
 //! The CAN data plane's userspace side: compile routes and watches, install them, export their
 //! counters and cycle times, and run the UDP tunnel.
 
+pub mod gateway;
 pub mod router;
 pub mod rules;
 pub mod stats;

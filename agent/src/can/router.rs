@@ -14,17 +14,20 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
-    programs::SchedClassifier,
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
 };
 use edgeplane_common::can::{
-    ACT_MAP, ACT_PROGRAM, CRC8_MAP, CanIngress, CanIngressStats, CanRuleStats, CanWatch,
-    CanWatchKey, INGRESS_MAP, INGRESS_STATS_MAP, MAX_INGRESS, MAX_RULES, MAX_RULES_PER_IFACE,
-    PROGRAM, RULE_STATS_MAP, RULES_MAP, TUNNEL_RING, TUNNEL_SOCKETS_MAP, WATCH_MAP,
+    CanIngress, CanIngressStats, CanRuleStats, CanWatch, CanWatchKey, INGRESS_MAP,
+    INGRESS_STATS_MAP, MAX_INGRESS, MAX_RULES, MAX_RULES_PER_IFACE, PROGRAM, RULE_STATS_MAP,
+    RULES_MAP, TUNNEL_RING, TUNNEL_SOCKETS_MAP, WATCH_MAP,
 };
 use tracing::{info, warn};
 
-use super::{id_label, rules::CompiledRoute};
+use super::{
+    gateway::{CGW_FLAGS_CAN_FD, Gateway, GatewayError, Job, JobCounters, UID_PREFIX},
+    id_label,
+    rules::CompiledRoute,
+};
 use crate::{
     attach::{self, AttachError, Attachment, Hook},
     loader::LoadError,
@@ -38,10 +41,15 @@ pub type WatchMap = Arc<Mutex<BpfHashMap<MapData, CanWatchKey, CanWatch>>>;
 /// Cookies of the tunnel's CAN sockets; see `TUNNEL_SOCKETS_MAP`.
 pub type TunnelSockets = BpfHashMap<MapData, u64, u8>;
 
+/// The can-gw netlink socket and the running totals of our jobs' counters.
+pub type SharedGateway = Arc<Mutex<GatewayState>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CanRouterError {
     #[error(transparent)]
     Attach(#[from] AttachError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
     #[error("updating map {map} failed: {source}")]
     Map {
         map: &'static str,
@@ -74,6 +82,73 @@ pub struct RouteInfo {
     pub name: String,
     pub slot: u32,
     pub ingress: String,
+    /// can-gw jobs routing for this route (user ids).
+    pub jobs: Vec<u32>,
+    /// Counters of this route's earlier jobs, replaced when the route changed.
+    pub carried: GwTotals,
+}
+
+/// Totals of can-gw's per-job counters, made monotonic across u32 wraps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GwTotals {
+    pub handled: u64,
+    pub dropped: u64,
+    pub deleted: u64,
+}
+
+impl std::ops::AddAssign for GwTotals {
+    fn add_assign(&mut self, o: Self) {
+        self.handled += o.handled;
+        self.dropped += o.dropped;
+        self.deleted += o.deleted;
+    }
+}
+
+/// can-gw access shared by the router (which adds and removes jobs) and the metrics collector
+/// (which reads counters): one netlink socket, and wrap tracking per job.
+pub struct GatewayState {
+    gw: Option<Gateway>,
+    /// Last raw counters and the totals they give, per job user id.
+    seen: HashMap<u32, (JobCounters, GwTotals)>,
+}
+
+impl GatewayState {
+    /// Current totals of our jobs. A raw counter below its last value wrapped.
+    pub fn totals(&mut self) -> Result<HashMap<u32, GwTotals>, GatewayError> {
+        let Some(gw) = self.gw.as_mut() else {
+            return Ok(HashMap::new());
+        };
+        let mut out = HashMap::new();
+        for (c, _) in gw
+            .dump()?
+            .into_iter()
+            .filter(|(c, _)| c.uid & 0xff00_0000 == UID_PREFIX)
+        {
+            let (last, mut total) = self.seen.get(&c.uid).copied().unwrap_or_default();
+            let step = |now: u32, before: u32| u64::from(now.wrapping_sub(before));
+            total.handled += step(c.handled, last.handled);
+            total.dropped += step(c.dropped, last.dropped);
+            total.deleted += step(c.deleted, last.deleted);
+            self.seen.insert(c.uid, (c, total));
+            out.insert(c.uid, total);
+        }
+        Ok(out)
+    }
+
+    fn gw(&mut self) -> Result<&mut Gateway, GatewayError> {
+        if self.gw.is_none() {
+            self.gw = Some(Gateway::open()?);
+        }
+        Ok(self.gw.as_mut().expect("opened above"))
+    }
+
+    /// Removes a job and returns its final totals.
+    fn remove(&mut self, job: &Job) -> Result<GwTotals, GatewayError> {
+        let totals = self.totals()?.get(&job.uid).copied().unwrap_or_default();
+        self.gw()?.remove(job)?;
+        self.seen.remove(&job.uid);
+        Ok(totals)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -94,14 +169,15 @@ pub struct WantedWatch {
 
 pub struct CanRouter {
     rules: Array<MapData, edgeplane_common::can::CanRule>,
-    crc8: Array<MapData, [u8; 256]>,
     ingress_map: BpfHashMap<MapData, u32, CanIngress>,
     rule_stats: RuleStats,
     ingress_stats: IngressStats,
     watch: WatchMap,
     tunnel_ring: Option<(RingBuf<MapData>, TunnelSockets)>,
-    /// Holds `can_route_act` for the tail calls; its entries live as long as this handle.
-    _act: ProgramArray<MapData>,
+    gateway: SharedGateway,
+    /// Our can-gw jobs, per route name.
+    installed_jobs: HashMap<String, Vec<Job>>,
+    carried: HashMap<String, GwTotals>,
     rule_slots: Slots,
     ingress_slots: Slots,
     installed_ingress: HashMap<u32, CanIngress>,
@@ -114,27 +190,21 @@ pub struct CanRouter {
 
 impl CanRouter {
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
-        let mut act: ProgramArray<MapData> = maps::take(ebpf, ACT_MAP)?;
-        let prog: &SchedClassifier = ebpf
-            .program(ACT_PROGRAM)
-            .ok_or(LoadError::MissingProgram(ACT_PROGRAM))?
-            .try_into()
-            .map_err(|e| LoadError::Program {
-                program: ACT_PROGRAM,
-                source: Box::new(e),
-            })?;
-        let fd = prog.fd().map_err(|e| LoadError::Program {
-            program: ACT_PROGRAM,
-            source: Box::new(e),
-        })?;
-        act.set(0, fd, 0).map_err(|source| LoadError::MapType {
-            map: ACT_MAP,
-            source: Box::new(source),
-        })?;
+        // Jobs a previous agent left in can-gw are ours to remove. Without can-gw loaded there
+        // are none, and routes between CAN netdevs are refused when configured.
+        let mut gateway = GatewayState {
+            gw: Gateway::open().ok(),
+            seen: HashMap::new(),
+        };
+        if let Some(gw) = gateway.gw.as_mut() {
+            match gw.remove_stale() {
+                Ok(0) | Err(GatewayError::NotLoaded(_)) => {}
+                Ok(n) => info!(jobs = n, "removed can-gw jobs a previous run left behind"),
+                Err(e) => warn!("can-gw: {e}"),
+            }
+        }
         Ok(Self {
-            _act: act,
             rules: maps::take(ebpf, RULES_MAP)?,
-            crc8: maps::take(ebpf, CRC8_MAP)?,
             ingress_map: maps::take(ebpf, INGRESS_MAP)?,
             rule_stats: Arc::new(Mutex::new(maps::take(ebpf, RULE_STATS_MAP)?)),
             ingress_stats: Arc::new(Mutex::new(maps::take(ebpf, INGRESS_STATS_MAP)?)),
@@ -143,6 +213,9 @@ impl CanRouter {
                 maps::take(ebpf, TUNNEL_RING)?,
                 maps::take(ebpf, TUNNEL_SOCKETS_MAP)?,
             )),
+            gateway: Arc::new(Mutex::new(gateway)),
+            installed_jobs: HashMap::new(),
+            carried: HashMap::new(),
             rule_slots: Slots::new(0, MAX_RULES),
             ingress_slots: Slots::new(0, MAX_INGRESS),
             installed_ingress: HashMap::new(),
@@ -151,6 +224,10 @@ impl CanRouter {
             attachments: BTreeMap::new(),
             view: CanView::default(),
         })
+    }
+
+    pub fn gateway(&self) -> SharedGateway {
+        Arc::clone(&self.gateway)
     }
 
     /// The tunnel's ring buffer and socket set; the tunnel owns them once taken.
@@ -239,19 +316,58 @@ impl CanRouter {
                 r.rule.tunnel = id as u32;
             }
         }
-        let mut slot_of: HashMap<&str, u32> = HashMap::new();
+        let mut slot_of: HashMap<String, u32> = HashMap::new();
         for r in &routes {
             let slot = self.rule_slots.get(&r.name).expect("assigned above");
-            slot_of.insert(&r.name, slot);
+            slot_of.insert(r.name.clone(), slot);
             if self.installed_rules.get(&slot) == Some(r) {
                 continue;
-            }
-            if let Some(table) = &r.crc8_table {
-                self.crc8.set(slot, table, 0).map_err(map_err(CRC8_MAP))?;
             }
             self.rules
                 .set(slot, r.rule, 0)
                 .map_err(map_err(RULES_MAP))?;
+        }
+
+        // 3b. can-gw jobs, with user ids from the slot: unchanged routes keep theirs (and
+        // their counters); a changed route's jobs are replaced, its counters carried over.
+        for r in &mut routes {
+            let slot = slot_of[r.name.as_str()];
+            for job in &mut r.jobs {
+                job.uid = UID_PREFIX | slot << 1 | u32::from(job.flags & CGW_FLAGS_CAN_FD != 0);
+            }
+        }
+        {
+            let mut gw = self.gateway.lock().expect("lock");
+            for r in &routes {
+                let old = self
+                    .installed_jobs
+                    .get(&r.name)
+                    .cloned()
+                    .unwrap_or_default();
+                if old == r.jobs {
+                    continue;
+                }
+                for job in &old {
+                    let t = gw.remove(job)?;
+                    *self.carried.entry(r.name.clone()).or_default() += t;
+                }
+                for job in &r.jobs {
+                    gw.gw()?.add(job)?;
+                }
+                self.installed_jobs.insert(r.name.clone(), r.jobs.clone());
+            }
+            let gone: Vec<String> = self
+                .installed_jobs
+                .keys()
+                .filter(|n| !routes.iter().any(|r| &r.name == *n))
+                .cloned()
+                .collect();
+            for name in gone {
+                for job in self.installed_jobs.remove(&name).unwrap_or_default() {
+                    gw.remove(&job)?;
+                }
+                self.carried.remove(&name);
+            }
         }
 
         // 4. Per-interface rule lists, in config order.
@@ -349,6 +465,8 @@ impl CanRouter {
                     name: r.name.clone(),
                     slot: slot_of[r.name.as_str()],
                     ingress: r.ingress.clone(),
+                    jobs: r.jobs.iter().map(|j| j.uid).collect(),
+                    carried: self.carried.get(&r.name).copied().unwrap_or_default(),
                 })
                 .collect(),
             ingress: self
@@ -378,8 +496,17 @@ impl CanRouter {
         Ok(())
     }
 
-    /// Detaches every program.
+    /// Detaches every program and removes our can-gw jobs.
     pub fn shutdown(&mut self, ebpf: &mut Ebpf) {
+        let mut gw = self.gateway.lock().expect("lock");
+        for (_, jobs) in std::mem::take(&mut self.installed_jobs) {
+            for job in jobs {
+                if let Err(e) = gw.remove(&job) {
+                    warn!("{e}");
+                }
+            }
+        }
+        drop(gw);
         for (_, a) in std::mem::take(&mut self.attachments) {
             info!(iface = a.iface, "detaching can_route");
             if let Err(e) = attach::detach(ebpf, a) {

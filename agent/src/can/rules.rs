@@ -1,13 +1,14 @@
-//! Compiling `[[can.route]]` and `[[can.watch]]` into the kernel's map values.
+//! Compiling `[[can.route]]` and `[[can.watch]]`: kernel map values for the program, and can-gw
+//! jobs for routes between CAN netdevs.
 
 use std::net::SocketAddr;
 
-use edgeplane_common::can::{
-    CanCrc8, CanModify, CanRule, CanWatch, CanWatchKey, CanXor, Ops, action, crc8_profile,
-    rule_flag,
-};
+use edgeplane_common::can::{CanFrame, CanRule, CanWatch, CanWatchKey, action, rule_flag};
 
-use crate::config::{CanAction, CanRoute, CanWatchConfig, Crc8Profile, ModOp};
+use super::gateway::{
+    self, CAN_INV_FILTER, CGW_FLAGS_CAN_ECHO, CGW_FLAGS_CAN_FD, Crc8, Job, Modification, Op,
+};
+use crate::config::{CanAction, CanModifyOp, CanRoute, CanWatchConfig, Crc8Profile, ModOp};
 
 /// A route as the kernel sees it, before it has a slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,13 +16,12 @@ pub struct CompiledRoute {
     pub name: String,
     pub ingress: String,
     pub ingress_ifindex: u32,
-    /// Egress interface name for routes to a CAN netdev.
-    pub egress: Option<String>,
     /// Tunnel peer for routes to UDP; `rule.tunnel` is set when tunnels are numbered.
     pub peer: Option<SocketAddr>,
     pub rule: CanRule,
-    /// The CRC8 lookup table, for rules with a CRC8 checksum.
-    pub crc8_table: Option<[u8; 256]>,
+    /// can-gw jobs for a route to a CAN netdev (classic frames, and CAN FD frames when the
+    /// egress carries them); their `uid` is set from the slot when installed.
+    pub jobs: Vec<Job>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -59,24 +59,67 @@ pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileEr
         },
         hops: r.hops,
         _pad: 0,
-        egress_ifindex: 0,
         tunnel: 0,
-        xor: CanXor::default(),
-        crc8: CanCrc8::default(),
-        modify: modify(r),
     };
-    let (mut egress, mut peer) = (None, None);
+    let (mut peer, mut jobs) = (None, Vec::new());
     match (&r.to, r.action) {
         (_, Some(CanAction::Drop)) => rule.action = action::DROP,
-        (_, Some(CanAction::Count)) | (None, None) => rule.action = action::COUNT,
+        (_, Some(CanAction::Count)) | (None, None) => {}
         (Some(t), None) => {
             if let Some(iface) = &t.iface {
                 rule.action = action::ROUTE;
-                rule.egress_ifindex = ifindex(iface)?;
-                if host.is_fd(iface) {
+                let egress = ifindex(iface)?;
+                let fd = host.is_fd(iface);
+                if fd {
                     rule.flags |= rule_flag::EGRESS_FD;
                 }
-                egress = Some(iface.clone());
+                // can-gw jobs take either classic or CAN FD frames: one of each where the egress
+                // carries both.
+                let kinds: &[bool] = if fd { &[false, true] } else { &[false] };
+                for &fd_job in kinds {
+                    let mut flags = if t.echo { CGW_FLAGS_CAN_ECHO } else { 0 };
+                    if fd_job {
+                        flags |= CGW_FLAGS_CAN_FD;
+                    }
+                    jobs.push(Job {
+                        uid: 0,
+                        src_ifindex: ingress_ifindex,
+                        dst_ifindex: egress,
+                        filter_id: r.filter.id | if r.filter.invert { CAN_INV_FILTER } else { 0 },
+                        filter_mask: r.filter.mask,
+                        flags,
+                        hops: r.hops,
+                        mods: r.modify.iter().map(|m| modification(m, fd_job)).collect(),
+                        xor: r
+                            .checksum
+                            .as_ref()
+                            .and_then(|c| c.xor.as_ref())
+                            .map(|x| [x.from as u8, x.to as u8, x.result as u8, x.init]),
+                        crc8: r.checksum.as_ref().and_then(|c| c.crc8.as_ref()).map(|c| {
+                            let mut profile_data = [0u8; 20];
+                            if let Some(d) = &c.profile_data {
+                                for (p, b) in profile_data.iter_mut().zip(&d.0) {
+                                    *p = *b;
+                                }
+                            }
+                            Crc8 {
+                                from: c.from,
+                                to: c.to,
+                                result: c.result,
+                                init: c.init,
+                                final_xor: c.final_xor,
+                                table: crc8_table_for(c.poly),
+                                profile: match c.profile {
+                                    Crc8Profile::None => 0,
+                                    Crc8Profile::OneU8 => 1,
+                                    Crc8Profile::SixteenU8 => 2,
+                                    Crc8Profile::SffIdXor => 3,
+                                },
+                                profile_data,
+                            }
+                        }),
+                    });
+                }
             } else if let Some(res) = r.udp_peer() {
                 rule.action = action::TUNNEL;
                 peer = Some(res.map_err(|why| CompileError::Peer {
@@ -86,55 +129,52 @@ pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileEr
             }
         }
     }
-    if !r.modify.is_empty() {
-        rule.flags |= rule_flag::MODIFY;
-    }
-    let mut crc8_table = None;
-    if let Some(c) = &r.checksum {
-        if let Some(x) = &c.xor {
-            rule.flags |= rule_flag::XOR;
-            rule.xor = CanXor {
-                from: x.from,
-                to: x.to,
-                result: x.result,
-                init: x.init,
-            };
-        }
-        if let Some(c8) = &c.crc8 {
-            rule.flags |= rule_flag::CRC8;
-            let mut profile_data = [0u8; 16];
-            if let Some(d) = &c8.profile_data {
-                for (p, b) in profile_data.iter_mut().zip(&d.0) {
-                    *p = *b;
-                }
-            }
-            rule.crc8 = CanCrc8 {
-                from: c8.from,
-                to: c8.to,
-                result: c8.result,
-                init: c8.init,
-                final_xor: c8.final_xor,
-                profile: match c8.profile {
-                    Crc8Profile::None => crc8_profile::NONE,
-                    Crc8Profile::OneU8 => crc8_profile::ONE_U8,
-                    Crc8Profile::SixteenU8 => crc8_profile::SIXTEEN_U8,
-                    Crc8Profile::SffIdXor => crc8_profile::SFF_ID_XOR,
-                },
-                _pad: [0; 2],
-                profile_data,
-            };
-            crc8_table = Some(crc8_table_for(c8.poly));
-        }
-    }
     Ok(CompiledRoute {
         name: r.name.clone(),
         ingress: r.ingress.clone(),
         ingress_ifindex,
-        egress,
         peer,
         rule,
-        crc8_table,
+        jobs,
     })
+}
+
+/// One configured operation as a can-gw modification. Data bytes not given are the
+/// operation's identity (0xff for AND, 0 otherwise); SET replaces them with 0 as can-gw does.
+fn modification(m: &CanModifyOp, fd: bool) -> Modification {
+    let op = match m.op {
+        ModOp::And => Op::And,
+        ModOp::Or => Op::Or,
+        ModOp::Xor => Op::Xor,
+        ModOp::Set => Op::Set,
+    };
+    let identity = if op == Op::And { 0xff } else { 0 };
+    let mut values = CanFrame {
+        data: [identity; 64],
+        ..CanFrame::default()
+    };
+    let mut fields = 0;
+    if let Some(id) = m.id {
+        fields |= gateway::field::ID;
+        values.can_id = id;
+    }
+    if let Some(len) = m.len {
+        fields |= gateway::field::LEN;
+        values.len = len;
+    }
+    if let Some(flags) = m.flags
+        && fd
+    {
+        fields |= gateway::field::FLAGS;
+        values.flags = flags;
+    }
+    if let Some(d) = &m.data {
+        fields |= gateway::field::DATA;
+        for (v, b) in values.data.iter_mut().zip(&d.0) {
+            *v = *b;
+        }
+    }
+    Modification { op, fields, values }
 }
 
 /// The table of an MSB-first CRC8 with polynomial `poly`, as can-gw's `-c` takes it.
@@ -154,93 +194,6 @@ pub fn crc8_table_for(poly: u8) -> [u8; 256] {
     t
 }
 
-/// Folds the listed operations into AND/OR/XOR/SET values for every field, identity where an
-/// operation does not name a field, so the kernel applies all four unconditionally.
-fn modify(r: &CanRoute) -> CanModify {
-    let mut m = CanModify {
-        id: Ops {
-            and: !0,
-            or: 0,
-            xor: 0,
-            set_mask: 0,
-            set: 0,
-        },
-        len: Ops {
-            and: !0,
-            or: 0,
-            xor: 0,
-            set_mask: 0,
-            set: 0,
-        },
-        flags: Ops {
-            and: !0,
-            or: 0,
-            xor: 0,
-            set_mask: 0,
-            set: 0,
-        },
-        _pad: [0; 2],
-        data: Ops {
-            and: [!0; 16],
-            or: [0; 16],
-            xor: [0; 16],
-            set_mask: [0; 16],
-            set: [0; 16],
-        },
-    };
-    for op in &r.modify {
-        if let Some(v) = op.id {
-            apply(&mut m.id, op.op, v, !0);
-        }
-        if let Some(v) = op.len {
-            apply(&mut m.len, op.op, v, !0);
-        }
-        if let Some(v) = op.flags {
-            apply(&mut m.flags, op.op, v, !0);
-        }
-        if let Some(d) = &op.data {
-            // Byte-wise on 64 bytes: bytes not given are left alone (AND 0xff, SET mask 0).
-            let mut value = [0u8; 64];
-            let mut given = [0u8; 64];
-            for (i, b) in d.0.iter().enumerate().take(64) {
-                value[i] = *b;
-                given[i] = 0xff;
-            }
-            let words = |bytes: &[u8; 64]| -> [u32; 16] {
-                std::array::from_fn(|i| {
-                    u32::from_ne_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"))
-                })
-            };
-            let (value, given) = (words(&value), words(&given));
-            let t = &mut m.data;
-            for i in 0..16 {
-                match op.op {
-                    ModOp::And => t.and[i] = value[i] | !given[i],
-                    ModOp::Or => t.or[i] = value[i],
-                    ModOp::Xor => t.xor[i] = value[i],
-                    ModOp::Set => {
-                        t.set_mask[i] = given[i];
-                        t.set[i] = value[i];
-                    }
-                }
-            }
-        }
-    }
-    m
-}
-
-fn apply<T: Copy + std::ops::BitAnd<Output = T>>(o: &mut Ops<T>, op: ModOp, v: T, all: T) {
-    match op {
-        ModOp::And => o.and = v,
-        ModOp::Or => o.or = v,
-        ModOp::Xor => o.xor = v,
-        ModOp::Set => {
-            o.set_mask = all;
-            o.set = v & all;
-        }
-    }
-}
-
 /// A watch's key and its initial map value (the kernel fills in the measurements).
 pub fn watch(w: &CanWatchConfig, ifindex: u32) -> (CanWatchKey, CanWatch) {
     let period_ns = (w.period_ms * 1e6).round() as u64;
@@ -256,27 +209,6 @@ pub fn watch(w: &CanWatchConfig, ifindex: u32) -> (CanWatchKey, CanWatch) {
             ..CanWatch::default()
         },
     )
-}
-
-/// The userspace mirror of the kernel's transform, for tests and the userspace router.
-pub fn apply_modify(
-    m: &CanModify,
-    can_id: u32,
-    len: u8,
-    flags: u8,
-    data: &mut [u8; 64],
-) -> (u32, u8, u8) {
-    let id = ((((can_id & m.id.and) | m.id.or) ^ m.id.xor) & !m.id.set_mask) | m.id.set;
-    let l = ((((len & m.len.and) | m.len.or) ^ m.len.xor) & !m.len.set_mask) | m.len.set;
-    let f =
-        ((((flags & m.flags.and) | m.flags.or) ^ m.flags.xor) & !m.flags.set_mask) | m.flags.set;
-    for i in 0..16 {
-        let d = u32::from_ne_bytes(data[4 * i..4 * i + 4].try_into().expect("4 bytes"));
-        let t = &m.data;
-        let d = ((((d & t.and[i]) | t.or[i]) ^ t.xor[i]) & !t.set_mask[i]) | t.set[i];
-        data[4 * i..4 * i + 4].copy_from_slice(&d.to_ne_bytes());
-    }
-    (id, l, f)
 }
 
 #[cfg(test)]
@@ -319,60 +251,79 @@ mod tests {
     }
 
     #[test]
-    fn routes_compile_to_flags_and_egress() {
+    fn routes_to_an_fd_bus_get_a_job_per_frame_kind() {
         let c = route(
             r#"[[can.route]]
                name = "r"
                ingress = "can0"
                filter = "123~7FF"
-               to = { iface = "can1" }"#,
+               to = { iface = "can1", echo = true }
+               hops = 2"#,
         );
         assert_eq!(c.ingress_ifindex, 5);
-        assert_eq!(
-            (c.rule.action, c.rule.egress_ifindex, c.rule.hops),
-            (action::ROUTE, 6, 1)
-        );
+        assert_eq!(c.rule.action, action::ROUTE);
         assert_eq!(c.rule.flags, rule_flag::INVERT | rule_flag::EGRESS_FD);
-        assert_eq!((c.rule.filter_id, c.rule.filter_mask), (0x123, 0x7ff));
+        assert_eq!(c.jobs.len(), 2);
+        let (classic, fd) = (&c.jobs[0], &c.jobs[1]);
+        assert_eq!(
+            (classic.src_ifindex, classic.dst_ifindex, classic.hops),
+            (5, 6, 2)
+        );
+        assert_eq!(
+            (classic.filter_id, classic.filter_mask),
+            (0x123 | CAN_INV_FILTER, 0x7ff)
+        );
+        assert_eq!(classic.flags, CGW_FLAGS_CAN_ECHO);
+        assert_eq!(fd.flags, CGW_FLAGS_CAN_ECHO | CGW_FLAGS_CAN_FD);
+        // A classic-only egress gets no FD job.
+        let c = route(
+            "[[can.route]]\nname = \"c\"\ningress = \"can1\"\nfilter = \"0:0\"\nto = { iface = \"can0\" }\n",
+        );
+        assert_eq!(c.jobs.len(), 1);
+        assert_eq!(c.rule.flags & rule_flag::EGRESS_FD, 0);
+    }
+
+    #[test]
+    fn tunnels_and_actions_have_no_jobs() {
         let t = route(
             "[[can.route]]\nname = \"t\"\ningress = \"can0\"\nfilter = \"0:0\"\nto = { udp = \"127.0.0.1:20000\" }\n",
         );
-        assert_eq!(t.rule.action, action::TUNNEL);
+        assert_eq!((t.rule.action, t.jobs.len()), (action::TUNNEL, 0));
         assert_eq!(t.peer, Some("127.0.0.1:20000".parse().unwrap()));
         let d = route(
             "[[can.route]]\nname = \"d\"\ningress = \"can0\"\nfilter = \"0:0\"\naction = \"drop\"\n",
         );
-        assert_eq!(d.rule.action, action::DROP);
+        assert_eq!((d.rule.action, d.jobs.len()), (action::DROP, 0));
     }
 
     #[test]
-    fn modifications_run_and_or_xor_set_whatever_the_order() {
+    fn modifications_become_can_gw_operations_with_identities() {
         let c = route(
             r#"[[can.route]]
                name = "m"
                ingress = "can0"
                filter = "0:0"
                to = { iface = "vcan9" }
-               modify = [
-                 { op = "set", flags = 0x05 },
-                 { op = "xor", id = 0x001, data = "0F" },
-                 { op = "or", len = 0x08, data = "F0" },
-                 { op = "and", id = 0x7F0, len = 0x0F, data = "3C" },
-               ]"#,
+               modify = [ { op = "and", id = 0x7F0, data = "3C" }, { op = "set", len = 4, data = "AA" } ]
+               checksum = { xor = { from = 0, to = -2, result = -1, init = 0x5A }, crc8 = { from = 0, to = 5, result = 6, init = 0xFF } }"#,
         );
-        assert_eq!(c.rule.flags & rule_flag::MODIFY, rule_flag::MODIFY);
-        let mut data = [0u8; 64];
-        data[0] = 0x81;
-        data[1] = 0x11;
-        data[2] = 0x22;
-        let (id, len, flags) = apply_modify(&c.rule.modify, 0x123, 3, 0, &mut data);
-        // id: (0x123 & 0x7F0) | 0 ^ 0x001 = 0x121
-        assert_eq!(id, 0x121);
-        // len: (3 & 0xF) | 8 = 11
-        assert_eq!(len, 11);
-        assert_eq!(flags, 0x05);
-        // data[0]: ((0x81 & 0x3C) | 0xF0) ^ 0x0F = 0xFF; the other bytes are left alone.
-        assert_eq!(&data[..3], &[0xff, 0x11, 0x22]);
+        let job = &c.jobs[0];
+        let and = &job.mods[0];
+        assert_eq!(
+            (and.op, and.fields),
+            (Op::And, gateway::field::ID | gateway::field::DATA)
+        );
+        assert_eq!(and.values.can_id, 0x7f0);
+        assert_eq!(&and.values.data[..3], &[0x3c, 0xff, 0xff]);
+        let set = &job.mods[1];
+        assert_eq!(
+            (set.op, set.fields, set.values.len),
+            (Op::Set, gateway::field::LEN | gateway::field::DATA, 4)
+        );
+        assert_eq!(&set.values.data[..3], &[0xaa, 0, 0]);
+        assert_eq!(job.xor, Some([0, 0xfe, 0xff, 0x5a]));
+        let crc = job.crc8.as_ref().unwrap();
+        assert_eq!((crc.init, crc.table[1]), (0xff, 0x1d));
     }
 
     #[test]

@@ -14,12 +14,13 @@ use prometheus_client::{
 
 use super::{
     CanView,
-    router::{IngressStats, RuleStats, WatchMap},
+    router::{GwTotals, IngressStats, RuleStats, SharedGateway, WatchMap},
 };
 use crate::{maps, metrics::encode_log2_hist};
 
 pub struct CanCollector {
     pub rules: RuleStats,
+    pub gateway: SharedGateway,
     pub ingress: IngressStats,
     pub watch: WatchMap,
     pub view: Arc<RwLock<CanView>>,
@@ -55,45 +56,67 @@ pub fn read_ingress(stats: &IngressStats, slot: u32) -> CanIngressStats {
 impl Collector for CanCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let view = self.view.read().expect("view lock").clone();
-        let rules: Vec<(&str, CanRuleStats)> = view
+        // can-gw's counters of our jobs, one netlink dump per scrape.
+        let jobs = self
+            .gateway
+            .lock()
+            .expect("lock")
+            .totals()
+            .unwrap_or_default();
+        let rules: Vec<(&str, CanRuleStats, GwTotals)> = view
             .routes
             .iter()
-            .map(|r| (r.name.as_str(), read_rule(&self.rules, r.slot)))
+            .map(|r| {
+                let mut gw = r.carried;
+                for uid in &r.jobs {
+                    gw += jobs.get(uid).copied().unwrap_or_default();
+                }
+                (r.name.as_str(), read_rule(&self.rules, r.slot), gw)
+            })
             .collect();
 
         for (name, help, value) in [
             (
                 "can_frames",
                 "CAN frames a route's filter matched",
-                (|s: &CanRuleStats| s.frames) as fn(&CanRuleStats) -> u64,
+                (|s: &CanRuleStats, _: &GwTotals| s.frames) as fn(&CanRuleStats, &GwTotals) -> u64,
             ),
             (
                 "can_bytes",
                 "Payload bytes of the frames a route matched",
-                |s| s.bytes,
+                |s, _| s.bytes,
             ),
             (
                 "can_routed",
-                "Frames a route sent out of its egress interface or into its tunnel",
-                |s| s.routed,
+                "Frames a route sent out of its egress interface (by can-gw) or into its tunnel",
+                |s, g| s.routed + g.handled,
             ),
         ] {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (rule, s) in &rules {
-                ConstCounter::new(value(s)).encode(family.encode_family(&[("rule", *rule)])?)?;
+            for (rule, s, g) in &rules {
+                ConstCounter::new(value(s, g)).encode(family.encode_family(&[("rule", *rule)])?)?;
             }
         }
         let mut family = encoder.encode_descriptor(
             "can_dropped",
-            "Frames a route matched but did not route (or dropped), by reason",
+            "Frames a route matched but did not send (or dropped), by reason",
             None,
             MetricType::Counter,
         )?;
-        for (rule, s) in &rules {
+        for (rule, s, g) in &rules {
             for reason in DropReason::ALL {
                 ConstCounter::new(s.dropped[reason as usize]).encode(
                     family.encode_family(&[("rule", *rule), ("reason", reason.label())])?,
                 )?;
+            }
+            // can-gw deletes frames over its hop limit or made invalid by a modification, and
+            // drops frames it could not send.
+            for (reason, v) in [
+                ("gateway_deleted", g.deleted),
+                ("gateway_dropped", g.dropped),
+            ] {
+                ConstCounter::new(v)
+                    .encode(family.encode_family(&[("rule", *rule), ("reason", reason)])?)?;
             }
         }
 

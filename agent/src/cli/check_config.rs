@@ -17,7 +17,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         dataplane::prepare(&args.file)?.config
     };
-    let ingress: BTreeSet<&str> = config.udp.forward.iter().map(|r| r.ingress.as_str()).collect();
+    let ingress: BTreeSet<&str> = config
+        .udp
+        .forward
+        .iter()
+        .map(|r| r.ingress.as_str())
+        .collect();
     let c = &config.can;
     println!(
         "{}: OK ({} UDP rule(s) on {} ingress interface(s), mode {}; {} CAN route(s), {} watched ID(s), {} tunnel receiver(s){})",
@@ -28,7 +33,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         c.route.len(),
         c.watch.len(),
         c.receive.len(),
-        if args.offline { "; host checks skipped" } else { "" }
+        if args.offline {
+            "; host checks skipped"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -149,8 +149,11 @@ impl fmt::Display for CanFilter {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CanTarget {
-    /// Route to this CAN netdev.
+    /// Route to this CAN netdev (executed by the kernel's can-gw).
     pub iface: Option<String>,
+    /// Also deliver routed frames to local sockets on `iface` (can-gw's `-e`).
+    #[serde(default)]
+    pub echo: bool,
     /// Tunnel to this peer (`host:port`), in cannelloni's UDP format version 2.
     pub udp: Option<String>,
 }
@@ -173,8 +176,9 @@ pub enum ModOp {
     Set,
 }
 
-/// One can-gw style modification (`cangw -m`); whatever the listing order, AND runs first,
-/// then OR, XOR and SET.
+/// One can-gw modification (`cangw -m`); whatever the listing order, AND runs first, then OR,
+/// XOR and SET. `data` covers the frame's data from data[0]; bytes not given are left alone by
+/// AND, OR and XOR, and set to 0 by SET (can-gw sets the whole field).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CanModifyOp {
@@ -400,6 +404,12 @@ impl CanConfig {
                     (None, Some(udp)) => {
                         if !udp.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0)) {
                             push(key("to.udp"), format!("`{udp}` must be `host:port` with a port above 0"));
+                        }
+                        if !r.modify.is_empty() || r.checksum.is_some() {
+                            push(key("modify"), "modifications and checksums apply to routes to a CAN interface; the tunnel carries frames as they are".into());
+                        }
+                        if t.echo {
+                            push(key("to.echo"), "echo applies to routes to a CAN interface".into());
                         }
                     }
                     _ => push(key("to"), "give exactly one of `iface` and `udp`".into()),
@@ -709,6 +719,7 @@ mod tests {
                 "can.route[1].modify[1].op",
                 "can.route[1].modify[1].data",
                 "can.route[2].to.udp",
+                "can.route[2].modify",
                 "can.route[2].checksum.crc8.to",
                 "can.route[2].checksum.crc8.profile_data",
             ]

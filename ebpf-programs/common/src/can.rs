@@ -10,7 +10,6 @@ pub const MAX_RULES_PER_IFACE: usize = 16;
 pub const MAX_WATCHES: u32 = 1024;
 
 pub const RULES_MAP: &str = "CAN_RULES";
-pub const CRC8_MAP: &str = "CAN_CRC8";
 pub const INGRESS_MAP: &str = "CAN_INGRESS";
 pub const RULE_STATS_MAP: &str = "CAN_RULE_STATS";
 pub const INGRESS_STATS_MAP: &str = "CAN_INGRESS_STATS";
@@ -21,9 +20,6 @@ pub const TUNNEL_RING: &str = "CAN_TUNNEL";
 pub const TUNNEL_SOCKETS_MAP: &str = "CAN_TUNNEL_SOCKETS";
 pub const MAX_TUNNEL_SOCKETS: u32 = 64;
 pub const PROGRAM: &str = "can_route";
-/// Sends a frame for one queued rule; tail-called from `can_route` through [`ACT_MAP`].
-pub const ACT_PROGRAM: &str = "can_route_act";
-pub const ACT_MAP: &str = "CAN_ACT";
 
 /// `can_id` flag bits (linux/can.h).
 pub const CAN_EFF_FLAG: u32 = 0x8000_0000;
@@ -39,10 +35,6 @@ pub const CANFD_MAX_DLEN: u8 = 64;
 /// skb->protocol values (big-endian on the wire of the skb field).
 pub const ETH_P_CAN: u16 = 0x000c;
 pub const ETH_P_CANFD: u16 = 0x000d;
-
-/// The hop count of a routed frame lives in the top byte of `skb->mark`, like can-gw keeps
-/// it in `skb->csum_start`: it survives vcan/vxcan so routing loops end.
-pub const HOP_MARK_SHIFT: u32 = 24;
 
 /// A CAN or CAN FD frame as `struct canfd_frame` lays it out; classic frames use the first 16
 /// bytes (`len` is the DLC, data has 8 bytes).
@@ -83,80 +75,18 @@ pub mod action {
 pub mod rule_flag {
     /// Match frames the filter does *not* match (candump's `~`).
     pub const INVERT: u8 = 1 << 0;
-    pub const MODIFY: u8 = 1 << 1;
-    pub const XOR: u8 = 1 << 2;
-    pub const CRC8: u8 = 1 << 3;
-    /// The egress carries CAN FD (its MTU is 72); FD frames are not routed elsewhere.
-    pub const EGRESS_FD: u8 = 1 << 4;
-}
-
-/// One field's modification, applied like can-gw: AND, then OR, then XOR, then SET
-/// (`set_mask` selects the bits SET replaces). Identity values where a step is unused.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ops<T> {
-    pub and: T,
-    pub or: T,
-    pub xor: T,
-    pub set_mask: T,
-    pub set: T,
-}
-
-/// Modifications of id, len/dlc, FD flags and data. Data is 16 words covering all 64 bytes
-/// (bitwise ops don't care about byte order, so words keep byte positions).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CanModify {
-    pub id: Ops<u32>,
-    pub len: Ops<u8>,
-    pub flags: Ops<u8>,
-    pub _pad: [u8; 2],
-    pub data: Ops<[u32; 16]>,
-}
-crate::assert_size!(CanModify, 20 + 5 + 5 + 2 + 5 * 64);
-
-/// can-gw's `-x`: XOR of data[from..=to] (either direction) with `init` into data[result].
-/// Negative indexes count from the frame's length (-1 is the last byte).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CanXor {
-    pub from: i8,
-    pub to: i8,
-    pub result: i8,
-    pub init: u8,
-}
-
-/// can-gw's `-c`: CRC8 over data[from..=to] with a 256-entry table (in [`CRC8_MAP`]), then a
-/// profile byte, XORed with `final_xor` into data[result].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CanCrc8 {
-    pub from: i8,
-    pub to: i8,
-    pub result: i8,
-    pub init: u8,
-    pub final_xor: u8,
-    /// [`crc8_profile`] value.
-    pub profile: u8,
-    pub _pad: [u8; 2],
-    pub profile_data: [u8; 16],
-}
-crate::assert_size!(CanCrc8, 24);
-
-/// CRC8 profiles, as can-gw's CGW_CRC8PRF_*.
-pub mod crc8_profile {
-    pub const NONE: u8 = 0;
-    /// One more byte: profile_data[0].
-    pub const ONE_U8: u8 = 1;
-    /// profile_data[data[1] & 0xf] (AUTOSAR E2E profile 1 with a 4-bit counter).
-    pub const SIXTEEN_U8: u8 = 2;
-    /// The low and next byte of the standard ID, XORed.
-    pub const SFF_ID_XOR: u8 = 3;
+    /// The route's egress carries CAN FD (MTU 72); FD frames for a classic egress are counted
+    /// as `fd_to_classic`.
+    pub const EGRESS_FD: u8 = 1 << 1;
 }
 
 /// A rule, indexed by its slot in [`RULES_MAP`] (the same slot indexes its counters).
+///
+/// The kernel refuses `bpf_redirect` for CAN skbs (they carry no link-layer header), so routes
+/// to another CAN netdev are executed by the kernel's can-gw, which the agent programs; the
+/// program counts, drops, watches and tunnels.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CanRule {
     /// Matches when `can_id & filter_mask == filter_id & filter_mask` (on the full `can_id`,
     /// flags included, like CAN_RAW filters), or the opposite with `INVERT`.
@@ -166,17 +96,13 @@ pub struct CanRule {
     pub action: u8,
     /// [`rule_flag`] bits.
     pub flags: u8,
-    /// Frames that already made this many hops are not routed (at least 1).
+    /// Tunnel rules: frames that already made this many hops are not tunnelled (at least 1).
     pub hops: u8,
     pub _pad: u8,
-    pub egress_ifindex: u32,
     /// Tunnel id for [`action::TUNNEL`].
     pub tunnel: u32,
-    pub xor: CanXor,
-    pub crc8: CanCrc8,
-    pub modify: CanModify,
 }
-crate::assert_size!(CanRule, 20 + 4 + 24 + 352);
+crate::assert_size!(CanRule, 16);
 
 /// Per-interface settings, keyed by ifindex.
 #[repr(C)]
@@ -193,32 +119,27 @@ pub struct CanIngress {
 }
 crate::assert_size!(CanIngress, 2 * MAX_RULES_PER_IFACE + 8);
 
-/// Why a matching frame was not routed (or was dropped).
+/// Why a matching frame was not routed or tunnelled (or was dropped), as the program counts
+/// it. can-gw's own counters add `gateway_deleted` and `gateway_dropped` in the agent.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
-    /// The rule's action is `drop`: the frame does not reach local sockets.
+    /// The rule's action is `drop`: the frame does not reach local sockets (nor can-gw).
     Rule = 0,
-    /// It already made `hops` gateway hops.
+    /// A tunnel rule saw a frame that already made `hops` hops (the tunnel's own writes).
     HopLimit,
-    /// Modifications left a length over 8 (classic) or 64 (FD).
-    BadLength,
     /// A CAN FD frame for an egress that only carries classic CAN.
     FdToClassic,
-    /// The kernel refused the redirect (egress down or gone).
-    RedirectFailed,
     /// The tunnel ring buffer was full: the agent is not keeping up.
     TunnelFull,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 4;
     pub const ALL: [Self; Self::COUNT] = [
         Self::Rule,
         Self::HopLimit,
-        Self::BadLength,
         Self::FdToClassic,
-        Self::RedirectFailed,
         Self::TunnelFull,
     ];
 
@@ -226,9 +147,7 @@ impl DropReason {
         match self {
             Self::Rule => "rule",
             Self::HopLimit => "hop_limit",
-            Self::BadLength => "bad_length",
             Self::FdToClassic => "fd_to_classic",
-            Self::RedirectFailed => "redirect_failed",
             Self::TunnelFull => "tunnel_full",
         }
     }
@@ -242,7 +161,7 @@ pub struct CanRuleStats {
     pub frames: u64,
     /// Their payload bytes (0 for remote frames).
     pub bytes: u64,
-    /// Frames sent out of the egress, or handed to the tunnel.
+    /// Frames handed to the tunnel (can-gw counts the frames it routes itself).
     pub routed: u64,
     pub dropped: [u64; DropReason::COUNT],
 }

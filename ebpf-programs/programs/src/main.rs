@@ -11,6 +11,7 @@ mod net;
 mod udp_forward;
 mod udp_forward_tc;
 mod udp_forward_xdp;
+mod verifier;
 mod xdp_pass;
 
 #[cfg(not(test))]

@@ -23,7 +23,7 @@ use edgeplane_common::udp_forward::{
     UdpForwardAction, UdpIngress, UdpMatchKey, UdpStats, field, rewrite,
 };
 
-use crate::{csum, net::*};
+use crate::{csum, net::*, verifier::opaque};
 
 #[map]
 static UDP_RULES: HashMap<UdpMatchKey, UdpForwardAction> =
@@ -137,7 +137,7 @@ fn pass(slot: u32, reason: PassReason) -> Action {
     if let Some(stats) = UDP_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value; the index is a valid enum discriminant below COUNT.
         unsafe {
-            if let Some(c) = (*stats).passed.get_mut(reason as usize) {
+            if let Some(c) = (*stats).passed.get_mut(opaque(reason as usize)) {
                 *c += 1;
             }
         }
@@ -178,6 +178,10 @@ fn parse_ipv4(data: usize, end: usize) -> Result<Packet, PassReason> {
     let l4 = ETH_HLEN + IPV4_HLEN;
     let udp: *const UdpHdr = ptr_at(data, end, l4).ok_or(PassReason::Truncated)?;
     let ip_len = u16::from_be(ip.tot_len);
+    // Verifiers before 6.x lose a byte swap's bounds; no XDP or tc frame holds this much anyway.
+    if ip_len > 0xfff0 {
+        return Err(PassReason::Truncated);
+    }
     if (ip_len as usize) < IPV4_HLEN + UDP_HLEN || data + ETH_HLEN + ip_len as usize > end {
         return Err(PassReason::Truncated);
     }
@@ -218,6 +222,10 @@ fn parse_ipv6(data: usize, end: usize) -> Result<Packet, PassReason> {
     let l4 = ETH_HLEN + IPV6_HLEN;
     let udp: *const UdpHdr = ptr_at(data, end, l4).ok_or(PassReason::Truncated)?;
     let payload = u16::from_be(ip.payload_len) as usize;
+    // As for IPv4's length: a bound older verifiers can see.
+    if payload > 0xffc0 {
+        return Err(PassReason::Truncated);
+    }
     if payload < UDP_HLEN || data + ETH_HLEN + IPV6_HLEN + payload > end {
         return Err(PassReason::Truncated);
     }

@@ -47,6 +47,14 @@ pub const VM_TESTS: &[VmTest] = &[
         name: "udp_forward_e2e",
         needs: None,
     },
+    VmTest {
+        name: "can_route",
+        needs: None,
+    },
+    VmTest {
+        name: "can_tunnel",
+        needs: None,
+    },
 ];
 
 const DEFAULT_TIMEOUT_SECS: u64 = 20 * 60;
@@ -207,10 +215,13 @@ fn build_agent() -> anyhow::Result<PathBuf> {
 
 /// Builds the integration tests and returns the executables of `wanted`, by name.
 fn build_tests(wanted: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let artifacts = cargo_artifacts(
-        &["test", "--release", "--no-run", "-p", "edgeplane-tests"],
-        "test",
-    )?;
+    // Named explicitly: the CAN tests have `test = false` (the host can't run them), so a
+    // plain `cargo test --no-run` would not build them.
+    let mut args = vec!["test", "--release", "--no-run", "-p", "edgeplane-tests"];
+    for name in wanted {
+        args.extend(["--test", name]);
+    }
+    let artifacts = cargo_artifacts(&args, "test")?;
     wanted
         .iter()
         .map(|name| match artifacts.get(*name) {
