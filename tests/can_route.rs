@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use edgeplane_common::can::{CAN_EFF_FLAG, CAN_RTR_FLAG};
 use edgeplane_testbed::{agent::Agent, http, netns::Netns, require_root};
-use edgeplane_tests::can::{Bus, Frame, vxcan_pair};
+use edgeplane_tests::can::{Bus, Frame, vcan, vxcan_pair};
 
 /// A namespace with bus A (agent side `a0`, test side `a1`), bus B (`b0`/`b1`), both CAN FD,
 /// and a classic-only bus C (`c0`/`c1`).
@@ -82,8 +82,9 @@ to = { iface = "b0" }
         &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
     );
     let eff_miss = Frame::classic(0x18FE_F2AA | CAN_EFF_FLAG, &[9]);
-    // SFF 0x100 must not match the extended filter and vice versa.
-    let sff_like_eff = Frame::classic(0x100 | CAN_EFF_FLAG, &[7]);
+    // candump semantics: "100:7F0" leaves the EFF flag out of the mask, so the extended ID
+    // 0x100 matches it too (a standard 0x100 does not match the 8-digit extended filter).
+    let eff_0x100 = Frame::classic(0x100 | CAN_EFF_FLAG, &[7]);
     let remote = Frame {
         can_id: 0x101 | CAN_RTR_FLAG,
         fd: false,
@@ -91,11 +92,11 @@ to = { iface = "b0" }
         len: 4,
         data: vec![],
     };
-    for f in [&fd, &eff, &eff_miss, &sff_like_eff, &remote] {
+    for f in [&fd, &eff, &eff_miss, &eff_0x100, &remote] {
         tx.send(f).unwrap();
         sent += 1;
     }
-    sent_match.extend([fd, eff, remote]);
+    sent_match.extend([fd, eff, eff_0x100, remote]);
 
     let got = rx.collect(QUIET, LIMIT);
     assert_eq!(
@@ -111,12 +112,13 @@ to = { iface = "b0" }
     let m = b.metrics(&agent);
     assert_eq!(
         metric(&m, "edgeplane_can_frames_total{rule=\"body\"}"),
-        18.0,
-        "{m}"
+        19.0
     );
     assert_eq!(
         metric(&m, "edgeplane_can_routed_total{rule=\"body\"}"),
-        18.0
+        19.0,
+        "{}",
+        agent.log_so_far()
     );
     assert_eq!(
         metric(&m, "edgeplane_can_frames_total{rule=\"j1939\"}"),
@@ -134,7 +136,7 @@ to = { iface = "b0" }
     });
     assert_eq!(kinds[0] + kinds[1], f64::from(sent));
     assert_eq!((kinds[1], kinds[2]), (2.0, 1.0));
-    eprintln!("sent {sent} frames, routed 19 (body 18, j1939 1), each byte-identical");
+    eprintln!("sent {sent} frames, routed 20 (body 19, j1939 1), each byte-identical");
 }
 
 #[test]
@@ -212,7 +214,7 @@ name = "grow"
 ingress = "a0"
 filter = "300:7FF"
 to = { iface = "b0" }
-modify = [ { op = "set", len = 12 } ]
+modify = [ { op = "or", len = 0x40 } ]
 "#,
     );
     let tx = b.bus("a1");
@@ -221,8 +223,11 @@ modify = [ { op = "set", len = 12 } ]
     let (to_c, to_b) = (b.bus("c1"), b.bus("b1"));
     tx.send(&Frame::classic(0x7DF, &[2, 1, 0])).unwrap();
     tx.send(&Frame::classic(0x123, &[1])).unwrap();
-    tx.send(&Frame::fd(0x124, &[1; 16])).unwrap(); // FD for the classic-only bus C
-    tx.send(&Frame::classic(0x300, &[3; 8])).unwrap(); // len 12 is no classic frame
+    // CAN FD frames can't go to the classic-only bus C.
+    tx.send(&Frame::fd(0x124, &[1; 16])).unwrap();
+    // 16 | 0x40 = 80 bytes: no CAN FD length, so can-gw deletes it.
+    tx.send(&Frame::fd(0x300, &[3; 16])).unwrap();
+    tx.send(&Frame::classic(0x301, &[3; 8])).unwrap();
 
     let seen_locally: Vec<u32> = local
         .collect(QUIET, LIMIT)
@@ -236,83 +241,80 @@ modify = [ { op = "set", len = 12 } ]
     assert!(seen_locally.contains(&0x123));
     assert_eq!(
         to_c.collect(QUIET, LIMIT),
-        vec![Frame::classic(0x123, &[1]), Frame::classic(0x300, &[3; 8])]
+        vec![Frame::classic(0x123, &[1]), Frame::classic(0x301, &[3; 8])]
     );
-    assert!(to_b.collect(QUIET, LIMIT).is_empty());
+    let on_b = to_b.collect(QUIET, LIMIT);
+    assert!(
+        on_b.is_empty(),
+        "a frame made invalid by a modification reached bus B: {on_b:?}"
+    );
     let m = b.metrics(&agent);
-    assert_eq!(
+    let dropped = |rule: &str, reason: &str| {
         metric(
             &m,
-            "edgeplane_can_dropped_total{rule=\"hide\",reason=\"rule\"}"
-        ),
-        1.0,
-        "{m}"
-    );
-    assert_eq!(
-        metric(
-            &m,
-            "edgeplane_can_dropped_total{rule=\"not-7df\",reason=\"fd_to_classic\"}"
-        ),
-        1.0
-    );
+            &format!("edgeplane_can_dropped_total{{rule=\"{rule}\",reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(dropped("hide", "rule"), 1.0);
+    assert_eq!(dropped("not-7df", "fd_to_classic"), 2.0);
     assert_eq!(
         metric(&m, "edgeplane_can_routed_total{rule=\"not-7df\"}"),
         2.0
     );
     assert_eq!(
-        metric(
-            &m,
-            "edgeplane_can_dropped_total{rule=\"grow\",reason=\"bad_length\"}"
-        ),
-        1.0
+        dropped("grow", "gateway_deleted"),
+        1.0,
+        "{}",
+        agent.log_so_far()
     );
 }
 
+/// can-gw's hop limit: a chain of four virtual buses, each routed to the next with echo (so the
+/// next route receives it). A frame goes `hops` steps down the chain and is then deleted.
+/// (A loop back to the frame's first bus is broken earlier: can-gw never sends a frame back
+/// to the interface it came from.)
 #[test]
-fn hop_limit_ends_routing_loops() {
-    for hops in [1u8, 3] {
-        // Two virtual buses routed into each other, with echo so each route's output is received
-        // on its bus again: without a hop limit a frame would circle forever.
+fn hop_limit_ends_chains_of_routes() {
+    for hops in [1u8, 2] {
         let b = Buses::new("canh");
-        for v in ["v0", "v1"] {
-            b.ns.ip(&["link", "add", "dev", v, "type", "vcan"]).unwrap();
-            b.ns.ip(&["link", "set", v, "up"]).unwrap();
+        for v in ["v0", "v1", "v2", "v3"] {
+            vcan(&b.ns, v).unwrap();
         }
-        let agent = b.agent(&format!(
-            r#"[[can.route]]
-name = "ab"
-ingress = "v0"
-filter = "0:0"
-to = {{ iface = "v1", echo = true }}
-hops = {hops}
-
-[[can.route]]
-name = "ba"
-ingress = "v1"
-filter = "0:0"
-to = {{ iface = "v0", echo = true }}
-hops = {hops}
-"#
-        ));
+        let route = |name: &str, from: &str, to: &str| {
+            format!(
+                "[[can.route]]\nname = \"{name}\"\ningress = \"{from}\"\nfilter = \"0:0\"\nto = {{ iface = \"{to}\", echo = true }}\nhops = {hops}\n\n"
+            )
+        };
+        let agent = b.agent(
+            &(route("ab", "v0", "v1") + &route("bc", "v1", "v2") + &route("cd", "v2", "v3")),
+        );
         b.bus("v0").send(&Frame::classic(0x42, &[1, 2])).unwrap();
         std::thread::sleep(Duration::from_millis(500));
         let m = b.metrics(&agent);
-        // The frame starts with 0 hops; each routing adds one until `hops`.
-        let ab = metric(&m, "edgeplane_can_routed_total{rule=\"ab\"}");
-        let ba = metric(&m, "edgeplane_can_routed_total{rule=\"ba\"}");
-        assert_eq!(ab + ba, f64::from(hops), "hops {hops}:\n{m}");
-        let stopped = metric(
-            &m,
-            "edgeplane_can_dropped_total{rule=\"ab\",reason=\"gateway_deleted\"}",
-        ) + metric(
-            &m,
-            "edgeplane_can_dropped_total{rule=\"ba\",reason=\"gateway_deleted\"}",
-        );
+        let routed: Vec<f64> = ["ab", "bc", "cd"]
+            .iter()
+            .map(|r| metric(&m, &format!("edgeplane_can_routed_total{{rule=\"{r}\"}}")))
+            .collect();
+        let deleted: f64 = ["ab", "bc", "cd"]
+            .iter()
+            .map(|r| {
+                metric(
+                    &m,
+                    &format!(
+                        "edgeplane_can_dropped_total{{rule=\"{r}\",reason=\"gateway_deleted\"}}"
+                    ),
+                )
+            })
+            .sum();
+        let expected: Vec<f64> = (0..3)
+            .map(|i| if i < usize::from(hops) { 1.0 } else { 0.0 })
+            .collect();
+        assert_eq!(routed, expected, "hops {hops}:\n{}", agent.log_so_far());
         assert_eq!(
-            stopped, 1.0,
-            "hops {hops}: the loop must end with one frame deleted at the limit"
+            deleted, 1.0,
+            "hops {hops}: the frame must be deleted at the limit"
         );
-        eprintln!("hops = {hops}: routed {ab} + {ba} times, then deleted");
+        eprintln!("hops = {hops}: routed along {routed:?}, then deleted");
     }
 }
 
@@ -397,4 +399,41 @@ tolerance = 1.5
         s(&format!("edgeplane_can_expected_period_seconds{{{slow}}}")),
         0.01
     );
+}
+
+/// The agent's can-gw client against the real kernel: add a job, route a frame, read its
+/// counters from a dump, remove the job.
+#[test]
+fn gateway_client_adds_dumps_and_removes_jobs() {
+    use edgeplane::can::gateway::{Gateway, Job, UID_PREFIX};
+    let b = Buses::new("cangw");
+    let _in = b.ns.enter().unwrap();
+    let (src, dst) = (b.ns.ifindex("a0").unwrap(), b.ns.ifindex("b0").unwrap());
+    let job = Job {
+        uid: UID_PREFIX | 0x42,
+        src_ifindex: src,
+        dst_ifindex: dst,
+        filter_id: 0,
+        filter_mask: 0,
+        flags: 0,
+        hops: 1,
+        mods: vec![],
+        xor: None,
+        crc8: None,
+    };
+    let mut gw = Gateway::open().unwrap();
+    gw.add(&job).unwrap();
+    let (tx, rx) = (b.bus("a1"), b.bus("b1"));
+    tx.send(&Frame::classic(0x7, &[1])).unwrap();
+    assert_eq!(rx.collect(QUIET, LIMIT), vec![Frame::classic(0x7, &[1])]);
+    // Without modifications can-gw keeps no user id: the job is known by its description.
+    let kept = job.as_kernel_keeps_it();
+    let jobs = gw.dump().unwrap();
+    let (c, _) = jobs
+        .iter()
+        .find(|(_, j)| *j == kept)
+        .expect("our job in the dump");
+    assert_eq!(c.handled, 1, "{jobs:?}");
+    gw.remove(&job).unwrap();
+    assert!(gw.dump().unwrap().iter().all(|(_, j)| *j != kept));
 }

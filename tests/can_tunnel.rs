@@ -100,10 +100,6 @@ fn frames_cross_both_ways_and_do_not_echo() {
         Bus::open(&h.a, "a1").unwrap(),
         Bus::open(&h.b, "b1").unwrap(),
     );
-    let (b_tx, a_rx) = (
-        Bus::open(&h.b, "b1").unwrap(),
-        Bus::open(&h.a, "a1").unwrap(),
-    );
 
     let n = 3000;
     let sent = frames(n);

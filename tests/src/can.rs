@@ -56,15 +56,21 @@ impl Frame {
     }
 }
 
-/// Creates a vxcan pair `a` <-> `b` in `ns`, both up; CAN FD capable (MTU 72) if `fd`.
+/// Creates a vxcan pair `a` <-> `b` in `ns`, both up; CAN FD capable (MTU 72) if `fd`, else
+/// classic CAN only (MTU 16; vxcan's default is 72).
 pub fn vxcan_pair(ns: &Netns, a: &str, b: &str, fd: bool) -> anyhow::Result<()> {
     ns.ip(&["link", "add", a, "type", "vxcan", "peer", "name", b])?;
     for i in [a, b] {
-        if fd {
-            ns.ip(&["link", "set", i, "mtu", "72"])?;
-        }
+        ns.ip(&["link", "set", i, "mtu", if fd { "72" } else { "16" }])?;
         ns.ip(&["link", "set", i, "up"])?;
     }
+    Ok(())
+}
+
+/// Creates a vcan (a virtual bus of its own, no peer) in `ns`, up.
+pub fn vcan(ns: &Netns, name: &str) -> anyhow::Result<()> {
+    ns.ip(&["link", "add", "dev", name, "type", "vcan"])?;
+    ns.ip(&["link", "set", name, "up"])?;
     Ok(())
 }
 

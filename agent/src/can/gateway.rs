@@ -6,8 +6,10 @@
 //! does not exempt ARPHRD_CAN), which CAN skbs never have. can-gw clones the skb (no copy
 //! unless a modification needs one) and sends it from softirq context.
 //!
-//! Our jobs carry a user id (CGW_MOD_UID) with [`UID_PREFIX`] in the top byte, so the agent
-//! finds and removes the ones a previous run left behind, and reads each job's counters.
+//! Jobs are identified by their whole description. can-gw keeps a user id (CGW_MOD_UID) only
+//! for jobs with modifications; ours carry [`UID_PREFIX`] in its top byte then, so jobs with
+//! modifications that a previous run left behind can be found and removed. Identical jobs are
+//! adopted rather than added twice (a restarted agent keeps routing, counters and all).
 
 use std::{io, os::fd::AsRawFd as _};
 
@@ -104,6 +106,35 @@ pub struct Job {
     /// `struct cgw_csum_xor`: from, to, result, init.
     pub xor: Option<[u8; 4]>,
     pub crc8: Option<Crc8>,
+}
+
+impl Job {
+    /// The job as can-gw reports it in a dump: modifications in AND, OR, XOR, SET order with
+    /// only the frame fields it keeps (classic: id, len, 8 data bytes; FD: id, len, flags, 64
+    /// data bytes), and no user id without modifications.
+    pub fn as_kernel_keeps_it(&self) -> Self {
+        let mut j = self.clone();
+        let fd = j.flags & CGW_FLAGS_CAN_FD != 0;
+        j.mods.sort_by_key(|m| m.op as u8);
+        for m in &mut j.mods {
+            let v = &m.values;
+            let mut kept = CanFrame {
+                can_id: v.can_id,
+                len: v.len,
+                ..CanFrame::default()
+            };
+            let n = if fd { 64 } else { 8 };
+            kept.data[..n].copy_from_slice(&v.data[..n]);
+            if fd {
+                kept.flags = v.flags;
+            }
+            m.values = kept;
+        }
+        if j.mods.is_empty() {
+            j.uid = 0;
+        }
+        j
+    }
 }
 
 /// A job's counters as the kernel reports them (they are u32 and wrap).
@@ -225,7 +256,7 @@ impl Gateway {
         }
     }
 
-    /// Removes jobs a previous agent left behind (ours by their user id).
+    /// Removes jobs with modifications a previous agent left behind (ours by their user id).
     pub fn remove_stale(&mut self) -> Result<usize, GatewayError> {
         let stale: Vec<Job> = self
             .dump()?

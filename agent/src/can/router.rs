@@ -82,8 +82,8 @@ pub struct RouteInfo {
     pub name: String,
     pub slot: u32,
     pub ingress: String,
-    /// can-gw jobs routing for this route (user ids).
-    pub jobs: Vec<u32>,
+    /// can-gw jobs routing for this route, as the kernel keeps them.
+    pub jobs: Vec<Job>,
     /// Counters of this route's earlier jobs, replaced when the route changed.
     pub carried: GwTotals,
 }
@@ -108,31 +108,34 @@ impl std::ops::AddAssign for GwTotals {
 /// (which reads counters): one netlink socket, and wrap tracking per job.
 pub struct GatewayState {
     gw: Option<Gateway>,
-    /// Last raw counters and the totals they give, per job user id.
-    seen: HashMap<u32, (JobCounters, GwTotals)>,
+    /// Per job (as the kernel keeps it): last raw counters and the totals they give.
+    seen: Vec<(Job, JobCounters, GwTotals)>,
 }
 
 impl GatewayState {
-    /// Current totals of our jobs. A raw counter below its last value wrapped.
-    pub fn totals(&mut self) -> Result<HashMap<u32, GwTotals>, GatewayError> {
+    /// Current totals of every job can-gw has, keyed by the job. A raw counter below its last
+    /// value wrapped (they are u32).
+    pub fn totals(&mut self) -> Result<Vec<(Job, GwTotals)>, GatewayError> {
         let Some(gw) = self.gw.as_mut() else {
-            return Ok(HashMap::new());
+            return Ok(Vec::new());
         };
-        let mut out = HashMap::new();
-        for (c, _) in gw
-            .dump()?
-            .into_iter()
-            .filter(|(c, _)| c.uid & 0xff00_0000 == UID_PREFIX)
-        {
-            let (last, mut total) = self.seen.get(&c.uid).copied().unwrap_or_default();
+        let jobs = gw.dump()?;
+        let mut seen = Vec::with_capacity(jobs.len());
+        for (c, job) in jobs {
+            let (last, mut total) = self
+                .seen
+                .iter()
+                .find(|(j, _, _)| *j == job)
+                .map(|(_, l, t)| (*l, *t))
+                .unwrap_or_default();
             let step = |now: u32, before: u32| u64::from(now.wrapping_sub(before));
             total.handled += step(c.handled, last.handled);
             total.dropped += step(c.dropped, last.dropped);
             total.deleted += step(c.deleted, last.deleted);
-            self.seen.insert(c.uid, (c, total));
-            out.insert(c.uid, total);
+            seen.push((job, c, total));
         }
-        Ok(out)
+        self.seen = seen;
+        Ok(self.seen.iter().map(|(j, _, t)| (j.clone(), *t)).collect())
     }
 
     fn gw(&mut self) -> Result<&mut Gateway, GatewayError> {
@@ -142,11 +145,31 @@ impl GatewayState {
         Ok(self.gw.as_mut().expect("opened above"))
     }
 
+    /// Adds a job unless an identical one runs already (left by a previous agent).
+    fn add(&mut self, job: &Job) -> Result<(), GatewayError> {
+        let kept = job.as_kernel_keeps_it();
+        if self.gw()?.dump()?.iter().any(|(_, j)| *j == kept) {
+            info!(
+                src = job.src_ifindex,
+                dst = job.dst_ifindex,
+                "adopting a can-gw job that already runs"
+            );
+            return Ok(());
+        }
+        self.gw()?.add(job)
+    }
+
     /// Removes a job and returns its final totals.
     fn remove(&mut self, job: &Job) -> Result<GwTotals, GatewayError> {
-        let totals = self.totals()?.get(&job.uid).copied().unwrap_or_default();
+        let kept = job.as_kernel_keeps_it();
+        let totals = self
+            .totals()?
+            .into_iter()
+            .find(|(j, _)| *j == kept)
+            .map(|(_, t)| t)
+            .unwrap_or_default();
         self.gw()?.remove(job)?;
-        self.seen.remove(&job.uid);
+        self.seen.retain(|(j, _, _)| *j != kept);
         Ok(totals)
     }
 }
@@ -194,7 +217,7 @@ impl CanRouter {
         // are none, and routes between CAN netdevs are refused when configured.
         let mut gateway = GatewayState {
             gw: Gateway::open().ok(),
-            seen: HashMap::new(),
+            seen: Vec::new(),
         };
         if let Some(gw) = gateway.gw.as_mut() {
             match gw.remove_stale() {
@@ -352,7 +375,7 @@ impl CanRouter {
                     *self.carried.entry(r.name.clone()).or_default() += t;
                 }
                 for job in &r.jobs {
-                    gw.gw()?.add(job)?;
+                    gw.add(job)?;
                 }
                 self.installed_jobs.insert(r.name.clone(), r.jobs.clone());
             }
@@ -465,7 +488,7 @@ impl CanRouter {
                     name: r.name.clone(),
                     slot: slot_of[r.name.as_str()],
                     ingress: r.ingress.clone(),
-                    jobs: r.jobs.iter().map(|j| j.uid).collect(),
+                    jobs: r.jobs.iter().map(Job::as_kernel_keeps_it).collect(),
                     carried: self.carried.get(&r.name).copied().unwrap_or_default(),
                 })
                 .collect(),

@@ -16,6 +16,8 @@ use super::{
     CanView,
     router::{GwTotals, IngressStats, RuleStats, SharedGateway, WatchMap},
 };
+use tracing::warn;
+
 use crate::{maps, metrics::encode_log2_hist};
 
 pub struct CanCollector {
@@ -57,19 +59,24 @@ impl Collector for CanCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let view = self.view.read().expect("view lock").clone();
         // can-gw's counters of our jobs, one netlink dump per scrape.
-        let jobs = self
-            .gateway
-            .lock()
-            .expect("lock")
-            .totals()
-            .unwrap_or_default();
+        let jobs = match self.gateway.lock().expect("lock").totals() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("reading can-gw's counters: {e}");
+                Vec::new()
+            }
+        };
         let rules: Vec<(&str, CanRuleStats, GwTotals)> = view
             .routes
             .iter()
             .map(|r| {
                 let mut gw = r.carried;
-                for uid in &r.jobs {
-                    gw += jobs.get(uid).copied().unwrap_or_default();
+                for job in &r.jobs {
+                    gw += jobs
+                        .iter()
+                        .find(|(j, _)| j == job)
+                        .map(|(_, t)| *t)
+                        .unwrap_or_default();
                 }
                 (r.name.as_str(), read_rule(&self.rules, r.slot), gw)
             })

@@ -26,11 +26,58 @@ pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
 }
 
 /// The value of one sample in Prometheus text, e.g. `metric(&text, "x_total{rule=\"a\"}")`.
+/// Labels may be given in any order.
 pub fn metric(text: &str, series: &str) -> anyhow::Result<f64> {
-    for line in text.lines() {
-        if let Some(v) = line.strip_prefix(series).and_then(|r| r.strip_prefix(' ')) {
+    let want = parse_series(series);
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((s, v)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if parse_series(s) == want {
             return Ok(v.trim().parse()?);
         }
     }
-    bail!("series {series} not in:\n{text}")
+    let name = series.split('{').next().unwrap_or(series);
+    let similar: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .take(20)
+        .collect();
+    bail!(
+        "series {series} not found; samples of {name}:\n{}",
+        similar.join("\n")
+    )
+}
+
+/// A series' name and its labels, sorted.
+fn parse_series(s: &str) -> (String, Vec<(String, String)>) {
+    let Some((name, rest)) = s.split_once('{') else {
+        return (s.trim().to_owned(), Vec::new());
+    };
+    let mut labels: Vec<(String, String)> = rest
+        .trim_end_matches('}')
+        .split("\",")
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim_matches('"').to_owned()))
+        })
+        .collect();
+    labels.sort();
+    (name.to_owned(), labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_match_in_any_order() {
+        let text = "# TYPE h histogram\nh_bucket{le=\"0.5\",iface=\"a0\",id=\"123\"} 7\nh_bucket{le=\"1\",iface=\"a0\",id=\"123\"} 9\n";
+        assert_eq!(
+            metric(text, "h_bucket{iface=\"a0\",id=\"123\",le=\"0.5\"}").unwrap(),
+            7.0
+        );
+        assert!(metric(text, "h_bucket{iface=\"a1\",id=\"123\",le=\"0.5\"}").is_err());
+    }
 }
