@@ -53,7 +53,7 @@ if [ "$setup_ok" = 1 ]; then
         start=$(now_cs)
         # One test at a time: under emulation parallel tests only compete for the two vCPUs,
         # and the end-to-end tests' timing assumptions get tighter.
-        timeout "$TEST_TIMEOUT" "/opt/edgeplane/tests/$t" --test-threads=1 ${FILTER:+"$FILTER"}
+        timeout "$TEST_TIMEOUT" "/opt/edgeplane/tests/$t" --test-threads=1 --nocapture ${FILTER:+"$FILTER"}
         rc=$?
         cs=$(($(now_cs) - start))
         secs="$((cs / 100)).$((cs / 10 % 10))"

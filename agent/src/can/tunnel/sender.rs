@@ -165,8 +165,10 @@ fn run(
                 send(&socket, b, metrics);
                 b.enc.push(&frame);
             }
+            // The deadline runs from the frame's arrival in the kernel, not from when this
+            // thread saw it: a late wake-up then shortens the wait instead of adding to it.
             if b.deadline == 0 {
-                b.deadline = monotonic_ns() + config.flush.as_nanos() as u64;
+                b.deadline = rec.ts_ns + config.flush.as_nanos() as u64;
             }
             b.arrivals.push(rec.ts_ns);
         }
