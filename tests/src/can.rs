@@ -74,6 +74,25 @@ pub fn vcan(ns: &Netns, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn stay_on_this_cpu() -> anyhow::Result<()> {
+    thread_local!(static PINNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if PINNED.get() {
+        return Ok(());
+    }
+    // SAFETY: plain syscalls on a zeroed cpu_set_t owned by this frame.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        anyhow::ensure!(cpu >= 0, "sched_getcpu: {}", std::io::Error::last_os_error());
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            anyhow::bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    PINNED.set(true);
+    Ok(())
+}
+
 /// A CAN_RAW socket with CAN FD frames enabled, bound to one interface.
 pub struct Bus {
     sock: CanFdSocket,
@@ -92,7 +111,12 @@ impl Bus {
         })
     }
 
+    /// Writes one frame. The calling thread stays on the CPU it first sent from: vxcan hands
+    /// each frame to the sending CPU's backlog, so a sender migrating between CPUs lets two
+    /// CPUs process its frames concurrently and reorder them, which a CAN controller's single
+    /// receive queue never does.
     pub fn send(&self, f: &Frame) -> anyhow::Result<()> {
+        stay_on_this_cpu()?;
         let raw = f.raw();
         let n = if f.fd { CANFD_MTU } else { CAN_MTU };
         // SAFETY: writes `n` bytes of a plain struct at least that long.
