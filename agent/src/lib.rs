@@ -10,9 +10,12 @@ pub mod dataplane;
 pub mod http;
 pub mod loader;
 mod maps;
+pub mod pinned;
+pub mod pins;
 pub mod metrics;
 pub mod netdev;
 mod slots;
+pub mod state;
 pub mod status;
 pub mod udp_forward;
 

@@ -172,3 +172,36 @@ impl Bus {
         out
     }
 }
+
+/// Asserts that `got` holds exactly the frames of `sent`, each CAN ID's frames in the order
+/// sent: CAN's ordering promise is per ID (arbitration orders different IDs by priority, and
+/// virtual CAN devices hand frames to the writing CPU's backlog, so a writer that migrates
+/// can interleave IDs differently). Prints how many frames changed places across IDs.
+pub fn assert_same_frames_in_id_order(got: &[Frame], sent: &[Frame], what: &str) {
+    let key = |f: &&Frame| (f.can_id, f.fd, f.flags, f.len, f.data.clone());
+    let (mut g, mut s): (Vec<_>, Vec<_>) = (got.iter().collect(), sent.iter().collect());
+    g.sort_by_key(key);
+    s.sort_by_key(key);
+    assert!(
+        g == s,
+        "{what}: {} frames arrived for {} sent, and they are not the same frames",
+        got.len(),
+        sent.len()
+    );
+    let mut ids: Vec<u32> = sent.iter().map(|f| f.can_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        let of = |v: &[Frame]| v.iter().filter(|f| f.can_id == id).cloned().collect::<Vec<_>>();
+        let (g, s) = (of(got), of(sent));
+        if let Some(i) = g.iter().zip(&s).position(|(a, b)| a != b) {
+            panic!(
+                "{what}: frames of ID {id:#x} out of order at their #{i}:\n  got:  {:?}\n  sent: {:?}",
+                &g[i..(i + 3).min(g.len())],
+                &s[i..(i + 3).min(s.len())]
+            );
+        }
+    }
+    let moved = got.iter().zip(sent).filter(|(a, b)| a != b).count();
+    eprintln!("{what}: {} frames, each ID in order; {moved} at another place across IDs", got.len());
+}
