@@ -5,8 +5,13 @@
 use std::time::Duration;
 
 use edgeplane_common::can::{CAN_EFF_FLAG, CAN_RTR_FLAG};
-use edgeplane_testbed::{agent::Agent, http, netns::Netns, require_root};
-use edgeplane_tests::can::{Bus, Frame, vcan, vxcan_pair};
+use edgeplane_testbed::{
+    agent::{self, Agent},
+    http,
+    netns::Netns,
+    require_root,
+};
+use edgeplane_tests::can::{Bus, Frame, assert_same_frames_in_id_order, vcan, vxcan_pair};
 
 /// A namespace with bus A (agent side `a0`, test side `a1`), bus B (`b0`/`b1`), both CAN FD,
 /// and a classic-only bus C (`c0`/`c1`).
@@ -436,4 +441,130 @@ fn gateway_client_adds_dumps_and_removes_jobs() {
     assert_eq!(c.handled, 1, "{jobs:?}");
     gw.remove(&job).unwrap();
     assert!(gw.dump().unwrap().iter().all(|(_, j)| *j != kept));
+}
+
+/// Frames flow (a routed ID without modifications, a routed ID with one, both watched) while
+/// the agent exits leaving the data plane running, nothing runs for a while, and a new agent
+/// takes over: every frame arrives, can-gw's jobs and the counters carry on, and `down`
+/// removes it all.
+#[test]
+fn restart_keeps_routing_and_counting() {
+    let b = Buses::new("canr");
+    let dir = edgeplane_testbed::bpffs::dir_for(&b.ns.name).unwrap();
+    struct LeftRunning<'a>(&'a str, &'a std::path::Path);
+    impl Drop for LeftRunning<'_> {
+        fn drop(&mut self) {
+            let _ = agent::down(self.0, self.1);
+        }
+    }
+    let _cleanup = LeftRunning(&b.ns.name, &dir);
+    let config = r#"[http]
+listen = "127.0.0.1:9464"
+
+[[can.route]]
+name = "plain"
+ingress = "a0"
+filter = "100:7FF"
+to = { iface = "b0" }
+
+[[can.route]]
+name = "mod"
+ingress = "a0"
+filter = "200:7FF"
+to = { iface = "b0" }
+modify = [{ op = "xor", data = "FF" }]
+
+[[can.watch]]
+iface = "a0"
+id = 0x100
+period_ms = 4
+"#;
+    let opts = agent::Start {
+        leave_running: true,
+        bpffs: Some(dir.clone()),
+    };
+    let mut first = Agent::start_with(&b.ns, config, "info", &opts).unwrap();
+    let (tx, rx) = (b.bus("a1"), b.bus("b1"));
+    let n = 1000u32;
+    let (got, second) = std::thread::scope(|s| {
+        let reader = s.spawn(|| rx.collect(QUIET, LIMIT));
+        // 0.5 s in: the agent exits; 100 ms later a new one starts, while frames flow.
+        let restart = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            let log = first.stop_and_log().unwrap();
+            assert!(log.contains("the data plane keeps running"), "{log}");
+            std::thread::sleep(Duration::from_millis(100));
+            Agent::start_with(&b.ns, config, "info", &opts).unwrap()
+        });
+        let start = std::time::Instant::now();
+        for i in 0..n {
+            // 0x100 and 0x200 in turn, one every 2 ms: 0x100 every 4 ms.
+            let due = start + Duration::from_millis(2 * u64::from(i));
+            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            let id = if i % 2 == 0 { 0x100 } else { 0x200 };
+            tx.send(&Frame::classic(id, &i.to_be_bytes())).unwrap();
+        }
+        let second = restart.join().unwrap();
+        (reader.join().unwrap(), second)
+    });
+    let mut want: Vec<Frame> = Vec::new();
+    for i in 0..n {
+        let mut d = i.to_be_bytes();
+        let id = if i % 2 == 0 {
+            0x100
+        } else {
+            d[0] ^= 0xff;
+            0x200
+        };
+        want.push(Frame::classic(id, &d));
+    }
+    assert_same_frames_in_id_order(&got, &want, "a -> b across the restart");
+
+    let m = b.metrics(&second);
+    let log = second.log_so_far();
+    assert!(log.contains("taking over the data plane"), "{log}");
+    let half = f64::from(n / 2);
+    for rule in ["plain", "mod"] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!("edgeplane_can_frames_total{{rule=\"{rule}\"}}")
+            ),
+            half,
+            "{rule}\n{m}"
+        );
+        // can-gw's job was adopted, not replaced: its counter covers the whole run.
+        assert_eq!(
+            metric(
+                &m,
+                &format!("edgeplane_can_routed_total{{rule=\"{rule}\"}}")
+            ),
+            half,
+            "{rule}\n{m}"
+        );
+    }
+    let watched = "iface=\"a0\",id=\"100\"";
+    assert_eq!(
+        metric(&m, &format!("edgeplane_can_id_frames_total{{{watched}}}")),
+        half
+    );
+    assert_eq!(
+        metric(
+            &m,
+            &format!("edgeplane_can_cycle_seconds_count{{{watched}}}")
+        ),
+        half - 1.0,
+        "the watch kept measuring across the restart\n{m}"
+    );
+    eprintln!(
+        "CAN restart: {n} frames sent, {} received; frames and routed counters {half} per rule after the restart",
+        got.len()
+    );
+
+    let out = agent::down(&b.ns.name, &dir).unwrap();
+    // Two routes, each a classic and a CAN FD job.
+    assert!(out.contains("removed 4 can-gw job(s)"), "{out}");
+    drop(second);
+    tx.send(&Frame::classic(0x100, &[1])).unwrap();
+    assert!(rx.collect(QUIET, LIMIT).is_empty(), "routed after down");
 }

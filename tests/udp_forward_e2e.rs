@@ -479,7 +479,11 @@ fn restart_loses_nothing(mode: &str) {
     let dir_arg = dir.to_str().unwrap();
     let list: serde_json::Value =
         serde_json::from_str(&cli(&line, &["prog", "list", "--json", "--bpffs", dir_arg])).unwrap();
-    let program = if mode == "xdp" { "udp_forward_xdp" } else { "udp_forward_tc" };
+    let program = if mode == "xdp" {
+        "udp_forward_xdp"
+    } else {
+        "udp_forward_tc"
+    };
     let p = list
         .as_array()
         .unwrap()
@@ -497,7 +501,11 @@ fn restart_loses_nothing(mode: &str) {
     assert!(!dir.exists(), "{} still exists after down", dir.display());
     second.stop_and_log().unwrap();
     let got = exchange(&line, true);
-    assert!(got.is_empty(), "{mode}: {} datagrams forwarded after down", got.len());
+    assert!(
+        got.is_empty(),
+        "{mode}: {} datagrams forwarded after down",
+        got.len()
+    );
 }
 
 #[test]

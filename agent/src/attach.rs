@@ -9,8 +9,8 @@
 use std::{fmt, io, path::PathBuf};
 
 use aya::programs::{
-    Link as _, ProgramError,
-    links::FdLink, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    Link as _, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    links::FdLink,
     links::PinnedLink,
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     xdp::XdpLink,
@@ -168,9 +168,7 @@ pub fn attach_program(
                         .map_err(|e| xdp_err(program, iface, e))?
                 }
             };
-            let link = xdp
-                .take_link(id)
-                .map_err(|e| xdp_err(program, iface, e))?;
+            let link = xdp.take_link(id).map_err(|e| xdp_err(program, iface, e))?;
             let link = FdLink::try_from(link).map_err(|e| pin_err(iface, &pin, e))?;
             if fresh {
                 let pinned = link.pin(&pin).map_err(|e| pin_err(iface, &pin, e))?;
@@ -203,7 +201,8 @@ pub fn attach_program(
             let id = match cls.attach_with_options(iface, TcAttachType::Ingress, options) {
                 Err(e) if is_eexist(&e) => {
                     // Ours from a previous agent: swap the program in the filter.
-                    let old = existing_tc_filter(iface).map_err(|e| tc_err(program, iface, e.into()))?;
+                    let old =
+                        existing_tc_filter(iface).map_err(|e| tc_err(program, iface, e.into()))?;
                     cls.attach_to_link(old)
                 }
                 other => other,
@@ -303,17 +302,17 @@ fn is_eexist(e: &ProgramError) -> bool {
     matches!(e, ProgramError::TcError(TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST))
 }
 
-fn xdp_program<'a>(prog: &'a mut Program, program: &str, iface: &str) -> Result<&'a mut Xdp, AttachError> {
+fn xdp_program<'a>(
+    prog: &'a mut Program,
+    program: &str,
+    iface: &str,
+) -> Result<&'a mut Xdp, AttachError> {
     match prog {
         Program::Xdp(p) => Ok(p),
-        other => Err(xdp_err(
-            program,
-            iface,
-            {
-                let _ = other;
-                ProgramError::UnexpectedProgramType
-            },
-        )),
+        other => Err(xdp_err(program, iface, {
+            let _ = other;
+            ProgramError::UnexpectedProgramType
+        })),
     }
 }
 
@@ -324,14 +323,10 @@ fn tc_program<'a>(
 ) -> Result<&'a mut SchedClassifier, AttachError> {
     match prog {
         Program::SchedClassifier(p) => Ok(p),
-        other => Err(tc_err(
-            program,
-            iface,
-            {
-                let _ = other;
-                ProgramError::UnexpectedProgramType
-            },
-        )),
+        other => Err(tc_err(program, iface, {
+            let _ = other;
+            ProgramError::UnexpectedProgramType
+        })),
     }
 }
 
@@ -362,4 +357,3 @@ fn pin_err(
         source: e.into(),
     }
 }
-

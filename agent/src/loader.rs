@@ -126,7 +126,12 @@ fn pinned_maps(pins: &PinDir) -> Result<Vec<(String, std::path::PathBuf)>, LoadE
                     pinned.value_size(),
                     pinned.max_entries(),
                 ),
-                layout(Some(def.map_type()), def.key_size(), def.value_size(), def.max_entries()),
+                layout(
+                    Some(def.map_type()),
+                    def.key_size(),
+                    def.value_size(),
+                    def.max_entries(),
+                ),
             );
             if have != want {
                 warn!(

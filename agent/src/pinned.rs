@@ -6,10 +6,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use aya::programs::{
-    Program, ProgramInfo, SchedClassifier, Xdp,
-
-};
+use aya::programs::{Program, ProgramInfo, SchedClassifier, Xdp};
 use serde::Serialize;
 
 use crate::{
@@ -52,7 +49,9 @@ pub enum PinnedError {
          `systemctl stop edgeplane` or `kill -9 {pid}`, then run `edgeplane down` again"
     )]
     StillRunning { pid: u32, secs: u64 },
-    #[error("cannot signal the agent (pid {pid}): {source}; stop it, then run `edgeplane down` again")]
+    #[error(
+        "cannot signal the agent (pid {pid}): {source}; stop it, then run `edgeplane down` again"
+    )]
     Signal {
         pid: u32,
         #[source]
@@ -115,10 +114,11 @@ pub fn inventory(dir: &Path) -> Result<Option<Inventory>, PinnedError> {
     let (state, state_error) = read_state(&pins);
     let mut programs = Vec::new();
     for name in pins.programs()? {
-        let info = ProgramInfo::from_pin(pins.program(&name)).map_err(|e| PinnedError::Program {
-            what: name.clone(),
-            source: Box::new(e),
-        })?;
+        let info =
+            ProgramInfo::from_pin(pins.program(&name)).map_err(|e| PinnedError::Program {
+                what: name.clone(),
+                source: Box::new(e),
+            })?;
         programs.push(describe(&name, &info, &state.attachments));
     }
     let other_attachments = state
@@ -202,7 +202,8 @@ fn locked(dir: &Path) -> Result<(PinDir, DirLock, StateStore), PinnedError> {
 /// way the agent does, and records it so that the next agent takes it over.
 pub fn attach_pinned(dir: &Path, name: &str, iface: &str) -> Result<AttachmentRecord, PinnedError> {
     let (pins, _lock, mut store) = locked(dir)?;
-    let ifindex = netdev::index(iface).ok_or_else(|| PinnedError::NoSuchInterface(iface.to_owned()))?;
+    let ifindex =
+        netdev::index(iface).ok_or_else(|| PinnedError::NoSuchInterface(iface.to_owned()))?;
     let path = pins.program(name);
     if !path.exists() {
         return Err(PinnedError::NoSuchProgram {
@@ -220,7 +221,10 @@ pub fn attach_pinned(dir: &Path, name: &str, iface: &str) -> Result<AttachmentRe
     };
     let (mut program, hook) = match kind_name(&info) {
         "xdp" => (
-            Program::Xdp(Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface).map_err(program_err)?),
+            Program::Xdp(
+                Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface)
+                    .map_err(program_err)?,
+            ),
             Hook::Xdp,
         ),
         _ => (
@@ -273,7 +277,11 @@ pub struct Removed {
 /// Removes the data plane pinned in `dir`: stops a running agent first (SIGTERM, then waits up
 /// to `wait` for it to exit), detaches every program, removes our can-gw jobs and unpins it all.
 /// `progress` hears about each step.
-pub fn down(dir: &Path, wait: Duration, mut progress: impl FnMut(&str)) -> Result<Removed, PinnedError> {
+pub fn down(
+    dir: &Path,
+    wait: Duration,
+    mut progress: impl FnMut(&str),
+) -> Result<Removed, PinnedError> {
     let mut removed = Removed::default();
     let pins = match PinDir::existing(dir) {
         Ok(p) if dir.exists() => p,
@@ -282,7 +290,9 @@ pub fn down(dir: &Path, wait: Duration, mut progress: impl FnMut(&str)) -> Resul
     };
     let (state, state_error) = read_state(&pins);
     if let Some(e) = state_error {
-        progress(&format!("warning: {e}; removing what can be found without it"));
+        progress(&format!(
+            "warning: {e}; removing what can be found without it"
+        ));
     }
     let lock = match pins.lock(|| None) {
         Ok(l) => l,
@@ -300,7 +310,10 @@ pub fn down(dir: &Path, wait: Duration, mut progress: impl FnMut(&str)) -> Resul
     for r in &state.attachments {
         if let Some(a) = attach::recorded(&pins, r) {
             attach::detach(a)?;
-            progress(&format!("detached {} from {} ({})", r.program, r.iface, r.hook));
+            progress(&format!(
+                "detached {} from {} ({})",
+                r.program, r.iface, r.hook
+            ));
             removed.detached.push(r.clone());
         }
     }
@@ -365,9 +378,21 @@ fn remove_jobs(state: &AgentState) -> Result<usize, PinnedError> {
     for (_, job) in jobs {
         let ours = job.uid & UID_PREFIX_MASK == UID_PREFIX
             || plain.iter().any(|p| {
-                (p.src_ifindex, p.dst_ifindex, p.filter_id, p.filter_mask, p.flags, p.hops)
-                    == (job.src_ifindex, job.dst_ifindex, job.filter_id, job.filter_mask, job.flags, job.hops)
-                    && job.mods.is_empty()
+                (
+                    p.src_ifindex,
+                    p.dst_ifindex,
+                    p.filter_id,
+                    p.filter_mask,
+                    p.flags,
+                    p.hops,
+                ) == (
+                    job.src_ifindex,
+                    job.dst_ifindex,
+                    job.filter_id,
+                    job.filter_mask,
+                    job.flags,
+                    job.hops,
+                ) && job.mods.is_empty()
             });
         if ours {
             gw.remove(&job)?;

@@ -82,7 +82,11 @@ fn stay_on_this_cpu() -> anyhow::Result<()> {
     // SAFETY: plain syscalls on a zeroed cpu_set_t owned by this frame.
     unsafe {
         let cpu = libc::sched_getcpu();
-        anyhow::ensure!(cpu >= 0, "sched_getcpu: {}", std::io::Error::last_os_error());
+        anyhow::ensure!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu as usize, &mut set);
         if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
@@ -192,7 +196,12 @@ pub fn assert_same_frames_in_id_order(got: &[Frame], sent: &[Frame], what: &str)
     ids.sort_unstable();
     ids.dedup();
     for id in ids {
-        let of = |v: &[Frame]| v.iter().filter(|f| f.can_id == id).cloned().collect::<Vec<_>>();
+        let of = |v: &[Frame]| {
+            v.iter()
+                .filter(|f| f.can_id == id)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
         let (g, s) = (of(got), of(sent));
         if let Some(i) = g.iter().zip(&s).position(|(a, b)| a != b) {
             panic!(
@@ -203,5 +212,8 @@ pub fn assert_same_frames_in_id_order(got: &[Frame], sent: &[Frame], what: &str)
         }
     }
     let moved = got.iter().zip(sent).filter(|(a, b)| a != b).count();
-    eprintln!("{what}: {} frames, each ID in order; {moved} at another place across IDs", got.len());
+    eprintln!(
+        "{what}: {} frames, each ID in order; {moved} at another place across IDs",
+        got.len()
+    );
 }

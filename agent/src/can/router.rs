@@ -262,7 +262,11 @@ impl CanRouter {
     /// Takes over what a previous agent left: slot owners, the pinned maps' contents, its
     /// can-gw jobs and its attachments (which keep running until [`Self::apply`] swaps this
     /// agent's program in). Jobs with our user id that no route owns are removed.
-    pub fn adopt(&mut self, state: &CanState, attachments: &[AttachmentRecord]) -> Result<(), CanRouterError> {
+    pub fn adopt(
+        &mut self,
+        state: &CanState,
+        attachments: &[AttachmentRecord],
+    ) -> Result<(), CanRouterError> {
         self.rule_slots = Slots::with_owners(0, MAX_RULES, &state.routes);
         self.ingress_slots = Slots::with_owners(0, MAX_INGRESS, &state.ingress);
         for entry in self.ingress_map.iter() {
@@ -286,7 +290,10 @@ impl CanRouter {
             let owner = if job.uid & UID_PREFIX_MASK == UID_PREFIX {
                 let owner = owner_of_slot.get(&((job.uid & !UID_PREFIX_MASK) >> 1));
                 if owner.is_none() {
-                    info!(uid = format_args!("{:#x}", job.uid), "removing a can-gw job of ours that no route owns");
+                    info!(
+                        uid = format_args!("{:#x}", job.uid),
+                        "removing a can-gw job of ours that no route owns"
+                    );
                     self.gateway.lock().expect("lock").gw()?.remove(&job)?;
                 }
                 owner
@@ -299,7 +306,10 @@ impl CanRouter {
                     .map(|(name, _)| name)
             };
             if let Some(name) = owner {
-                self.installed_jobs.entry(name.clone()).or_default().push(job);
+                self.installed_jobs
+                    .entry(name.clone())
+                    .or_default()
+                    .push(job);
             }
         }
         for r in attachments.iter().filter(|r| r.program == PROGRAM) {
@@ -670,7 +680,16 @@ impl CanRouter {
 /// Jobs compared as can-gw reports them, in a stable order.
 fn as_kernel_keeps_them(jobs: &[Job]) -> Vec<Job> {
     let mut v: Vec<Job> = jobs.iter().map(Job::as_kernel_keeps_it).collect();
-    v.sort_by_key(|j| (j.src_ifindex, j.dst_ifindex, j.flags, j.filter_id, j.filter_mask, j.uid));
+    v.sort_by_key(|j| {
+        (
+            j.src_ifindex,
+            j.dst_ifindex,
+            j.flags,
+            j.filter_id,
+            j.filter_mask,
+            j.uid,
+        )
+    });
     v
 }
 

@@ -142,8 +142,9 @@ impl Collector for CanCollector {
                 ("error", s.error),
                 ("other", s.other),
             ] {
-                ConstCounter::new(v)
-                    .encode(family.encode_family(&[("iface", i.iface.as_str()), ("kind", kind)])?)?;
+                ConstCounter::new(v).encode(
+                    family.encode_family(&[("iface", i.iface.as_str()), ("kind", kind)])?,
+                )?;
             }
         }
         let mut family = encoder.encode_descriptor(

@@ -31,10 +31,15 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("no status code in the HTTP response")?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
     Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 

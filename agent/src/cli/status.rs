@@ -30,7 +30,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.json {
             println!("null");
         } else {
-            println!("nothing is pinned in {}: no data plane, no agent", dir.display());
+            println!(
+                "nothing is pinned in {}: no data plane, no agent",
+                dir.display()
+            );
         }
         return Ok(());
     };
@@ -74,7 +77,11 @@ fn print(s: &Status) {
         ),
         (None, running) => println!(
             "agent:      {}",
-            if running { "running (no record yet)" } else { "not running" }
+            if running {
+                "running (no record yet)"
+            } else {
+                "not running"
+            }
         ),
     }
     println!("data plane: pinned in {}", inv.dir.display());
@@ -86,7 +93,11 @@ fn print(s: &Status) {
             (Some(r), _) => println!(
                 "http:       {} ({})",
                 a.http,
-                if r["ready"] == true { "ready" } else { "not ready" }
+                if r["ready"] == true {
+                    "ready"
+                } else {
+                    "not ready"
+                }
             ),
             (None, Some(e)) => println!("http:       {} (unreachable: {e})", a.http),
             (None, None) => {}
@@ -106,7 +117,11 @@ fn print(s: &Status) {
         })
         .collect();
     table::print(&["ID", "PROGRAM", "TYPE", "ATTACHED TO"], &rows);
-    if let Some(components) = s.readiness.as_ref().and_then(|r| r["components"].as_array()) {
+    if let Some(components) = s
+        .readiness
+        .as_ref()
+        .and_then(|r| r["components"].as_array())
+    {
         println!();
         let rows: Vec<Vec<String>> = components
             .iter()

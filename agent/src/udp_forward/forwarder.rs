@@ -125,7 +125,11 @@ impl UdpForwarder {
     /// Takes over what a previous agent left: its slot owners, what its maps hold (they are
     /// the pinned ones), and its attachments, which keep running until [`Self::apply`] puts
     /// this agent's program in their place.
-    pub fn adopt(&mut self, state: &UdpState, attachments: &[AttachmentRecord]) -> Result<(), UdpForwardError> {
+    pub fn adopt(
+        &mut self,
+        state: &UdpState,
+        attachments: &[AttachmentRecord],
+    ) -> Result<(), UdpForwardError> {
         self.rule_slots = Slots::with_owners(0, MAX_RULES, &state.rules);
         self.ingress_slots = Slots::with_owners(MAX_RULES, MAX_INGRESS, &state.ingress);
         for entry in self.rules_map.iter() {
@@ -138,8 +142,10 @@ impl UdpForwarder {
         }
         for ifindex in self.egress_map.keys() {
             let ifindex = ifindex.map_err(map_err(EGRESS_MAP))?;
-            self.egress
-                .insert(ifindex, netdev::name(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}")));
+            self.egress.insert(
+                ifindex,
+                netdev::name(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}")),
+            );
         }
         for r in attachments
             .iter()
@@ -362,7 +368,11 @@ impl UdpForwarder {
         // the maps hold what it needs.
         for (iface, ifindex) in take_over {
             let hook = self.attachments[&iface].hook;
-            let program = if hook == Hook::Xdp { XDP_PROGRAM } else { TC_PROGRAM };
+            let program = if hook == Hook::Xdp {
+                XDP_PROGRAM
+            } else {
+                TC_PROGRAM
+            };
             match attach::attach(ebpf, &self.pins, program, hook, &iface, ifindex) {
                 Ok(a) => {
                     info!(iface, %hook, "udp_forward taken over from the previous agent");
@@ -458,13 +468,28 @@ fn attach_ingress(
                     "auto mode: veth involved, using tc (XDP redirects into a veth need XDP on its peer)"
                 );
             }
-            Ok(attach::attach(ebpf, pins, TC_PROGRAM, Hook::Tc, iface, ifindex)?)
+            Ok(attach::attach(
+                ebpf,
+                pins,
+                TC_PROGRAM,
+                Hook::Tc,
+                iface,
+                ifindex,
+            )?)
         }
-        Wanted::XdpOrTc => match attach::attach(ebpf, pins, XDP_PROGRAM, Hook::Xdp, iface, ifindex) {
+        Wanted::XdpOrTc => match attach::attach(ebpf, pins, XDP_PROGRAM, Hook::Xdp, iface, ifindex)
+        {
             Ok(a) => Ok(a),
             Err(e) => {
                 warn!(iface, "auto mode: XDP unavailable, falling back to tc: {e}");
-                Ok(attach::attach(ebpf, pins, TC_PROGRAM, Hook::Tc, iface, ifindex)?)
+                Ok(attach::attach(
+                    ebpf,
+                    pins,
+                    TC_PROGRAM,
+                    Hook::Tc,
+                    iface,
+                    ifindex,
+                )?)
             }
         },
     }

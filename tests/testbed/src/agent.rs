@@ -63,7 +63,12 @@ impl Agent {
     }
 
     /// [`Agent::start`] with options.
-    pub fn start_with(ns: &Netns, config: &str, log_level: &str, opts: &Start) -> anyhow::Result<Self> {
+    pub fn start_with(
+        ns: &Netns,
+        config: &str,
+        log_level: &str,
+        opts: &Start,
+    ) -> anyhow::Result<Self> {
         let bin = binary();
         if !bin.is_file() {
             bail!(

@@ -33,7 +33,10 @@ pub fn dir_for(name: &str) -> anyhow::Result<PathBuf> {
             )
         };
         if rc != 0 && !is_bpffs(root) {
-            bail!("mounting bpffs at {ROOT}: {}", std::io::Error::last_os_error());
+            bail!(
+                "mounting bpffs at {ROOT}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     *mounted = true;

@@ -13,7 +13,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = args.target.dir()?;
-    let programs = pinned::inventory(&dir)?.map(|i| i.programs).unwrap_or_default();
+    let programs = pinned::inventory(&dir)?
+        .map(|i| i.programs)
+        .unwrap_or_default();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&programs)?);
         return Ok(());
@@ -27,12 +29,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 p.name.clone(),
                 p.kind.to_owned(),
                 p.tag.clone(),
-                p.loaded_at
-                    .map_or("-".into(), |t| format!("{} ago", table::age(now.saturating_sub(t)))),
+                p.loaded_at.map_or("-".into(), |t| {
+                    format!("{} ago", table::age(now.saturating_sub(t)))
+                }),
                 attached_list(p),
             ]
         })
         .collect();
-    table::print(&["ID", "NAME", "TYPE", "TAG", "LOADED", "ATTACHED TO"], &rows);
+    table::print(
+        &["ID", "NAME", "TYPE", "TAG", "LOADED", "ATTACHED TO"],
+        &rows,
+    );
     Ok(())
 }

@@ -36,7 +36,9 @@ struct MapRow {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = args.target.dir()?;
-    let programs = pinned::inventory(&dir)?.map(|i| i.programs).unwrap_or_default();
+    let programs = pinned::inventory(&dir)?
+        .map(|i| i.programs)
+        .unwrap_or_default();
     let p = programs
         .iter()
         .find(|p| p.name == args.program || p.id.to_string() == args.program)
@@ -63,7 +65,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&Shown { program: p, maps })?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Shown { program: p, maps })?
+        );
         return Ok(());
     }
     let now = pinned::now_unix();
@@ -75,8 +80,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ("tag", p.tag.clone()),
         (
             "loaded",
-            p.loaded_at
-                .map_or("-".into(), |t| format!("{} ago", table::age(now.saturating_sub(t)))),
+            p.loaded_at.map_or("-".into(), |t| {
+                format!("{} ago", table::age(now.saturating_sub(t)))
+            }),
         ),
         ("translated", format!("{} bytes", opt(p.translated_bytes))),
         ("jited", format!("{} bytes", p.jited_bytes)),
@@ -112,6 +118,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    table::print(&["MAP ID", "NAME", "TYPE", "KEY", "VALUE", "MAX ENTRIES"], &rows);
+    table::print(
+        &["MAP ID", "NAME", "TYPE", "KEY", "VALUE", "MAX ENTRIES"],
+        &rows,
+    );
     Ok(())
 }
