@@ -568,3 +568,106 @@ period_ms = 4
     tx.send(&Frame::classic(0x100, &[1])).unwrap();
     assert!(rx.collect(QUIET, LIMIT).is_empty(), "routed after down");
 }
+
+/// CAN interfaces disappear while the agent runs (a watched vcan, a route's destination): it
+/// reports them missing, keeps the rest running, and installs everything again when they are
+/// back, counters continuing.
+#[test]
+fn interfaces_that_come_and_go_are_followed() {
+    let b = Buses::new("cang");
+    vcan(&b.ns, "v0").unwrap();
+    let agent = b.agent(
+        r#"[[can.route]]
+name = "r"
+ingress = "a0"
+filter = "100:7FF"
+to = { iface = "b0" }
+
+[[can.watch]]
+iface = "v0"
+id = 0x42
+period_ms = 10
+"#,
+    );
+    let readyz = |code: u16| -> serde_json::Value {
+        let _in = b.ns.enter().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (c, body) = http::get(agent.metrics, "/readyz").unwrap();
+            if c == code {
+                return serde_json::from_str(&body).unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "/readyz {c}: {body}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let missing = |name: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let body = readyz(503);
+            let state = body["components"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .map(|c| c["state"].clone());
+            if state == Some("interface_missing".into()) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} not missing: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let routed_one = || {
+        let (tx, rx) = (b.bus("a1"), b.bus("b1"));
+        tx.send(&Frame::classic(0x100, &[7])).unwrap();
+        rx.collect(QUIET, LIMIT)
+    };
+    assert_eq!(routed_one().len(), 1);
+
+    // The watched vcan goes; the route does not notice.
+    b.ns.ip(&["link", "del", "v0"]).unwrap();
+    missing("can_watch/v0");
+    assert_eq!(routed_one().len(), 1, "the route stopped while v0 was gone");
+    // can-gw deletes a job with its counters when an interface goes: the agent carries what
+    // it read last (every scrape reads them).
+    b.metrics(&agent);
+
+    // The route's destination goes too; both come back.
+    b.ns.ip(&["link", "del", "b0"]).unwrap();
+    missing("can_route/b0");
+    vxcan_pair(&b.ns, "b0", "b1", true).unwrap();
+    vcan(&b.ns, "v0").unwrap();
+    readyz(200);
+    assert_eq!(routed_one().len(), 1, "the route after b0 came back");
+
+    let v = b.bus("v0");
+    v.send(&Frame::classic(0x42, &[1])).unwrap();
+    v.send(&Frame::classic(0x42, &[2])).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let m = b.metrics(&agent);
+    assert_eq!(
+        metric(&m, "edgeplane_can_frames_total{rule=\"r\"}"),
+        3.0,
+        "{m}"
+    );
+    // can-gw dropped the job with b0; the new job's count adds to the old one's.
+    assert_eq!(
+        metric(&m, "edgeplane_can_routed_total{rule=\"r\"}"),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "edgeplane_can_id_frames_total{iface=\"v0\",id=\"042\"}"),
+        2.0,
+        "{m}"
+    );
+    let log = agent.log_so_far();
+    assert!(
+        log.contains("interface missing") && log.contains("interface back"),
+        "{log}"
+    );
+}
