@@ -34,6 +34,18 @@ pub enum Hook {
     Xdp,
     /// tc clsact ingress.
     Tc,
+    /// tc clsact egress.
+    TcEgress,
+}
+
+impl Hook {
+    fn tc_attach_type(self) -> TcAttachType {
+        if self == Self::TcEgress {
+            TcAttachType::Egress
+        } else {
+            TcAttachType::Ingress
+        }
+    }
 }
 
 impl fmt::Display for Hook {
@@ -41,6 +53,7 @@ impl fmt::Display for Hook {
         f.write_str(match self {
             Self::Xdp => "xdp",
             Self::Tc => "tc",
+            Self::TcEgress => "tc_egress",
         })
     }
 }
@@ -109,7 +122,7 @@ pub enum AttachError {
         #[source]
         source: TcError,
     },
-    #[error("attaching `{program}` to {iface} at tc ingress failed: {source}")]
+    #[error("attaching `{program}` to {iface} at tc failed: {source}")]
     Tc {
         program: String,
         iface: String,
@@ -180,7 +193,7 @@ pub fn attach_program(
                 Held::Xdp { link, pin }
             }
         }
-        Hook::Tc => {
+        Hook::Tc | Hook::TcEgress => {
             // Kernels before 6.6 (no tcx) attach through the clsact qdisc; it may already exist.
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) => {}
@@ -198,11 +211,11 @@ pub fn attach_program(
                 handle: TC_HANDLE,
                 ..NlOptions::default()
             });
-            let id = match cls.attach_with_options(iface, TcAttachType::Ingress, options) {
+            let id = match cls.attach_with_options(iface, hook.tc_attach_type(), options) {
                 Err(e) if is_eexist(&e) => {
                     // Ours from a previous agent: swap the program in the filter.
-                    let old =
-                        existing_tc_filter(iface).map_err(|e| tc_err(program, iface, e.into()))?;
+                    let old = existing_tc_filter(iface, hook)
+                        .map_err(|e| tc_err(program, iface, e.into()))?;
                     cls.attach_to_link(old)
                 }
                 other => other,
@@ -235,11 +248,11 @@ pub fn recorded(pins: &PinDir, r: &AttachmentRecord) -> Option<Attachment> {
                 pin,
             }
         }
-        Hook::Tc => {
+        Hook::Tc | Hook::TcEgress => {
             if crate::netdev::index(&r.iface) != Some(r.ifindex) {
                 return None;
             }
-            Held::Tc(existing_tc_filter(&r.iface).ok()?)
+            Held::Tc(existing_tc_filter(&r.iface, r.hook).ok()?)
         }
     };
     Some(Attachment {
@@ -304,9 +317,9 @@ pub fn detach(mut a: Attachment) -> Result<(), AttachError> {
     }
 }
 
-/// A handle on our filter in `iface`'s clsact ingress.
-fn existing_tc_filter(iface: &str) -> io::Result<SchedClassifierLink> {
-    SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)
+/// A handle on our filter in `iface`'s clsact ingress or egress.
+fn existing_tc_filter(iface: &str, hook: Hook) -> io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(iface, hook.tc_attach_type(), TC_PRIORITY, TC_HANDLE, None)
 }
 
 fn is_eexist(e: &ProgramError) -> bool {

@@ -36,6 +36,11 @@ pub enum PinnedError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    #[error(
+        "`{name}` is a {kind} program: it attaches to a kernel event, not to an interface, and \
+         the agent does that"
+    )]
+    NotAttachable { name: String, kind: &'static str },
     #[error("interface {0} does not exist")]
     NoSuchInterface(String),
     #[error("`{program}` is not attached to {iface}")]
@@ -180,6 +185,8 @@ fn kind_name(info: &ProgramInfo) -> &'static str {
     match info.program_type() {
         bpf_prog_type::BPF_PROG_TYPE_XDP => "xdp",
         bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS => "sched_cls",
+        bpf_prog_type::BPF_PROG_TYPE_KPROBE => "kprobe",
+        bpf_prog_type::BPF_PROG_TYPE_TRACEPOINT => "tracepoint",
         _ => "other",
     }
 }
@@ -227,10 +234,20 @@ pub fn attach_pinned(dir: &Path, name: &str, iface: &str) -> Result<AttachmentRe
             ),
             Hook::Xdp,
         ),
-        _ => (
+        "sched_cls" => (
             Program::SchedClassifier(SchedClassifier::from_pin(&path).map_err(program_err)?),
-            Hook::Tc,
+            if name == edgeplane_common::latency::EGRESS_PROGRAM {
+                Hook::TcEgress
+            } else {
+                Hook::Tc
+            },
         ),
+        kind => {
+            return Err(PinnedError::NotAttachable {
+                name: name.to_owned(),
+                kind,
+            });
+        }
     };
     let a = attach::attach_program(&mut program, &pins, name, hook, iface, ifindex)?;
     let record = a.record();

@@ -60,6 +60,8 @@ pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileEr
         hops: r.hops,
         _pad: 0,
         tunnel: 0,
+        egress: 0,
+        _pad2: 0,
     };
     let (mut peer, mut jobs) = (None, Vec::new());
     match (&r.to, r.action) {
@@ -69,6 +71,7 @@ pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileEr
             if let Some(iface) = &t.iface {
                 rule.action = action::ROUTE;
                 let egress = ifindex(iface)?;
+                rule.egress = egress;
                 let fd = host.is_fd(iface);
                 if fd {
                     rule.flags |= rule_flag::EGRESS_FD;

@@ -4,6 +4,7 @@
 //! (`udp.forward[1].match.dst_port`), so nothing is attached from a config that is wrong.
 
 mod can;
+mod latency;
 mod udp;
 
 use std::{
@@ -14,7 +15,7 @@ use std::{
 
 use serde::Deserialize;
 
-pub use self::{can::*, udp::*};
+pub use self::{can::*, latency::*, udp::*};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +28,8 @@ pub struct Config {
     pub can: CanConfig,
     #[serde(default)]
     pub agent: AgentConfig,
+    #[serde(default)]
+    pub latency: LatencyCapture,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -161,6 +164,7 @@ impl Config {
         let mut problems = Vec::new();
         self.udp.host_problems(&mut problems);
         self.can.host_problems(&mut problems);
+        self.latency.host_problems(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -175,6 +179,7 @@ impl Config {
         let mut out = Vec::new();
         self.udp.problems(&mut out);
         self.can.problems(&mut out);
+        self.latency.problems(&mut out);
         if !self.agent.bpffs.is_absolute() {
             out.push(Problem {
                 key: "agent.bpffs".into(),

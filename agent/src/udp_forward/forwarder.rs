@@ -235,7 +235,8 @@ impl UdpForwarder {
             let wanted = wanted_hook(mode, iface, egresses);
             let current = self.attachments.get(iface);
             let keep = match (current, &wanted) {
-                (Some(a), Wanted::Exactly(h)) => a.ifindex == *ifindex && a.hook == *h,
+                (Some(a), Wanted::Xdp) => a.ifindex == *ifindex && a.hook == Hook::Xdp,
+                (Some(a), Wanted::Tc) => a.ifindex == *ifindex && a.hook == Hook::Tc,
                 (Some(a), Wanted::XdpOrTc) => a.ifindex == *ifindex,
                 (None, _) => false,
             };
@@ -430,19 +431,20 @@ impl UdpForwarder {
 }
 
 enum Wanted {
-    Exactly(Hook),
+    Xdp,
+    Tc,
     /// auto mode on a physical interface: XDP if the driver takes it, else tc.
     XdpOrTc,
 }
 
 fn wanted_hook(mode: AttachMode, ingress: &str, egresses: &BTreeSet<&str>) -> Wanted {
     match mode {
-        AttachMode::Xdp => Wanted::Exactly(Hook::Xdp),
-        AttachMode::Tc => Wanted::Exactly(Hook::Tc),
+        AttachMode::Xdp => Wanted::Xdp,
+        AttachMode::Tc => Wanted::Tc,
         AttachMode::Auto
             if netdev::is_veth(ingress) || egresses.iter().any(|e| netdev::is_veth(e)) =>
         {
-            Wanted::Exactly(Hook::Tc)
+            Wanted::Tc
         }
         AttachMode::Auto => Wanted::XdpOrTc,
     }
@@ -457,7 +459,7 @@ fn attach_ingress(
     ifindex: u32,
 ) -> Result<Attachment, UdpForwardError> {
     match wanted {
-        Wanted::Exactly(Hook::Xdp) => Ok(attach::attach(
+        Wanted::Xdp => Ok(attach::attach(
             ebpf,
             pins,
             XDP_PROGRAM,
@@ -465,7 +467,7 @@ fn attach_ingress(
             iface,
             ifindex,
         )?),
-        Wanted::Exactly(Hook::Tc) => {
+        Wanted::Tc => {
             if mode == AttachMode::Auto {
                 info!(
                     iface,

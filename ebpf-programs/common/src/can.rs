@@ -101,8 +101,11 @@ pub struct CanRule {
     pub _pad: u8,
     /// Tunnel id for [`action::TUNNEL`].
     pub tunnel: u32,
+    /// [`action::ROUTE`]: the netdev can-gw sends to, where the frame's latency ends.
+    pub egress: u32,
+    pub _pad2: u32,
 }
-crate::assert_size!(CanRule, 16);
+crate::assert_size!(CanRule, 24);
 
 /// Per-interface settings, keyed by ifindex.
 #[repr(C)]
@@ -216,7 +219,9 @@ pub struct CanTunnelRecord {
     pub ifindex: u32,
     /// Nonzero for CAN FD.
     pub fd: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// The route's slot, for its latency histogram.
+    pub slot: u32,
     pub frame: CanFrame,
 }
 crate::assert_size!(CanTunnelRecord, 24 + CANFD_MTU);

@@ -2,8 +2,8 @@
 
 /// Bucket `k` counts values below `2^(MIN_SHIFT + k)` ns (and at least the previous bound);
 /// the last bucket counts everything from `2^(MIN_SHIFT + BUCKETS - 2)` ns up.
-pub const MIN_SHIFT: u32 = 10; // 1.024 µs
-pub const BUCKETS: usize = 28; // last finite bound 2^36 ns ≈ 68.7 s
+pub const MIN_SHIFT: u32 = 7; // 128 ns: forwarding in the kernel takes a few hundred
+pub const BUCKETS: usize = 31; // last finite bound 2^36 ns ≈ 68.7 s
 
 /// The bucket of a value, in constant time.
 #[inline(always)]
@@ -58,11 +58,11 @@ mod tests {
     #[test]
     fn buckets_are_log2_with_open_ends() {
         assert_eq!(bucket(0), 0);
-        assert_eq!(bucket(1023), 0);
-        assert_eq!(bucket(1024), 1);
-        assert_eq!(bucket(2047), 1);
-        assert_eq!(bucket(2048), 2);
-        assert_eq!(bucket(10_000_000), 14); // 10 ms < 2^24 ns = 16.8 ms
+        assert_eq!(bucket(127), 0);
+        assert_eq!(bucket(128), 1);
+        assert_eq!(bucket(255), 1);
+        assert_eq!(bucket(256), 2);
+        assert_eq!(bucket(10_000_000), 17); // 10 ms < 2^24 ns = 16.8 ms
         assert_eq!(bucket(u64::MAX), BUCKETS - 1);
         for ns in [1u64, 999, 1024, 5_000, 10_000_000, 1 << 35, (1 << 36) - 1] {
             let k = bucket(ns);

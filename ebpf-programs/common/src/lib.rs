@@ -6,6 +6,7 @@
 
 pub mod can;
 pub mod hist;
+pub mod latency;
 pub mod udp_forward;
 
 /// Passes every frame; see `xdp_pass.rs`.

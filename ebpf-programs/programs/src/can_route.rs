@@ -6,8 +6,6 @@
 //! Routes to another CAN netdev are counted here but sent by the kernel's can-gw (programmed by
 //! the agent): `bpf_redirect` refuses skbs without a link-layer header, which CAN skbs are.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_load_bytes},
@@ -22,10 +20,13 @@ use edgeplane_common::{
         CanWatchKey, DropReason, ETH_P_CAN, ETH_P_CANFD, MAX_INGRESS, MAX_RULES,
         MAX_RULES_PER_IFACE, MAX_TUNNEL_SOCKETS, MAX_WATCHES, action, rule_flag,
     },
-    hist::{Log2Hist, bucket},
 };
 
-use crate::verifier::opaque;
+use crate::{
+    atomic_hist::{add, record},
+    latency,
+    verifier::opaque,
+};
 
 #[map]
 static CAN_RULES: Array<CanRule> = Array::with_max_entries(MAX_RULES, 0);
@@ -117,6 +118,8 @@ fn try_can_route(ctx: &TcContext) -> Option<i32> {
     if cookie != 0 && unsafe { CAN_TUNNEL_SOCKETS.get(&cookie) }.is_some() {
         info.hops = 1;
     }
+    let latency = latency::forwarding();
+    let mut handed_off = false;
     let mut verdict = TC_ACT_UNSPEC;
     for i in 0..MAX_RULES_PER_IFACE {
         if i >= usize::from(ingress.count) {
@@ -141,9 +144,18 @@ fn try_can_route(ctx: &TcContext) -> Option<i32> {
             action::ROUTE if fd && rule.flags & rule_flag::EGRESS_FD == 0 => {
                 Err(DropReason::FdToClassic)
             }
-            // can-gw sends it and counts that.
-            action::ROUTE => Ok(false),
-            action::TUNNEL => tunnel(ctx, rule, &info).map(|()| true),
+            // can-gw sends it and counts that; latency_egress sees it leave.
+            action::ROUTE => {
+                if let Some(cfg) = latency {
+                    // SAFETY: the program's own __sk_buff.
+                    let tstamp = unsafe { (*ctx.skb.skb).tstamp };
+                    let start = latency::start_ns(tstamp, cfg, now);
+                    latency::hand_off_can(!handed_off, start, now, rule.egress, slot, can_id, ifindex);
+                    handed_off = true;
+                }
+                Ok(false)
+            }
+            action::TUNNEL => tunnel(ctx, rule, slot, &info).map(|()| true),
             _ => Ok(false),
         };
         // SAFETY: per-CPU value; reasons are enum discriminants below COUNT.
@@ -166,7 +178,7 @@ fn try_can_route(ctx: &TcContext) -> Option<i32> {
 
 /// Hands the frame to the agent's tunnel through the ring buffer.
 #[inline(always)]
-fn tunnel(ctx: &TcContext, rule: &CanRule, f: &FrameInfo) -> Result<(), DropReason> {
+fn tunnel(ctx: &TcContext, rule: &CanRule, slot: u32, f: &FrameInfo) -> Result<(), DropReason> {
     if f.hops >= rule.hops {
         return Err(DropReason::HopLimit);
     }
@@ -182,7 +194,8 @@ fn tunnel(ctx: &TcContext, rule: &CanRule, f: &FrameInfo) -> Result<(), DropReas
         (*rec).tunnel = rule.tunnel;
         (*rec).ifindex = f.ifindex;
         (*rec).fd = u8::from(f.fd);
-        (*rec)._pad = [0; 7];
+        (*rec)._pad = [0; 3];
+        (*rec).slot = slot;
         (*rec).frame = CanFrame::default();
         let dst = core::ptr::addr_of_mut!((*rec).frame);
         bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, dst.cast(), size) == 0
@@ -223,24 +236,4 @@ fn watch(ifindex: u32, can_id: u32, payload: u64, now: u64) {
             add(&raw mut (*w).missed, 1);
         }
     }
-}
-
-#[inline(always)]
-unsafe fn record(h: *mut Log2Hist, ns: u64) {
-    // SAFETY: `h` points into a live map value.
-    unsafe {
-        // LLVM turns bucket()'s clamp into arithmetic the verifier can't bound.
-        if let Some(b) = (*h).buckets.get_mut(opaque(bucket(ns))) {
-            add(b, 1);
-        }
-        add(&raw mut (*h).sum_ns, ns);
-        add(&raw mut (*h).count, 1);
-    }
-}
-
-#[inline(always)]
-unsafe fn add(p: *mut u64, v: u64) {
-    // SAFETY: an aligned u64 in a map value. The result is unused, which compiles to the
-    // atomic add (BPF_XADD) every kernel since 4.x supports; the BPF target has no AtomicU64.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
 }

@@ -5,8 +5,13 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod atomic_hist;
 mod can_route;
 mod csum;
+mod delivery;
+mod latency;
+mod latency_egress;
+mod latency_xdp_flush;
 mod net;
 mod udp_forward;
 mod udp_forward_tc;

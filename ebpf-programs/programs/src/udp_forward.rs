@@ -13,17 +13,20 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup as FibParams,
     },
-    helpers::bpf_fib_lookup,
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
     macros::map,
     maps::{DevMapHash, HashMap, PerCpuArray},
 };
 use aya_log_ebpf::debug;
-use edgeplane_common::udp_forward::{
-    FAMILY_IPV4, FAMILY_IPV6, MAX_INGRESS, MAX_RULE_KEYS, MAX_RULES, PassReason, SHAPE_ORDER,
-    UdpForwardAction, UdpIngress, UdpMatchKey, UdpStats, field, rewrite,
+use edgeplane_common::{
+    latency::FlowKey,
+    udp_forward::{
+        FAMILY_IPV4, FAMILY_IPV6, MAX_INGRESS, MAX_RULE_KEYS, MAX_RULES, PassReason, SHAPE_ORDER,
+        UdpForwardAction, UdpIngress, UdpMatchKey, UdpStats, field, rewrite,
+    },
 };
 
-use crate::{csum, net::*, verifier::opaque};
+use crate::{csum, latency, net::*, verifier::opaque};
 
 #[map]
 static UDP_RULES: HashMap<UdpMatchKey, UdpForwardAction> =
@@ -66,6 +69,11 @@ pub trait Frame {
     fn l4_csum(&mut self, offset: usize, diff: u32, pseudo: bool, zero_is_none: bool)
     -> Option<()>;
     fn redirect(&self, ifindex: u32) -> bool;
+    /// The stack's receive timestamp (CLOCK_REALTIME), 0 when there is none (XDP never has).
+    fn rx_tstamp(&self) -> u64;
+    /// Leaves a redirected frame's times for where it leaves `egress`; returns where its flow
+    /// goes.
+    fn hand_off(&self, start_ns: u64, hook_ns: u64, slot: u32, egress: u32) -> Option<*mut FlowKey>;
 }
 
 /// What the attach point returns to the kernel.
@@ -92,6 +100,9 @@ struct Packet {
 }
 
 pub fn forward<F: Frame>(frame: &mut F) -> Action {
+    let latency = latency::forwarding();
+    // SAFETY: plain helper call.
+    let hook_ns = latency.map_or(0, |_| unsafe { bpf_ktime_get_ns() });
     let ifindex = frame.ifindex();
     // SAFETY: values are Copy and read at once; userspace replaces them whole.
     let Some(ingress) = (unsafe { UDP_INGRESS.get(&ifindex) }).copied() else {
@@ -117,6 +128,12 @@ pub fn forward<F: Frame>(frame: &mut F) -> Action {
                     (*stats).bytes += frame.len();
                 }
             }
+            if let Some(cfg) = latency {
+                let start = latency::start_ns(frame.rx_tstamp(), cfg, hook_ns);
+                if let Some(flow) = frame.hand_off(start, hook_ns, action.slot, egress) {
+                    fill_flow(flow, &packet, ifindex);
+                }
+            }
             Action::Redirect
         }
         Ok(_) => pass(action.slot, PassReason::NoEgress),
@@ -129,6 +146,21 @@ pub fn forward<F: Frame>(frame: &mut F) -> Action {
             );
             pass(action.slot, reason)
         }
+    }
+}
+
+/// The frame's flow as it arrived (before the rewrite).
+#[inline(always)]
+fn fill_flow(flow: *mut FlowKey, p: &Packet, ifindex: u32) {
+    // SAFETY: `flow` points into a per-CPU map value this program run owns.
+    unsafe {
+        (*flow).src_ip = p.src_ip;
+        (*flow).dst_ip = p.dst_ip;
+        (*flow).src_port = p.src_port;
+        (*flow).dst_port = p.dst_port;
+        (*flow).family = if p.v6 { FAMILY_IPV6 } else { FAMILY_IPV4 };
+        (*flow).can_id = 0;
+        (*flow).ifindex = ifindex;
     }
 }
 

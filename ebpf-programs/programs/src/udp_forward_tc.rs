@@ -13,7 +13,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
+use edgeplane_common::latency::FlowKey;
+
 use crate::{
+    latency,
     net::{ETH_HLEN, IPV6_HLEN, UDP_HLEN},
     udp_forward::{self, Action, Frame},
 };
@@ -103,5 +106,16 @@ impl Frame for TcFrame {
     fn redirect(&self, ifindex: u32) -> bool {
         // SAFETY: plain helper call; flags 0 = egress of `ifindex`.
         unsafe { bpf_redirect(ifindex, 0) == i64::from(TC_ACT_REDIRECT) }
+    }
+
+    #[inline(always)]
+    fn rx_tstamp(&self) -> u64 {
+        // SAFETY: the program's own __sk_buff.
+        unsafe { (*self.0.skb.skb).tstamp }
+    }
+
+    #[inline(always)]
+    fn hand_off(&self, start_ns: u64, hook_ns: u64, slot: u32, egress: u32) -> Option<*mut FlowKey> {
+        latency::hand_off_udp(start_ns, hook_ns, slot, egress, self.0.len())
     }
 }

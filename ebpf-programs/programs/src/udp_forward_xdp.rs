@@ -6,8 +6,10 @@
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
+use edgeplane_common::latency::FlowKey;
+
 use crate::{
-    csum,
+    csum, latency,
     net::ptr_at,
     udp_forward::{self, Action, Frame, UDP_EGRESS},
 };
@@ -103,5 +105,14 @@ impl Frame for XdpFrame {
     #[inline(always)]
     fn redirect(&self, ifindex: u32) -> bool {
         UDP_EGRESS.redirect(ifindex, 0).is_ok()
+    }
+
+    fn rx_tstamp(&self) -> u64 {
+        0
+    }
+
+    #[inline(always)]
+    fn hand_off(&self, _start_ns: u64, hook_ns: u64, slot: u32, egress: u32) -> Option<*mut FlowKey> {
+        latency::pending_xdp(egress, hook_ns, slot)
     }
 }
