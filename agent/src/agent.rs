@@ -1,7 +1,7 @@
 //! The agent's run loop: load, attach, serve metrics, reload on SIGHUP, detach on SIGTERM.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
 };
 
@@ -9,19 +9,25 @@ use anyhow::Context as _;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::oneshot,
+    sync::{oneshot, watch},
 };
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{Dataplane, Prepared, prepare},
+    config::Overrides,
+    dataplane::{Dataplane, Prepared, prepare, prepare_text},
     http::{self, HttpState},
     metrics::{self, AgentMetrics},
+    registry::{self, Registry},
+    systemd::Notifier,
 };
 
-pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+pub async fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     // Everything that can be checked is checked before the data plane is touched.
     let mut current = prepare(&config_path)?;
+    current.config.apply_overrides(&overrides, &config_path)?;
+    let registration = registry::Settings::from_config(&current.config)?;
+    let notifier = Arc::new(Notifier::from_env());
     let listen = current.config.http.listen;
     let listener = TcpListener::bind(listen)
         .await
@@ -32,14 +38,19 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         dataplane.shutdown();
         return Err(e);
     }
+    let (programs, programs_rx) = watch::channel(dataplane.attached_programs());
+    let mut fleet = registration.map(|s| Registry::spawn(s, programs_rx));
+    let mut collectors = dataplane.collectors();
+    collectors.extend(fleet.as_ref().map(Registry::collector));
     let agent_metrics = Arc::new(AgentMetrics::default());
-    let registry = Arc::new(metrics::registry(&agent_metrics, dataplane.collectors()));
+    let registry = Arc::new(metrics::registry(&agent_metrics, collectors));
     let (stop_http, http_stopped) = oneshot::channel::<()>();
     let http = tokio::spawn(http::serve(
         listener,
         HttpState {
             registry,
             views: dataplane.views(),
+            fleet: fleet.as_ref().map(Registry::health),
         },
         async {
             let _ = http_stopped.await;
@@ -51,6 +62,8 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         can_routes = current.config.can.route.len(),
         "edgeplane running; metrics on http://{listen}/metrics"
     );
+    notifier.ready(&status_line(&current));
+    let _watchdog = notifier.spawn_watchdog();
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -58,21 +71,30 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                let ok = match reload(&config_path, &current, &mut dataplane).await {
-                    Ok(next) => {
-                        current = next;
-                        true
-                    }
-                    Err(e) => {
-                        error!("reload rejected, previous rules keep running: {e:#}");
-                        false
-                    }
-                };
-                agent_metrics.reloaded(ok);
+                info!(config = %config_path.display(), "SIGHUP: reloading");
+                notifier.reloading();
+                let _ = reload(prepare(&config_path), &mut current, &mut dataplane, &agent_metrics).await;
+                programs.send_replace(dataplane.attached_programs());
+                notifier.ready(&status_line(&current));
+            }
+            Some(push) = next_push(&mut fleet) => {
+                info!(origin = %push.origin.display(), "rule set pushed: reloading");
+                notifier.reloading();
+                let next = push.text().and_then(|text| prepare_text(text, &push.origin));
+                let result = reload(next, &mut current, &mut dataplane, &agent_metrics).await;
+                programs.send_replace(dataplane.attached_programs());
+                if let Some(f) = &fleet {
+                    f.report(&push, result);
+                }
+                notifier.ready(&status_line(&current));
             }
             _ = term.recv() => { info!("SIGTERM: detaching and exiting"); break; }
             _ = int.recv() => { info!("SIGINT: detaching and exiting"); break; }
         }
+    }
+    notifier.stopping();
+    if let Some(f) = fleet {
+        f.shutdown().await;
     }
     dataplane.shutdown();
     let _ = stop_http.send(());
@@ -83,14 +105,35 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     }
 }
 
-/// Applies the config file again; on any error the running configuration stays.
+/// Applies a new configuration (the file again on SIGHUP, or a rule set pushed through the
+/// registry: one path for both) and counts the outcome; on any error the running
+/// configuration stays. Returns the rejection text for the registry record.
 async fn reload(
-    path: &Path,
+    next: anyhow::Result<Prepared>,
+    current: &mut Prepared,
+    dataplane: &mut Dataplane,
+    agent_metrics: &AgentMetrics,
+) -> Result<(), String> {
+    let result = apply(next, current, dataplane).await;
+    agent_metrics.reloaded(result.is_ok());
+    match result {
+        Ok(next) => {
+            *current = next;
+            Ok(())
+        }
+        Err(e) => {
+            error!("reload rejected, previous rules keep running: {e:#}");
+            Err(format!("{e:#}"))
+        }
+    }
+}
+
+async fn apply(
+    next: anyhow::Result<Prepared>,
     current: &Prepared,
     dataplane: &mut Dataplane,
 ) -> anyhow::Result<Prepared> {
-    info!(config = %path.display(), "SIGHUP: reloading");
-    let next = prepare(path)?;
+    let next = next?;
     if next.config.http.listen != current.config.http.listen {
         warn!(
             "http.listen changed to {}: that takes effect on restart",
@@ -104,4 +147,21 @@ async fn reload(
         "reload applied"
     );
     Ok(next)
+}
+
+/// The next pushed rule set; never, without registration.
+async fn next_push(fleet: &mut Option<Registry>) -> Option<registry::Push> {
+    match fleet {
+        Some(f) => f.next_push().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// systemd's STATUS= line.
+fn status_line(p: &Prepared) -> String {
+    format!(
+        "forwarding: {} UDP rules, {} CAN routes",
+        p.config.udp.forward.len(),
+        p.config.can.route.len()
+    )
 }

@@ -16,6 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use crate::{
+    attach::Hook,
     can::{
         CanRouter, CanView,
         router::WantedWatch,
@@ -25,7 +26,7 @@ use crate::{
     },
     config::Config,
     loader, netdev,
-    status::Readiness,
+    status::{AttachedProgram, Readiness},
     udp_forward::{
         UdpForwarder, UdpView,
         rules::{self as udp_rules, CompiledRule},
@@ -60,8 +61,19 @@ impl can_rules::Host for HostFacts {
 
 /// Reads, validates and host-checks a config, and compiles its rules.
 pub fn prepare(path: &Path) -> anyhow::Result<Prepared> {
-    let config = Config::load(path)?;
-    config.check_host(path)?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| crate::config::ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    prepare_text(&text, path)
+}
+
+/// [`prepare`] for config text from elsewhere (a rule set pushed through the registry);
+/// `origin` names it in errors.
+pub fn prepare_text(text: &str, origin: &Path) -> anyhow::Result<Prepared> {
+    let config = Config::parse(text, origin)?;
+    config.check_host(origin)?;
     let udp = config
         .udp
         .forward
@@ -130,6 +142,31 @@ impl Dataplane {
             tunnels: Tunnels::new(ring, sockets),
             views: Views::default(),
         })
+    }
+
+    /// The programs attached now, with their kernel id and tag.
+    pub fn attached_programs(&self) -> Vec<AttachedProgram> {
+        let udp = self.udp.view().ingress.into_iter().map(|i| {
+            let name = match i.hook {
+                Hook::Xdp => XDP_PROGRAM,
+                Hook::Tc => TC_PROGRAM,
+            };
+            (name, i.hook, i.iface)
+        });
+        let can =
+            (self.can.view().ingress.into_iter()).map(|(iface, _)| (can::PROGRAM, Hook::Tc, iface));
+        udp.chain(can)
+            .map(|(name, kind, attach_point)| {
+                let info = self.ebpf.program(name).and_then(|p| p.info().ok());
+                AttachedProgram {
+                    name,
+                    kind,
+                    attach_point,
+                    id: info.as_ref().map_or(0, |i| i.id()),
+                    tag: info.as_ref().map_or(0, |i| i.tag()),
+                }
+            })
+            .collect()
     }
 
     pub fn views(&self) -> Views {

@@ -12,8 +12,10 @@ pub mod loader;
 mod maps;
 pub mod metrics;
 pub mod netdev;
+pub mod registry;
 mod slots;
 pub mod status;
+pub mod systemd;
 pub mod udp_forward;
 
 pub use loader::EBPF_OBJECT;

@@ -9,6 +9,10 @@ use crate::{attach::Hook, can::CanView, udp_forward::UdpView};
 pub enum State {
     Attached,
     Detached,
+    /// The registry: registered, lease alive.
+    Up,
+    /// The registry: not registered now (the error says why); the data plane is unaffected.
+    Degraded,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -18,6 +22,21 @@ pub struct Component {
     pub state: State,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hook: Option<Hook>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A program attached in the kernel, with the kernel's identity of it: what the fleet registry
+/// publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedProgram {
+    pub name: &'static str,
+    pub kind: Hook,
+    /// The interface.
+    pub attach_point: String,
+    /// Kernel program id and tag (0 when the kernel would not tell).
+    pub id: u32,
+    pub tag: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +67,7 @@ impl Readiness {
                         State::Detached
                     },
                     hook,
+                    error: None,
                 }
             })
             .collect();
@@ -61,6 +81,7 @@ impl Readiness {
                     State::Detached
                 },
                 hook: attached.then_some(Hook::Tc),
+                error: None,
             }
         }));
         Self {

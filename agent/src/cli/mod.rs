@@ -1,6 +1,7 @@
 //! Subcommands, one file each.
 
 mod check_config;
+mod registry;
 mod run;
 
 use std::{io::IsTerminal as _, process::ExitCode};
@@ -28,6 +29,8 @@ enum Command {
     Run(run::Args),
     /// Validate a config file and exit: 0 when it is good, 1 with the offending keys when not.
     CheckConfig(check_config::Args),
+    /// Read the fleet registry in etcd.
+    Registry(registry::Args),
 }
 
 impl Cli {
@@ -43,6 +46,7 @@ impl Cli {
         let result = match self.command {
             Command::Run(args) => run::run(args),
             Command::CheckConfig(args) => check_config::run(args),
+            Command::Registry(args) => registry::run(args),
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

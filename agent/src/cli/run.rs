@@ -1,16 +1,36 @@
 use std::path::PathBuf;
 
+use edgeplane::config::Overrides;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Config file (see configs/edgeplane.toml).
     #[arg(long, short)]
     config: PathBuf,
+    /// Overrides agent.service_name.
+    #[arg(long)]
+    service_name: Option<String>,
+    /// Overrides registry.endpoints (comma-separated); enables registration without [registry].
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    /// Overrides agent.spiffe_id.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Overrides agent.vin.
+    #[arg(long)]
+    vin: Option<String>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        service_name: args.service_name,
+        vin: args.vin,
+        spiffe_id: args.spiffe_id,
+        etcd_endpoints: args.etcd_endpoints,
+    };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(edgeplane::agent::run(args.config))
+        .block_on(edgeplane::agent::run(args.config, overrides))
 }

@@ -4,6 +4,7 @@
 //! (`udp.forward[1].match.dst_port`), so nothing is attached from a config that is wrong.
 
 mod can;
+mod registry;
 mod udp;
 
 use std::{
@@ -14,7 +15,7 @@ use std::{
 
 use serde::Deserialize;
 
-pub use self::{can::*, udp::*};
+pub use self::{can::*, registry::*, udp::*};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +26,10 @@ pub struct Config {
     pub udp: UdpConfig,
     #[serde(default)]
     pub can: CanConfig,
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// Fleet registration in etcd; absent: the agent does not register.
+    pub registry: Option<RegistryConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -137,6 +142,7 @@ impl Config {
         let mut problems = Vec::new();
         self.udp.host_problems(&mut problems);
         self.can.host_problems(&mut problems);
+        self.identity_host_problems(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -151,6 +157,7 @@ impl Config {
         let mut out = Vec::new();
         self.udp.problems(&mut out);
         self.can.problems(&mut out);
+        self.identity_problems(&mut out);
         out
     }
 }
