@@ -1,9 +1,6 @@
 //! The agent's run loop: load, attach, serve metrics, reload on SIGHUP, detach on SIGTERM.
 
-use std::{
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::{
@@ -63,7 +60,7 @@ pub async fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<(
         "edgeplane running; metrics on http://{listen}/metrics"
     );
     notifier.ready(&status_line(&current));
-    let _watchdog = notifier.spawn_watchdog();
+    let watchdog = notifier.spawn_watchdog();
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -91,6 +88,10 @@ pub async fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<(
             _ = term.recv() => { info!("SIGTERM: detaching and exiting"); break; }
             _ = int.recv() => { info!("SIGINT: detaching and exiting"); break; }
         }
+    }
+    // No keep-alives while stopping: TimeoutStopSec= bounds the rest.
+    if let Some(w) = watchdog {
+        w.abort();
     }
     notifier.stopping();
     if let Some(f) = fleet {

@@ -42,6 +42,16 @@ pub struct Agent {
 impl Agent {
     /// Starts `edgeplane run` in `ns` with `config` written to a temp file; waits for /readyz.
     pub fn start(ns: &Netns, config: &str, log_level: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(ns, config, log_level, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_with_env(
+        ns: &Netns,
+        config: &str,
+        log_level: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let bin = binary();
         if !bin.is_file() {
             bail!(
@@ -65,6 +75,7 @@ impl Agent {
             .command(bin.to_str().expect("utf-8 path"))
             .args(["run", "--log-level", log_level, "--config"])
             .arg(&path)
+            .envs(env.iter().copied())
             .stderr(File::create(&log)?)
             .spawn()
             .context("starting the agent")?;
