@@ -231,14 +231,21 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// An error with its sources: tonic's transport error alone says only "transport error".
+/// Sources that repeat what is already said (hyper's errors embed theirs) are left out.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
+    let mut parts = vec![e.to_string()];
     let mut source = e.source();
     while let Some(s) = source {
-        text = format!("{text}: {s}");
+        let text = s.to_string();
+        let last = parts.last_mut().expect("starts with one");
+        if text.starts_with(last.as_str()) {
+            *last = text;
+        } else if !last.contains(&text) {
+            parts.push(text);
+        }
         source = s.source();
     }
-    text
+    parts.join(": ")
 }
 
 #[cfg(test)]
@@ -250,5 +257,34 @@ mod tests {
         assert_eq!(prefix_end(b"/a/"), b"/a0");
         assert_eq!(prefix_end(b"a\xff"), b"b");
         assert_eq!(prefix_end(b"\xff"), b"\0");
+    }
+
+    #[test]
+    fn chains_sources_without_repeating_them() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let refused = E("connection refused", None);
+        let connect = E(
+            "tcp connect error: connection refused",
+            Some(Box::new(refused)),
+        );
+        let e = E(
+            "transport error",
+            Some(Box::new(E("tcp connect error", Some(Box::new(connect))))),
+        );
+        assert_eq!(
+            chain(&e),
+            "transport error: tcp connect error: connection refused"
+        );
     }
 }

@@ -69,7 +69,7 @@ pub enum RegistryError {
         "no etcd endpoint answered ({0}); check registry.endpoints, TLS settings and that etcd runs"
     )]
     Unreachable(String),
-    #[error("etcd {call} failed: {}", client::chain(.status))]
+    #[error("etcd {call} failed: {} ({:?})", .status.message(), .status.code())]
     Rpc {
         call: &'static str,
         status: Box<tonic::Status>,
