@@ -8,7 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgeplane_testbed::{agent::Agent, netns::Netns};
+use edgeplane_testbed::{
+    agent::{Agent, Start},
+    netns::Netns,
+};
 
 /// One datagram from the agent, and when it came.
 struct Message {
@@ -80,16 +83,15 @@ fn notifies_ready_status_watchdog_reload_and_stopping() {
     let config = "[udp]\nmode = \"tc\"\n\n[[udp.forward]]\nname = \"lidar\"\ningress = \"a0\"\n\
                   match = { dst_port = 5000 }\nto = { iface = \"b0\", dst_port = 6000 }\n";
     // A 1 s watchdog: pings every 500 ms.
-    let mut agent = Agent::start_with_env(
-        &ns,
-        config,
-        "info",
-        &[
-            ("NOTIFY_SOCKET", path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "1000000"),
-        ],
-    )
-    .unwrap();
+    let env = [
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "1000000"),
+    ];
+    let start = Start {
+        env: env.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec(),
+        ..Start::default()
+    };
+    let mut agent = Agent::start_with(&ns, config, "info", &start).unwrap();
 
     std::thread::sleep(Duration::from_millis(2600));
     agent.signal(libc::SIGHUP);

@@ -1,6 +1,11 @@
-//! The agent's run loop: load, attach, serve metrics, reload on SIGHUP, detach on SIGTERM.
+//! The agent's run loop: load (taking over a pinned data plane), attach, serve metrics, reload
+//! on SIGHUP, and on SIGTERM exit leaving the data plane running (or removing it).
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use anyhow::Context as _;
 use tokio::{
@@ -16,13 +21,27 @@ use crate::{
     http::{self, HttpState},
     metrics::{self, AgentMetrics},
     registry::{self, Registry},
+    state::AgentRecord,
     systemd::Notifier,
 };
 
-pub async fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
+/// How `edgeplane run` was asked to run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Overrides `[agent] bpffs`.
+    pub bpffs: Option<PathBuf>,
+    /// Remove the data plane on exit instead of leaving it running.
+    pub detach_on_exit: bool,
+    /// `--service-name`, `--vin`, `--spiffe-id`, `--etcd-endpoints`.
+    pub overrides: Overrides,
+}
+
+pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()> {
     // Everything that can be checked is checked before the data plane is touched.
     let mut current = prepare(&config_path)?;
-    current.config.apply_overrides(&overrides, &config_path)?;
+    current
+        .config
+        .apply_overrides(&options.overrides, &config_path)?;
     let registration = registry::Settings::from_config(&current.config)?;
     let notifier = Arc::new(Notifier::from_env());
     let listen = current.config.http.listen;
@@ -30,9 +49,26 @@ pub async fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<(
         .await
         .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
 
-    let mut dataplane = Dataplane::load()?;
+    let bpffs = options
+        .bpffs
+        .clone()
+        .unwrap_or_else(|| current.config.agent.bpffs.clone());
+    let record = AgentRecord {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        config: std::path::absolute(&config_path).unwrap_or_else(|_| config_path.clone()),
+        http: listen,
+    };
+    let mut dataplane = Dataplane::load(&bpffs, record)?;
     if let Err(e) = dataplane.apply(&current, None).await {
-        dataplane.shutdown();
+        if dataplane.is_idle() {
+            dataplane.shutdown();
+        } else {
+            dataplane.leave_running();
+        }
         return Err(e);
     }
     let (programs, programs_rx) = watch::channel(dataplane.attached_programs());
@@ -85,8 +121,8 @@ pub async fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<(
                 }
                 notifier.ready(&status_line(&current));
             }
-            _ = term.recv() => { info!("SIGTERM: detaching and exiting"); break; }
-            _ = int.recv() => { info!("SIGINT: detaching and exiting"); break; }
+            _ = term.recv() => { info!("SIGTERM: exiting"); break; }
+            _ = int.recv() => { info!("SIGINT: exiting"); break; }
         }
     }
     // No keep-alives while stopping: TimeoutStopSec= bounds the rest.
@@ -97,7 +133,12 @@ pub async fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<(
     if let Some(f) = fleet {
         f.shutdown().await;
     }
-    dataplane.shutdown();
+    if options.detach_on_exit {
+        info!("detaching the data plane (--detach-on-exit)");
+        dataplane.shutdown();
+    } else {
+        dataplane.leave_running();
+    }
     let _ = stop_http.send(());
     match http.await {
         Ok(Ok(())) => Ok(()),

@@ -30,7 +30,7 @@ pub struct Component {
 /// publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachedProgram {
-    pub name: &'static str,
+    pub name: String,
     pub kind: Hook,
     /// The interface.
     pub attach_point: String,
@@ -72,7 +72,7 @@ impl Readiness {
             })
             .collect();
         components.extend(can.wanted.iter().map(|iface| {
-            let attached = can.ingress.iter().any(|(i, _)| i == iface);
+            let attached = can.ingress.iter().any(|i| i.iface == *iface);
             Component {
                 name: format!("can_route/{iface}"),
                 state: if attached {

@@ -1,8 +1,14 @@
 //! Subcommands, one file each.
 
 mod check_config;
+mod client;
+mod down;
+mod prog;
 mod registry;
 mod run;
+mod status;
+mod table;
+mod target;
 
 use std::{io::IsTerminal as _, process::ExitCode};
 
@@ -31,6 +37,15 @@ enum Command {
     CheckConfig(check_config::Args),
     /// Read the fleet registry in etcd.
     Registry(registry::Args),
+    /// Show the agent, the pinned programs and where they are attached, and what the running
+    /// agent reports.
+    Status(status::Args),
+    /// Inspect and manage the pinned programs.
+    #[command(subcommand)]
+    Prog(prog::Command),
+    /// Remove the data plane: stop a running agent, detach every program, remove our can-gw
+    /// jobs, unpin everything.
+    Down(down::Args),
 }
 
 impl Cli {
@@ -47,6 +62,9 @@ impl Cli {
             Command::Run(args) => run::run(args),
             Command::CheckConfig(args) => check_config::run(args),
             Command::Registry(args) => registry::run(args),
+            Command::Status(args) => status::run(args),
+            Command::Prog(command) => prog::run(command),
+            Command::Down(args) => down::run(args),
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use edgeplane::config::Overrides;
+use edgeplane::{agent::RunOptions, config::Overrides};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,6 +19,13 @@ pub struct Args {
     /// Overrides agent.vin.
     #[arg(long)]
     vin: Option<String>,
+    /// bpffs directory for the pinned data plane; overrides `[agent] bpffs`.
+    #[arg(long, value_name = "DIR")]
+    bpffs: Option<PathBuf>,
+    /// On exit, detach the programs and unpin everything instead of leaving the data plane
+    /// running for the next agent.
+    #[arg(long)]
+    detach_on_exit: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -32,5 +39,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(edgeplane::agent::run(args.config, overrides))
+        .block_on(edgeplane::agent::run(
+            args.config,
+            RunOptions {
+                bpffs: args.bpffs,
+                detach_on_exit: args.detach_on_exit,
+                overrides,
+            },
+        ))
 }

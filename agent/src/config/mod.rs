@@ -34,6 +34,37 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// bpffs directory where the data plane is pinned, so it outlives the agent.
+    #[serde(default = "AgentConfig::default_bpffs")]
+    pub bpffs: PathBuf,
+    /// Fleet registration: the last element of this agent's key, unique per vehicle.
+    pub service_name: Option<String>,
+    /// Fleet registration: ISO 3779 vehicle identification number.
+    pub vin: Option<String>,
+    /// Workload identity, `spiffe://trust-domain/path`; with mTLS, the certificate's URI SAN.
+    pub spiffe_id: Option<String>,
+}
+
+impl AgentConfig {
+    fn default_bpffs() -> PathBuf {
+        PathBuf::from(crate::pins::DEFAULT_DIR)
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            bpffs: Self::default_bpffs(),
+            service_name: None,
+            vin: None,
+            spiffe_id: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address of the metrics and health endpoints.
     #[serde(default = "HttpConfig::default_listen")]
@@ -157,6 +188,12 @@ impl Config {
         let mut out = Vec::new();
         self.udp.problems(&mut out);
         self.can.problems(&mut out);
+        if !self.agent.bpffs.is_absolute() {
+            out.push(Problem {
+                key: "agent.bpffs".into(),
+                message: format!("`{}` must be an absolute path", self.agent.bpffs.display()),
+            });
+        }
         self.identity_problems(&mut out);
         out
     }

@@ -1,5 +1,6 @@
-//! `[agent]` (who this agent is) and `[registry]` (where it registers): fleet registration in
-//! etcd. Both are read at start; a reload or a pushed rule set does not change them.
+//! Fleet registration in etcd: `[registry]` (where the agent registers) and the identity in
+//! `[agent]` (service_name, vin, spiffe_id). Both are read at start; a reload or a pushed rule
+//! set does not change them.
 
 use std::path::PathBuf;
 
@@ -13,17 +14,6 @@ pub const DEFAULT_LEASE_TTL: u64 = 10;
 /// etcd grants no lease shorter than about 1.5 election timeouts (2 s with its defaults).
 const MIN_LEASE_TTL: u64 = 2;
 const MAX_LEASE_TTL: u64 = 3600;
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentConfig {
-    /// The last element of the registry key: unique per vehicle.
-    pub service_name: Option<String>,
-    /// ISO 3779 vehicle identification number.
-    pub vin: Option<String>,
-    /// Workload identity, `spiffe://trust-domain/path`; with mTLS, the certificate's URI SAN.
-    pub spiffe_id: Option<String>,
-}
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]

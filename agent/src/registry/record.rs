@@ -47,7 +47,7 @@ pub fn encode(id: &Identity, programs: &[AttachedProgram], rules: &RulesState) -
         programs: programs
             .iter()
             .map(|p| pb::AttachedProgram {
-                name: p.name.into(),
+                name: p.name.clone(),
                 kind: p.kind.to_string(),
                 attach_point: p.attach_point.clone(),
                 id: p.id,
@@ -89,7 +89,7 @@ mod tests {
             http_endpoints: vec!["http://127.0.0.1:9464".into()],
         };
         let programs = [AttachedProgram {
-            name: "udp_forward_tc",
+            name: "udp_forward_tc".into(),
             kind: Hook::Tc,
             attach_point: "eth0".into(),
             id: 42,

@@ -3,8 +3,9 @@
 use std::{
     fs::File,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Child,
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -37,20 +38,38 @@ pub struct Agent {
     /// Its stderr goes to a file: a pipe nobody reads would block a chatty agent.
     log: PathBuf,
     pub config: PathBuf,
+    /// Where it pins the data plane.
+    pub bpffs: PathBuf,
+    leave_running: bool,
 }
 
+/// How to start an agent.
+#[derive(Debug, Clone, Default)]
+pub struct Start {
+    /// Leave the data plane running on exit (the product's default) instead of passing
+    /// `--detach-on-exit`; whoever sets this removes it (see [`down`]).
+    pub leave_running: bool,
+    /// Pin directory; by default one of its own under [`crate::bpffs::ROOT`].
+    pub bpffs: Option<PathBuf>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+static STARTED: AtomicU32 = AtomicU32::new(0);
+
 impl Agent {
-    /// Starts `edgeplane run` in `ns` with `config` written to a temp file; waits for /readyz.
+    /// Starts `edgeplane run --detach-on-exit` in `ns` with `config` written to a temp file,
+    /// its data plane pinned in a directory of its own; waits for /readyz.
     pub fn start(ns: &Netns, config: &str, log_level: &str) -> anyhow::Result<Self> {
-        Self::start_with_env(ns, config, log_level, &[])
+        Self::start_with(ns, config, log_level, &Start::default())
     }
 
-    /// [`Agent::start`] with extra environment variables.
-    pub fn start_with_env(
+    /// [`Agent::start`] with options.
+    pub fn start_with(
         ns: &Netns,
         config: &str,
         log_level: &str,
-        env: &[(&str, &str)],
+        opts: &Start,
     ) -> anyhow::Result<Self> {
         let bin = binary();
         if !bin.is_file() {
@@ -70,12 +89,22 @@ impl Agent {
             })
             .unwrap_or_else(|| "127.0.0.1:9464".into())
             .parse()?;
-        let log = std::env::temp_dir().join(format!("{}.log", ns.name));
-        let child = ns
-            .command(bin.to_str().expect("utf-8 path"))
-            .args(["run", "--log-level", log_level, "--config"])
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("{}-{n}.log", ns.name));
+        let bpffs = match &opts.bpffs {
+            Some(p) => p.clone(),
+            None => crate::bpffs::dir_for(&ns.name)?,
+        };
+        let mut cmd = ns.command(bin.to_str().expect("utf-8 path"));
+        cmd.args(["run", "--log-level", log_level, "--config"])
             .arg(&path)
-            .envs(env.iter().copied())
+            .arg("--bpffs")
+            .arg(&bpffs)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)));
+        if !opts.leave_running {
+            cmd.arg("--detach-on-exit");
+        }
+        let child = cmd
             .stderr(File::create(&log)?)
             .spawn()
             .context("starting the agent")?;
@@ -85,6 +114,8 @@ impl Agent {
             ns: ns.name.clone(),
             log,
             config: path,
+            bpffs,
+            leave_running: opts.leave_running,
         };
         let _in_ns = ns.enter()?;
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -141,5 +172,29 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.stop_and_log();
+        // An agent killed before it could detach leaves its pins: remove them.
+        if !self.leave_running && self.bpffs.exists() {
+            let _ = down(&self.ns, &self.bpffs);
+        }
     }
+}
+
+/// Runs `edgeplane down --bpffs DIR` in namespace `ns`; returns its output.
+pub fn down(ns: &str, bpffs: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(binary())
+        .arg("down")
+        .arg("--bpffs")
+        .arg(bpffs)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("edgeplane down failed ({}):\n{text}", out.status);
+    }
+    Ok(text)
 }
