@@ -278,7 +278,7 @@ fn survives_etcd_outages_and_registers_again() {
             let (code, body) = host.scrape(&agent, "/readyz");
             assert_eq!(code, 200, "{body}");
             body.contains(
-                r#""name":"registry","state":"degraded","error":"no etcd endpoint answered"#,
+                r#""name":"registry","state":"degraded","detail":"no etcd endpoint answered"#,
             )
             .then_some(())
         },

@@ -17,8 +17,9 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::Overrides,
-    dataplane::{Dataplane, Prepared, prepare, prepare_text},
+    dataplane::{Dataplane, Prepared, prepare, prepare_for_present, prepare_text},
     http::{self, HttpState},
+    link_events::LinkEvents,
     metrics::{self, AgentMetrics},
     registry::{self, Registry},
     state::AgentRecord,
@@ -98,6 +99,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
     notifier.ready(&status_line(&current));
     let watchdog = notifier.spawn_watchdog();
 
+    let mut links = LinkEvents::open().context("subscribing to interface events (rtnetlink)")?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -120,6 +122,18 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
                     f.report(&push, result);
                 }
                 notifier.ready(&status_line(&current));
+            }
+            r = links.changed() => {
+                if let Err(e) = r {
+                    warn!("interface events: {e}");
+                    continue;
+                }
+                match follow_interfaces(&current, &mut dataplane).await {
+                    Ok(Some(next)) => current = next,
+                    Ok(None) => {}
+                    Err(e) => error!("{e:#}"),
+                }
+                programs.send_replace(dataplane.attached_programs());
             }
             _ = term.recv() => { info!("SIGTERM: exiting"); break; }
             _ = int.recv() => { info!("SIGINT: exiting"); break; }
@@ -145,6 +159,44 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
         Ok(Err(e)) => Err(e).context("HTTP server failed"),
         Err(e) => Err(e).context("HTTP server task failed"),
     }
+}
+
+/// Compiles the running config again for the interfaces there are now and applies it if that
+/// changes anything: rules whose interface went wait for it, the others keep running; rules
+/// whose interface came back (with a new index) are attached again.
+async fn follow_interfaces(
+    current: &Prepared,
+    dataplane: &mut Dataplane,
+) -> anyhow::Result<Option<Prepared>> {
+    let next = prepare_for_present(current.config.clone())?;
+    if next == *current {
+        return Ok(None);
+    }
+    for w in &next.waiting {
+        if !current.waiting.contains(w) {
+            warn!(
+                iface = w.iface,
+                rule = w.name,
+                kind = w.kind,
+                "interface missing: the rule waits for it, the others keep running"
+            );
+        }
+    }
+    for w in &current.waiting {
+        if !next.waiting.contains(w) {
+            info!(
+                iface = w.iface,
+                rule = w.name,
+                kind = w.kind,
+                "interface back: attaching again"
+            );
+        }
+    }
+    dataplane
+        .apply(&next, Some(current))
+        .await
+        .context("following interface changes")?;
+    Ok(Some(next))
 }
 
 /// Applies a new configuration (the file again on SIGHUP, or a rule set pushed through the

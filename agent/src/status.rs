@@ -2,10 +2,10 @@
 
 use serde::Serialize;
 
-use crate::{attach::Hook, can::CanView, udp_forward::UdpView};
+use crate::{attach::Hook, can::CanView, dataplane::Waiting, udp_forward::UdpView};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum State {
     Attached,
     Detached,
@@ -13,17 +13,19 @@ pub enum State {
     Up,
     /// The registry: not registered now (the error says why); the data plane is unaffected.
     Degraded,
+    /// Its interface does not exist (now): it is attached again when it appears.
+    InterfaceMissing,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Component {
-    /// `udp_forward/<iface>` or `can_route/<iface>`.
+    /// `udp_forward/<iface>`, `can_route/<iface>`, `can_watch/<iface>` or `can_receive/<iface>`.
     pub name: String,
     pub state: State,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hook: Option<Hook>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub detail: Option<String>,
 }
 
 /// A program attached in the kernel, with the kernel's identity of it: what the fleet registry
@@ -47,7 +49,7 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn of(udp: &UdpView, can: &CanView) -> Self {
+    pub fn of(udp: &UdpView, can: &CanView, waiting: &[Waiting]) -> Self {
         let mut wanted: Vec<&str> = udp.rules.iter().map(|r| r.ingress.as_str()).collect();
         wanted.sort_unstable();
         wanted.dedup();
@@ -67,7 +69,7 @@ impl Readiness {
                         State::Detached
                     },
                     hook,
-                    error: None,
+                    detail: None,
                 }
             })
             .collect();
@@ -81,12 +83,57 @@ impl Readiness {
                     State::Detached
                 },
                 hook: attached.then_some(Hook::Tc),
-                error: None,
+                detail: None,
             }
+        }));
+        let mut missing: Vec<(String, Vec<&str>)> = Vec::new();
+        for w in waiting {
+            let name = format!("{}/{}", w.kind, w.iface);
+            match missing.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, rules)) => rules.push(&w.name),
+                None => missing.push((name, vec![&w.name])),
+            }
+        }
+        components.extend(missing.into_iter().map(|(name, rules)| Component {
+            name,
+            state: State::InterfaceMissing,
+            hook: None,
+            detail: Some(format!("waiting: {}", rules.join(", "))),
         }));
         Self {
             ready: components.iter().all(|c| c.state == State::Attached),
             components,
         }
+    }
+}
+
+/// `edgeplane_rules_waiting{iface}`: how many rules wait for a missing interface.
+#[derive(Debug)]
+pub struct WaitingCollector(pub std::sync::Arc<std::sync::RwLock<Vec<Waiting>>>);
+
+impl prometheus_client::collector::Collector for WaitingCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{
+            encoding::EncodeMetric as _,
+            metrics::{MetricType, gauge::ConstGauge},
+        };
+        let mut per_iface: std::collections::BTreeMap<&str, i64> = Default::default();
+        let waiting = self.0.read().expect("lock");
+        for w in waiting.iter() {
+            *per_iface.entry(&w.iface).or_default() += 1;
+        }
+        let mut family = encoder.encode_descriptor(
+            "rules_waiting",
+            "Rules (UDP forwards, CAN routes, watches and tunnel receivers) waiting for their interface to appear",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (iface, n) in per_iface {
+            ConstGauge::new(n).encode(family.encode_family(&[("iface", iface)])?)?;
+        }
+        Ok(())
     }
 }

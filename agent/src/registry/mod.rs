@@ -161,7 +161,7 @@ pub enum Health {
 
 impl Health {
     pub fn component(&self) -> Component {
-        let (state, error) = match self {
+        let (state, detail) = match self {
             Self::Up => (State::Up, None),
             Self::Degraded(e) => (State::Degraded, Some(e.clone())),
         };
@@ -169,7 +169,7 @@ impl Health {
             name: "registry".into(),
             state,
             hook: None,
-            error,
+            detail,
         }
     }
 }
