@@ -16,6 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 use crate::{
+    attach::Hook,
     can::{
         CanRouter, CanView,
         router::WantedWatch,
@@ -27,7 +28,7 @@ use crate::{
     loader, netdev,
     pins::{DirLock, PinDir},
     state::{AgentRecord, AgentState, StateStore},
-    status::Readiness,
+    status::{AttachedProgram, Readiness},
     udp_forward::{
         UdpForwarder, UdpView,
         rules::{self as udp_rules, CompiledRule},
@@ -75,8 +76,19 @@ impl can_rules::Host for HostFacts {
 /// Reads, validates and host-checks a config, and compiles its rules: every interface must
 /// exist.
 pub fn prepare(path: &Path) -> anyhow::Result<Prepared> {
-    let config = Config::load(path)?;
-    config.check_host(path)?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| crate::config::ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    prepare_text(&text, path)
+}
+
+/// [`prepare`] for config text from elsewhere (a rule set pushed through the registry);
+/// `origin` names it in errors.
+pub fn prepare_text(text: &str, origin: &Path) -> anyhow::Result<Prepared> {
+    let config = Config::parse(text, origin)?;
+    config.check_host(origin)?;
     compile(config, true)
 }
 
@@ -217,6 +229,35 @@ impl Dataplane {
         };
         dataplane.save_state();
         Ok(dataplane)
+    }
+
+    /// The programs attached now, with their kernel id and tag.
+    pub fn attached_programs(&self) -> Vec<AttachedProgram> {
+        let udp = self
+            .udp
+            .view()
+            .ingress
+            .into_iter()
+            .map(|i| AttachedProgram {
+                name: i.program,
+                kind: i.hook,
+                attach_point: i.iface,
+                id: i.prog_id,
+                tag: i.tag,
+            });
+        let can = self
+            .can
+            .view()
+            .ingress
+            .into_iter()
+            .map(|i| AttachedProgram {
+                name: can::PROGRAM.to_owned(),
+                kind: Hook::Tc,
+                attach_point: i.iface,
+                id: i.prog_id,
+                tag: i.tag,
+            });
+        udp.chain(can).collect()
     }
 
     pub fn views(&self) -> Views {

@@ -9,6 +9,10 @@ use crate::{attach::Hook, can::CanView, dataplane::Waiting, udp_forward::UdpView
 pub enum State {
     Attached,
     Detached,
+    /// The registry: registered, lease alive.
+    Up,
+    /// The registry: not registered now (the error says why); the data plane is unaffected.
+    Degraded,
     /// Its interface does not exist (now): it is attached again when it appears.
     InterfaceMissing,
 }
@@ -22,6 +26,19 @@ pub struct Component {
     pub hook: Option<Hook>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+/// A program attached in the kernel, with the kernel's identity of it: what the fleet registry
+/// publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedProgram {
+    pub name: String,
+    pub kind: Hook,
+    /// The interface.
+    pub attach_point: String,
+    /// Kernel program id and tag (0 when the kernel would not tell).
+    pub id: u32,
+    pub tag: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -51,6 +51,8 @@ pub struct Start {
     pub leave_running: bool,
     /// Pin directory; by default one of its own under [`crate::bpffs::ROOT`].
     pub bpffs: Option<PathBuf>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 static STARTED: AtomicU32 = AtomicU32::new(0);
@@ -97,7 +99,8 @@ impl Agent {
         cmd.args(["run", "--log-level", log_level, "--config"])
             .arg(&path)
             .arg("--bpffs")
-            .arg(&bpffs);
+            .arg(&bpffs)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)));
         if !opts.leave_running {
             cmd.arg("--detach-on-exit");
         }
