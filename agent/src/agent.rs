@@ -14,9 +14,10 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{Dataplane, Prepared, prepare},
+    dataplane::{Prepared, prepare},
     http::{self, HttpState},
     metrics::{self, AgentMetrics},
+    planes::Planes,
 };
 
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
@@ -27,7 +28,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
 
-    let mut dataplane = Dataplane::load()?;
+    let mut dataplane = Planes::load(&current.config)?;
     if let Err(e) = dataplane.apply(&current, None).await {
         dataplane.shutdown();
         return Err(e);
@@ -87,7 +88,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
 async fn reload(
     path: &Path,
     current: &Prepared,
-    dataplane: &mut Dataplane,
+    dataplane: &mut Planes,
 ) -> anyhow::Result<Prepared> {
     info!(config = %path.display(), "SIGHUP: reloading");
     let next = prepare(path)?;

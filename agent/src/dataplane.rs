@@ -31,10 +31,12 @@ use crate::{
         rules::{self as udp_rules, CompiledRule},
         stats::UdpCollector,
     },
+    userspace::SharedUserspaceView,
 };
 
 /// A validated, host-checked config with its rules compiled: applying it can only fail in the
 /// kernel (an attach refused) or on a socket.
+#[derive(Clone)]
 pub struct Prepared {
     pub config: Config,
     udp: Vec<CompiledRule>,
@@ -89,11 +91,35 @@ pub fn prepare(path: &Path) -> anyhow::Result<Prepared> {
     })
 }
 
+impl Prepared {
+    /// The compiled CAN routes (the userspace engine runs the same can-gw jobs).
+    pub fn can_routes(&self) -> &[CompiledRoute] {
+        &self.can_routes
+    }
+
+    /// This config without its UDP rules (`udp`) or CAN routes (`can`), for the kernel path
+    /// when the userspace engine runs them.
+    pub fn without(&self, udp: bool, can: bool) -> Self {
+        let mut p = self.clone();
+        if udp {
+            p.config.udp.forward.clear();
+            p.udp.clear();
+        }
+        if can {
+            p.config.can.route.clear();
+            p.can_routes.clear();
+        }
+        p
+    }
+}
+
 /// Views shared with the HTTP side.
 #[derive(Clone, Default)]
 pub struct Views {
     pub udp: Arc<RwLock<UdpView>>,
     pub can: Arc<RwLock<CanView>>,
+    /// Rules and routes the userspace engine runs.
+    pub userspace: SharedUserspaceView,
 }
 
 impl Views {
@@ -102,6 +128,7 @@ impl Views {
             &self.udp.read().expect("lock"),
             &self.can.read().expect("lock"),
         )
+        .with_userspace(&self.userspace.read().expect("lock"))
     }
 }
 
@@ -115,7 +142,7 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Loads every program (so a verifier rejection shows at start) and takes the maps.
-    pub fn load() -> anyhow::Result<Self> {
+    pub fn load(views: Views) -> anyhow::Result<Self> {
         let mut ebpf = loader::load(&[XDP_PROGRAM, TC_PROGRAM, can::PROGRAM, XDP_PASS_PROGRAM])?;
         forward_kernel_logs(&mut ebpf);
         let udp = UdpForwarder::new(&mut ebpf)?;
@@ -128,7 +155,7 @@ impl Dataplane {
             udp,
             can,
             tunnels: Tunnels::new(ring, sockets),
-            views: Views::default(),
+            views,
         })
     }
 
@@ -140,8 +167,9 @@ impl Dataplane {
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
         vec![
             Box::new(UdpCollector {
-                stats: self.udp.stats(),
+                stats: Some(self.udp.stats()),
                 view: Arc::clone(&self.views.udp),
+                userspace: Arc::clone(&self.views.userspace),
             }),
             Box::new(CanCollector {
                 rules: self.can.rule_stats(),
@@ -149,6 +177,7 @@ impl Dataplane {
                 ingress: self.can.ingress_stats(),
                 watch: self.can.watch_map(),
                 view: Arc::clone(&self.views.can),
+                userspace: Arc::clone(&self.views.userspace),
             }),
             Box::new(self.tunnels.metrics()),
         ]
@@ -170,7 +199,11 @@ impl Dataplane {
 
     async fn apply_parts(&mut self, p: &Prepared) -> anyhow::Result<()> {
         self.udp
-            .apply(&mut self.ebpf, p.config.udp.mode, p.udp.clone())
+            .apply(
+                &mut self.ebpf,
+                p.config.udp.mode.attach().unwrap_or_default(),
+                p.udp.clone(),
+            )
             .context("installing the UDP rules")?;
         let watches = p
             .can_watches

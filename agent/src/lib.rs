@@ -12,8 +12,10 @@ pub mod loader;
 mod maps;
 pub mod metrics;
 pub mod netdev;
+pub mod planes;
 mod slots;
 pub mod status;
 pub mod udp_forward;
+pub mod userspace;
 
 pub use loader::EBPF_OBJECT;

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::{attach::Hook, can::CanView, udp_forward::UdpView};
+use crate::{attach::Hook, can::CanView, udp_forward::UdpView, userspace::UserspaceView};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -13,11 +13,15 @@ pub enum State {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Component {
-    /// `udp_forward/<iface>` or `can_route/<iface>`.
+    /// `udp_forward/<iface>`, `can_route/<iface>`, or `userspace/<rule>` for a rule the
+    /// userspace engine runs.
     pub name: String,
     pub state: State,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hook: Option<Hook>,
+    /// The userspace engine (`tokio`, `tokio-uring`, `socketcan`) running it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +52,7 @@ impl Readiness {
                         State::Detached
                     },
                     hook,
+                    engine: None,
                 }
             })
             .collect();
@@ -61,11 +66,27 @@ impl Readiness {
                     State::Detached
                 },
                 hook: attached.then_some(Hook::Tc),
+                engine: None,
             }
         }));
         Self {
             ready: components.iter().all(|c| c.state == State::Attached),
             components,
         }
+    }
+
+    /// Adds the userspace engine's rules and routes: they run once their sockets are bound,
+    /// which is when they appear in the view.
+    pub fn with_userspace(mut self, user: &UserspaceView) -> Self {
+        let udp = user.udp.iter().map(|u| (u.rule.as_str(), u.engine));
+        let can = user.can.iter().map(|c| (c.route.as_str(), "socketcan"));
+        self.components
+            .extend(udp.chain(can).map(|(name, engine)| Component {
+                name: format!("userspace/{name}"),
+                state: State::Attached,
+                hook: None,
+                engine: Some(engine),
+            }));
+        self
     }
 }
