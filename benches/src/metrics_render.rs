@@ -41,8 +41,9 @@ pub fn measure(opts: &Options) -> Result {
     let registry = metrics::registry(
         &AgentMetrics::default(),
         vec![Box::new(UdpCollector {
-            stats: f.udp.stats(),
+            stats: Some(f.udp.stats()),
             view,
+            userspace: Default::default(),
         })],
     );
     let mut times: Vec<f64> = Vec::with_capacity(opts.renders);

@@ -156,7 +156,8 @@ impl Fixture {
             .collect();
         let mut ebpf = loader::load(&[XDP_PROGRAM, TC_PROGRAM]).unwrap();
         let mut udp = UdpForwarder::new(&mut ebpf).unwrap();
-        udp.apply(&mut ebpf, config.udp.mode, compiled).unwrap();
+        let mode = config.udp.mode.attach().expect("a kernel mode");
+        udp.apply(&mut ebpf, mode, compiled).unwrap();
         Self {
             udp,
             ebpf,

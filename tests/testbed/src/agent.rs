@@ -42,6 +42,17 @@ pub struct Agent {
 impl Agent {
     /// Starts `edgeplane run` in `ns` with `config` written to a temp file; waits for /readyz.
     pub fn start(ns: &Netns, config: &str, log_level: &str) -> anyhow::Result<Self> {
+        Self::start_wrapped(ns, config, log_level, &[])
+    }
+
+    /// Like [`Agent::start`], run through `wrapper` (a command that execs the rest of its
+    /// arguments, e.g. `setpriv` to drop capabilities).
+    pub fn start_wrapped(
+        ns: &Netns,
+        config: &str,
+        log_level: &str,
+        wrapper: &[&str],
+    ) -> anyhow::Result<Self> {
         let bin = binary();
         if !bin.is_file() {
             bail!(
@@ -61,8 +72,15 @@ impl Agent {
             .unwrap_or_else(|| "127.0.0.1:9464".into())
             .parse()?;
         let log = std::env::temp_dir().join(format!("{}.log", ns.name));
+        let bin = bin.to_str().expect("utf-8 path");
+        let (program, wrapped) = match wrapper {
+            [] => (bin, &[][..]),
+            [first, rest @ ..] => (*first, rest),
+        };
         let child = ns
-            .command(bin.to_str().expect("utf-8 path"))
+            .command(program)
+            .args(wrapped)
+            .args((!wrapper.is_empty()).then_some(bin))
             .args(["run", "--log-level", log_level, "--config"])
             .arg(&path)
             .stderr(File::create(&log)?)
