@@ -2,7 +2,11 @@
 
 mod metrics_render;
 mod prog_run;
+mod report;
 mod table;
+mod traffic;
+mod udp;
+mod usage;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +23,8 @@ enum Suite {
     ProgRun(prog_run::Options),
     /// Time to render /metrics with many rules installed.
     MetricsRender(metrics_render::Options),
+    /// UDP forwarding: XDP, tc, the userspace engines and socat on one veth topology.
+    Udp(udp::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +32,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().suite {
         Suite::ProgRun(o) => prog_run::run(&o),
         Suite::MetricsRender(o) => metrics_render::run(&o),
+        Suite::Udp(o) => udp::run(&o),
     }
 }

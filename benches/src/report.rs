@@ -1,0 +1,147 @@
+//! The benchmark report: rows in JSON for tracking over time, and a Markdown table with each
+//! engine's ratio to the userspace tokio engine of the same suite.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::table::markdown;
+
+/// One engine measured in one suite.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    /// `udp` or `can`.
+    pub suite: String,
+    /// `xdp`, `tc`, `tokio`, `tokio-uring`, `socat`, `can-gw (edgeplane)`, ...
+    pub engine: String,
+    /// Packets (frames) per second forwarded at saturation.
+    pub pps: Option<f64>,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub p999_us: Option<f64>,
+    /// CPU time of the whole machine (sender, forwarder, receiver; idle baseline subtracted)
+    /// per forwarded packet at saturation.
+    pub cpu_ns_per_packet: Option<f64>,
+    /// Peak RSS of the forwarding process (the agent, or the peer).
+    pub rss_bytes: Option<u64>,
+    /// The sender's own rate in the same run: what was offered.
+    pub sender_pps: Option<f64>,
+    /// CPU time of the forwarding process alone per forwarded packet (kernel-path work runs
+    /// in softirq and is not charged to the agent).
+    pub process_cpu_ns_per_packet: Option<f64>,
+    /// Latency datagrams that arrived, of those sent.
+    pub latency_received: Option<String>,
+    pub note: Option<String>,
+}
+
+/// A micro benchmark result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Micro {
+    pub name: String,
+    pub ns: f64,
+    pub note: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub micro: Vec<Micro>,
+}
+
+impl Report {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The Markdown report: one table per suite, then the micro benchmarks.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        for suite in ["udp", "can"] {
+            let rows: Vec<&Row> = self.rows.iter().filter(|r| r.suite == suite).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let base = rows
+                .iter()
+                .find(|r| r.engine == "tokio" || r.engine == "socketcan (edgeplane userspace)");
+            let ratio = |v: Option<f64>, b: Option<f64>| match (v, b) {
+                (Some(v), Some(b)) if b > 0.0 => format!("{:.2}×", v / b),
+                _ => "-".into(),
+            };
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.engine.clone(),
+                        fmt(r.pps, 0),
+                        ratio(r.pps, base.and_then(|b| b.pps)),
+                        fmt(r.sender_pps, 0),
+                        fmt(r.p50_us, 1),
+                        fmt(r.p99_us, 1),
+                        ratio(r.p99_us, base.and_then(|b| b.p99_us)),
+                        fmt(r.p999_us, 1),
+                        fmt(r.cpu_ns_per_packet, 0),
+                        fmt(r.process_cpu_ns_per_packet, 0),
+                        r.rss_bytes.map_or("-".into(), |b| {
+                            format!("{:.1}", b as f64 / (1 << 20) as f64)
+                        }),
+                        r.note.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            let base_name = base.map_or("-", |b| b.engine.as_str());
+            out += &format!(
+                "### {}\n\nRatios are to `{base_name}`.\n\n{}\n",
+                if suite == "udp" {
+                    "UDP forwarding, veth sender → gateway → receiver"
+                } else {
+                    "CAN routing, vxcan → gateway → vxcan (qemu TCG emulation: compare ratios, not absolute numbers)"
+                },
+                markdown(
+                    &[
+                        "engine",
+                        "pps",
+                        "pps ratio",
+                        "sender pps",
+                        "p50 µs",
+                        "p99 µs",
+                        "p99 ratio",
+                        "p99.9 µs",
+                        "CPU ns/pkt (machine)",
+                        "CPU ns/pkt (process)",
+                        "RSS MiB",
+                        "note",
+                    ],
+                    &table
+                )
+            );
+        }
+        if !self.micro.is_empty() {
+            let table: Vec<Vec<String>> = self
+                .micro
+                .iter()
+                .map(|m| vec![m.name.clone(), format!("{:.1}", m.ns), m.note.clone()])
+                .collect();
+            out += &format!(
+                "### Micro benchmarks\n\n{}\n",
+                markdown(&["benchmark", "ns", "how"], &table)
+            );
+        }
+        out
+    }
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
