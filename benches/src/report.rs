@@ -32,21 +32,37 @@ pub struct Row {
     pub process_cpu_ns_per_packet: Option<f64>,
     /// Latency datagrams that arrived, of those sent.
     pub latency_received: Option<String>,
+    /// Micro benchmarks (suite `micro`): time per operation.
+    pub ns_per_op: Option<f64>,
     pub note: Option<String>,
 }
 
-/// A micro benchmark result.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Micro {
-    pub name: String,
-    pub ns: f64,
-    pub note: String,
+impl Row {
+    /// A micro benchmark's row.
+    pub fn micro(name: impl Into<String>, ns: f64, note: impl Into<String>) -> Self {
+        Self {
+            suite: "micro".into(),
+            engine: name.into(),
+            pps: None,
+            p50_us: None,
+            p99_us: None,
+            p999_us: None,
+            cpu_ns_per_packet: None,
+            rss_bytes: None,
+            sender_pps: None,
+            process_cpu_ns_per_packet: None,
+            latency_received: None,
+            ns_per_op: Some(ns),
+            note: Some(note.into()),
+        }
+    }
 }
 
+/// Every row of a run, saved as a JSON list.
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct Report {
     pub rows: Vec<Row>,
-    pub micro: Vec<Micro>,
 }
 
 impl Report {
@@ -127,11 +143,17 @@ impl Report {
                 )
             );
         }
-        if !self.micro.is_empty() {
-            let table: Vec<Vec<String>> = self
-                .micro
+        let micro: Vec<&Row> = self.rows.iter().filter(|r| r.suite == "micro").collect();
+        if !micro.is_empty() {
+            let table: Vec<Vec<String>> = micro
                 .iter()
-                .map(|m| vec![m.name.clone(), format!("{:.1}", m.ns), m.note.clone()])
+                .map(|m| {
+                    vec![
+                        m.engine.clone(),
+                        fmt(m.ns_per_op, 1),
+                        m.note.clone().unwrap_or_default(),
+                    ]
+                })
                 .collect();
             out += &format!(
                 "### Micro benchmarks\n\n{}\n",

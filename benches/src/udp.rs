@@ -18,12 +18,12 @@ use edgeplane_common::XDP_PASS_PROGRAM;
 use edgeplane_testbed::{
     agent::Agent,
     netns::{Line, Netns},
+    usage,
 };
 
 use crate::{
     report::Row,
     traffic::{self, quantile},
-    usage,
 };
 
 #[derive(clap::Args)]
@@ -231,16 +231,14 @@ fn measure_engine(engine: &str, opts: &Options, threads: usize) -> anyhow::Resul
         sender_pps: Some(blast.sent as f64 / elapsed),
         process_cpu_ns_per_packet: per_packet(proc_ns),
         latency_received: Some(format!("{}/{}", lat.samples.len(), lat.sent)),
+        ns_per_op: None,
         note: None,
     })
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let rows = measure(opts)?;
-    let report = crate::report::Report {
-        rows,
-        micro: Vec::new(),
-    };
+    let report = crate::report::Report { rows };
     println!("{}", report.markdown());
     if let Some(path) = &opts.json {
         report.save(path)?;

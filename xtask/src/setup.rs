@@ -26,6 +26,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "the VM tests' initramfs userland"),
     ("kmod", "depmod: modules.dep of the VM tests' kernels"),
     ("xz-utils", "decompressing .ko.xz modules for the VM tests"),
+    (
+        "socat",
+        "the userspace relay `cargo xtask bench` compares the engines with",
+    ),
 ];
 
 #[derive(clap::Args, Default)]

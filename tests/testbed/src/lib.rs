@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod http;
 pub mod netns;
+pub mod usage;
 
 use std::path::PathBuf;
 

@@ -1,4 +1,4 @@
-//! CPU time and memory of the machine and of a process, from /proc.
+//! CPU time and memory of the machine and of a process, from /proc, for the benchmarks.
 
 use anyhow::Context as _;
 
