@@ -90,7 +90,8 @@ fn lookup(c: &mut Criterion) {
     let spec = listeners.values().next().expect("one listener");
     let table = RuleTable::new(&spec.routes);
     let mut g = c.benchmark_group("userspace_rule_lookup");
-    let hit: SocketAddr = "10.3.133.2:1902".parse().expect("addr");
+    // Rule 902: source address and port, the most specific shape.
+    let hit: SocketAddr = "10.3.134.2:1902".parse().expect("addr");
     let miss: SocketAddr = "203.0.113.1:7".parse().expect("addr");
     assert!(table.lookup(&hit).is_some() && table.lookup(&miss).is_none());
     g.bench_function("1000 rules, most specific shape", |b| {

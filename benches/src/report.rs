@@ -20,8 +20,9 @@ pub struct Row {
     pub p50_us: Option<f64>,
     pub p99_us: Option<f64>,
     pub p999_us: Option<f64>,
-    /// CPU time of the whole machine (sender, forwarder, receiver; idle baseline subtracted)
-    /// per forwarded packet at saturation.
+    /// CPU time per forwarded packet at saturation of the benchmark's whole path: the sender
+    /// and the receive path it runs in softirq, the forwarder, ksoftirqd (UDP suite); the whole
+    /// VM (CAN suite).
     pub cpu_ns_per_packet: Option<f64>,
     /// Peak RSS of the forwarding process (the agent, or the peer).
     pub rss_bytes: Option<u64>,
@@ -134,8 +135,8 @@ impl Report {
                         "p99 µs",
                         "p99 ratio",
                         "p99.9 µs",
-                        "CPU ns/pkt (machine)",
-                        "CPU ns/pkt (process)",
+                        "CPU ns/pkt (all)",
+                        "CPU ns/pkt (forwarder process)",
                         "RSS MiB",
                         "note",
                     ],

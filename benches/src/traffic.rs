@@ -135,10 +135,22 @@ pub fn latency(
     let count = rate * duration.as_secs_f64() as u64;
     std::thread::scope(|s| {
         let (ready_tx, ready_rx) = mpsc::channel();
-        let rx = s.spawn(move || receive_timestamps(receiver, bind, count, ready_tx));
+        let rx = s.spawn(move || realtime(|| receive_timestamps(receiver, bind, count, ready_tx)));
         ready_rx
             .recv()
             .context("the latency receiver did not start")?;
+        realtime(|| send_paced(sender, to, rate, count)).and_then(|sent| {
+            Ok(Latency {
+                samples: rx.join().expect("latency receiver")?,
+                sent,
+            })
+        })
+    })
+}
+
+/// Sends `count` timestamped datagrams at `rate` per second.
+fn send_paced(sender: &Netns, to: SocketAddr, rate: u64, count: u64) -> anyhow::Result<u64> {
+    {
         let _in = sender.enter()?;
         let sock = UdpSocket::bind("0.0.0.0:0")?;
         sock.connect(to)?;
@@ -148,10 +160,10 @@ pub fn latency(
         let mut sent = 0;
         for seq in 0..count {
             let due = start + seq * interval;
-            // Sleep most of the way, spin the rest: sleeps overshoot by tens of µs.
+            // Sleep most of the way, spin the rest (a real-time thread's sleep has no slack).
             let now = now_ns();
-            if due > now + 100_000 {
-                std::thread::sleep(Duration::from_nanos(due - now - 100_000));
+            if due > now + SPIN_NS {
+                std::thread::sleep(Duration::from_nanos(due - now - SPIN_NS));
             }
             while now_ns() < due {
                 std::hint::spin_loop();
@@ -161,9 +173,41 @@ pub fn latency(
                 sent += 1;
             }
         }
-        let samples = rx.join().expect("latency receiver")?;
-        Ok(Latency { samples, sent })
-    })
+        Ok(sent)
+    }
+}
+
+/// How long before a paced datagram is due the sender stops sleeping and spins.
+const SPIN_NS: u64 = 20_000;
+/// SCHED_FIFO priority of the latency phase's threads and of the forwarder meanwhile: the
+/// machine is shared, and the latency of the data path is measured, not the scheduler's.
+pub const LATENCY_PRIORITY: i32 = 10;
+
+/// Runs `f` with this thread at SCHED_FIFO [`LATENCY_PRIORITY`], then back to SCHED_OTHER.
+fn realtime<T>(f: impl FnOnce() -> T) -> T {
+    set_policy(0, libc::SCHED_FIFO, LATENCY_PRIORITY);
+    let out = f();
+    set_policy(0, libc::SCHED_OTHER, 0);
+    out
+}
+
+/// Sets the policy of thread `tid` (0: the calling one); failures leave it as it was.
+pub fn set_policy(tid: i32, policy: i32, priority: i32) {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: a valid sched_param; a failure (no such thread) changes nothing.
+    unsafe { libc::sched_setscheduler(tid, policy, &param) };
+}
+
+/// Sets the policy of every thread of process `pid`.
+pub fn set_process_policy(pid: u32, policy: i32, priority: i32) -> anyhow::Result<()> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        if let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) {
+            set_policy(tid, policy, priority);
+        }
+    }
+    Ok(())
 }
 
 fn receive_timestamps(

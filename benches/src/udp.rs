@@ -3,14 +3,15 @@
 //! receiver's port 6000 with XDP, tc, the userspace engines, or socat.
 //!
 //! For each engine: a paced phase measures one-way latency (CLOCK_MONOTONIC stamped in the
-//! payload by the sender, read by the receiver); a saturation phase blasts from one thread per
-//! core and counts what reached the receiver's UDP layer, the machine's CPU time (its idle
-//! baseline subtracted) and the forwarding process's own CPU time and peak RSS.
+//! payload by the sender, read by the receiver; sender, receiver and forwarder at a real-time
+//! priority, as the machine is shared); a saturation phase blasts from one thread per core and
+//! counts what reached the receiver's UDP layer, the CPU time of the benchmark's own work
+//! (sender and receive path, forwarder, ksoftirqd) and the forwarder's CPU time and peak RSS.
 
 use std::{
     net::SocketAddr,
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -35,9 +36,12 @@ pub struct Options {
         default_value = "xdp,tc,tokio,tokio-uring,socat"
     )]
     engines: Vec<String>,
-    /// Seconds of saturation per engine.
+    /// Seconds of saturation per engine and round.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Rounds over all engines; the report takes the median round's rates.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Datagrams per second of the latency phase: moderate, below every engine's saturation.
     #[arg(long, default_value_t = 10_000)]
     latency_rate: u64,
@@ -152,18 +156,76 @@ pub fn measure(opts: &Options) -> anyhow::Result<Vec<Row>> {
     let threads = opts
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZero::get));
-    let mut rows = Vec::new();
-    for engine in &opts.engines {
-        eprintln!("[bench] udp: {engine}");
-        rows.push(measure_engine(engine, opts, threads)?);
+    // Rounds interleave the engines, so a burst of other work on the machine hits them alike.
+    let mut runs: Vec<Vec<Run>> = opts.engines.iter().map(|_| Vec::new()).collect();
+    for round in 1..=opts.rounds {
+        for (engine, runs) in opts.engines.iter().zip(&mut runs) {
+            eprintln!("[bench] udp round {round}/{}: {engine}", opts.rounds);
+            runs.push(measure_engine(engine, opts, threads)?);
+        }
     }
-    Ok(rows)
+    Ok(opts
+        .engines
+        .iter()
+        .zip(runs)
+        .map(|(engine, runs)| summarize(engine, &runs))
+        .collect())
 }
 
-fn measure_engine(engine: &str, opts: &Options, threads: usize) -> anyhow::Result<Row> {
+/// One engine's measurements in one round.
+struct Run {
+    latency_ns: Vec<u64>,
+    latency_sent: u64,
+    arrived: u64,
+    sent: u64,
+    seconds: f64,
+    cpu_ns: u64,
+    process_cpu_ns: u64,
+    rss: u64,
+}
+
+/// The median round's rates, latency quantiles over every round's samples, CPU over all.
+fn summarize(engine: &str, runs: &[Run]) -> Row {
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut pps: Vec<f64> = runs.iter().map(|r| r.arrived as f64 / r.seconds).collect();
+    let mut sender: Vec<f64> = runs.iter().map(|r| r.sent as f64 / r.seconds).collect();
+    let mut lat: Vec<u64> = runs
+        .iter()
+        .flat_map(|r| r.latency_ns.iter().copied())
+        .collect();
+    lat.sort_unstable();
+    let us = |q: f64| quantile(&lat, q).map(|ns| ns as f64 / 1e3);
+    let arrived: u64 = runs.iter().map(|r| r.arrived).sum();
+    let per_packet = |ns: u64| (arrived > 0).then(|| ns as f64 / arrived as f64);
+    Row {
+        suite: "udp".into(),
+        engine: engine.into(),
+        pps: Some(median(&mut pps)),
+        p50_us: us(0.5),
+        p99_us: us(0.99),
+        p999_us: us(0.999),
+        cpu_ns_per_packet: per_packet(runs.iter().map(|r| r.cpu_ns).sum()),
+        rss_bytes: runs.iter().map(|r| r.rss).max(),
+        sender_pps: Some(median(&mut sender)),
+        process_cpu_ns_per_packet: per_packet(runs.iter().map(|r| r.process_cpu_ns).sum()),
+        latency_received: Some(format!(
+            "{}/{}",
+            lat.len(),
+            runs.iter().map(|r| r.latency_sent).sum::<u64>()
+        )),
+        ns_per_op: None,
+        note: Some(format!("median of {} rounds", runs.len())),
+    }
+}
+
+fn measure_engine(engine: &str, opts: &Options, threads: usize) -> anyhow::Result<Run> {
     let line = Line::new("bu")?;
     line.resolve_neighbours()?;
     let fwd = start(engine, &line)?;
+    let pid = fwd.pid();
     let to: SocketAddr = format!("{}:5000", Line::GATEWAY_IN_V4).parse()?;
     let bind: SocketAddr = format!("{}:6000", Line::RECEIVER_V4).parse()?;
 
@@ -177,6 +239,8 @@ fn measure_engine(engine: &str, opts: &Options, threads: usize) -> anyhow::Resul
         Duration::from_millis(200),
     )?;
 
+    // The forwarder runs at the latency threads' real-time priority meanwhile.
+    traffic::set_process_policy(pid, libc::SCHED_FIFO, traffic::LATENCY_PRIORITY)?;
     let lat = traffic::latency(
         &line.sender,
         &line.receiver,
@@ -184,24 +248,21 @@ fn measure_engine(engine: &str, opts: &Options, threads: usize) -> anyhow::Resul
         bind,
         opts.latency_rate,
         Duration::from_secs_f64(opts.latency_seconds),
-    )?;
-    let mut s = lat.samples.clone();
-    s.sort_unstable();
-    let us = |q: f64| quantile(&s, q).map(|ns| ns as f64 / 1e3);
-
-    // Idle baseline of the machine (other work on it), then saturation.
-    let _sink = traffic::sink(&line.receiver, bind)?;
-    let idle_start = (Instant::now(), usage::machine_busy_ns()?);
-    std::thread::sleep(Duration::from_millis(500));
-    let idle_rate = (usage::machine_busy_ns()? - idle_start.1) as f64
-        / idle_start.0.elapsed().as_nanos() as f64;
-
-    let pid = fwd.pid();
-    let (arrived0, busy0, proc0) = (
-        traffic::udp_arrived(&line.receiver)?,
-        usage::machine_busy_ns()?,
-        usage::process_cpu_ns(pid)?,
     );
+    traffic::set_process_policy(pid, libc::SCHED_OTHER, 0)?;
+    let lat = lat?;
+
+    // Saturation. CPU is what this process (sender threads, and the receive path they run in
+    // softirq), the forwarder and ksoftirqd spent: other work on the machine is not counted.
+    let _sink = traffic::sink(&line.receiver, bind)?;
+    let cpu = || -> anyhow::Result<(u64, u64)> {
+        let forwarder = usage::process_cpu_ns(pid)?;
+        Ok((
+            usage::self_cpu_ns() + forwarder + usage::ksoftirqd_cpu_ns()?,
+            forwarder,
+        ))
+    };
+    let (arrived0, (cpu0, proc0)) = (traffic::udp_arrived(&line.receiver)?, cpu()?);
     let blast = traffic::blast(
         &line.sender,
         to,
@@ -211,28 +272,17 @@ fn measure_engine(engine: &str, opts: &Options, threads: usize) -> anyhow::Resul
     )?;
     // Let queued datagrams drain before counting.
     std::thread::sleep(Duration::from_millis(200));
-    let elapsed = blast.elapsed.as_secs_f64();
     let arrived = traffic::udp_arrived(&line.receiver)? - arrived0;
-    let busy = (usage::machine_busy_ns()? - busy0) as f64 - idle_rate * (elapsed + 0.2) * 1e9;
-    let proc_ns = (usage::process_cpu_ns(pid)? - proc0) as f64;
-    let rss = usage::peak_rss(pid)?;
-    drop(fwd);
-
-    let per_packet = |ns: f64| (arrived > 0).then(|| ns.max(0.0) / arrived as f64);
-    Ok(Row {
-        suite: "udp".into(),
-        engine: engine.into(),
-        pps: Some(arrived as f64 / elapsed),
-        p50_us: us(0.5),
-        p99_us: us(0.99),
-        p999_us: us(0.999),
-        cpu_ns_per_packet: per_packet(busy),
-        rss_bytes: Some(rss),
-        sender_pps: Some(blast.sent as f64 / elapsed),
-        process_cpu_ns_per_packet: per_packet(proc_ns),
-        latency_received: Some(format!("{}/{}", lat.samples.len(), lat.sent)),
-        ns_per_op: None,
-        note: None,
+    let (cpu1, proc1) = cpu()?;
+    Ok(Run {
+        latency_ns: lat.samples,
+        latency_sent: lat.sent,
+        arrived,
+        sent: blast.sent,
+        seconds: blast.elapsed.as_secs_f64(),
+        cpu_ns: cpu1 - cpu0,
+        process_cpu_ns: proc1 - proc0,
+        rss: usage::peak_rss(pid)?,
     })
 }
 

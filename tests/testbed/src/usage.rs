@@ -51,3 +51,30 @@ pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
         .parse()?;
     Ok(kb * 1024)
 }
+
+/// CPU time (ns) of this process, all threads, user and system.
+pub fn self_cpu_ns() -> u64 {
+    // SAFETY: all-zero is a valid rusage; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    ns(ru.ru_utime) + ns(ru.ru_stime)
+}
+
+/// CPU time (ns) of the ksoftirqd threads: the network receive work the kernel defers to
+/// them instead of running it in the context of the task that raised it.
+pub fn ksoftirqd_cpu_ns() -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc")? {
+        let name = entry?.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.starts_with("ksoftirqd/") {
+            total += process_cpu_ns(pid).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
