@@ -13,7 +13,7 @@ use std::{
 
 use edgeplane_common::XDP_PASS_PROGRAM;
 use edgeplane_testbed::{
-    agent::Agent,
+    agent::{self, Agent},
     http,
     netns::{Line, Netns},
 };
@@ -391,4 +391,130 @@ fn reload_keeps_unchanged_rules_forwarding_without_a_gap() {
         rx.join().unwrap()
     });
     assert_eq!(got.len(), 10);
+}
+
+/// Runs the agent CLI in the gateway namespace; returns stdout, failing on a non-zero exit.
+fn cli(line: &Line, args: &[&str]) -> String {
+    let out = line
+        .gateway
+        .command(agent::binary().to_str().unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "edgeplane {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Removes a data plane left running, however the test ends.
+struct LeftRunning<'a>(&'a Line, std::path::PathBuf);
+
+impl Drop for LeftRunning<'_> {
+    fn drop(&mut self) {
+        let _ = agent::down(&self.0.gateway.name, &self.1);
+    }
+}
+
+/// Datagrams flow at about 1 per ms while the agent exits (leaving the data plane running),
+/// nothing runs for a while, and a new agent takes over: none is lost, the counters continue,
+/// and `edgeplane down` then removes the data plane.
+fn restart_loses_nothing(mode: &str) {
+    edgeplane_testbed::require_root();
+    let line = Line::new(&format!("rs{mode}")).unwrap();
+    let _peer_xdp = (mode == "xdp").then(|| {
+        line.prepare_for_xdp().unwrap();
+        attach_xdp_pass(&line.receiver, "r0")
+    });
+    line.resolve_neighbours().unwrap();
+    let dir = edgeplane_testbed::bpffs::dir_for(&line.gateway.name).unwrap();
+    let _cleanup = LeftRunning(&line, dir.clone());
+    let opts = agent::Start {
+        leave_running: true,
+        bpffs: Some(dir.clone()),
+        ..agent::Start::default()
+    };
+    let cfg = config(mode, true);
+    let mut first = Agent::start_with(&line.gateway, &cfg, "info", &opts).unwrap();
+    let mut second = None;
+    let mut counted_by_first = 0.0;
+    let mut gap = Duration::ZERO;
+    let got = exchange_while(&line, true, 1, || {
+        std::thread::sleep(Duration::from_millis(300));
+        let m = scrape(&line, &first);
+        counted_by_first =
+            http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"lidar\"}").unwrap();
+        let log = first.stop_and_log().unwrap();
+        assert!(log.contains("the data plane keeps running"), "{log}");
+        let stopped = Instant::now();
+        // No agent at all for a while: the kernel forwards on its own.
+        std::thread::sleep(Duration::from_millis(200));
+        second = Some(Agent::start_with(&line.gateway, &cfg, "info", &opts).unwrap());
+        gap = stopped.elapsed();
+    });
+    let mut second = second.unwrap();
+    assert_eq!(
+        got.len(),
+        N as usize,
+        "{mode}: {} of {N} datagrams arrived across the restart\nsecond agent:\n{}",
+        got.len(),
+        second.log_so_far()
+    );
+    let m = scrape(&line, &second);
+    let counted = http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"lidar\"}").unwrap();
+    assert!(counted_by_first > 0.0);
+    assert_eq!(counted, f64::from(N), "{mode}: counters continue\n{m}");
+    let log = second.log_so_far();
+    assert!(log.contains("taking over the data plane"), "{log}");
+    eprintln!(
+        "{mode}: {N} sent, {} received; {counted_by_first} counted before the restart, {counted} after; \
+         {:.0} ms without a ready agent",
+        got.len(),
+        gap.as_secs_f64() * 1e3
+    );
+
+    // The CLI sees the program the second agent attached.
+    let dir_arg = dir.to_str().unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&cli(&line, &["prog", "list", "--json", "--bpffs", dir_arg])).unwrap();
+    let program = if mode == "xdp" {
+        "udp_forward_xdp"
+    } else {
+        "udp_forward_tc"
+    };
+    let p = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == program)
+        .unwrap_or_else(|| panic!("{program} not listed: {list}"));
+    assert_eq!(p["attached"][0]["iface"], "g0", "{list}");
+    let status = cli(&line, &["status", "--bpffs", dir_arg]);
+    assert!(status.contains("agent:      running"), "{status}");
+    assert!(status.contains("g0"), "{status}");
+
+    // `down` stops the agent and removes everything: nothing is forwarded any more.
+    let out = agent::down(&line.gateway.name, &dir).unwrap();
+    assert!(out.contains("stopping the running agent"), "{out}");
+    assert!(!dir.exists(), "{} still exists after down", dir.display());
+    second.stop_and_log().unwrap();
+    let got = exchange(&line, true);
+    assert!(
+        got.is_empty(),
+        "{mode}: {} datagrams forwarded after down",
+        got.len()
+    );
+}
+
+#[test]
+fn restart_loses_nothing_tc() {
+    restart_loses_nothing("tc");
+}
+
+#[test]
+fn restart_loses_nothing_xdp() {
+    restart_loses_nothing("xdp");
 }

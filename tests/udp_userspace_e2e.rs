@@ -13,7 +13,7 @@ use std::{
 };
 
 use edgeplane_testbed::{
-    agent::Agent,
+    agent::{Agent, Start},
     http,
     netns::{Line, Netns},
 };
@@ -211,11 +211,15 @@ fn auto_falls_back_to_userspace_when_ebpf_cannot_load() {
     edgeplane_testbed::require_root();
     let line = Line::new("fb").unwrap();
     let drop_bpf = ["setpriv", "--bounding-set=-bpf,-sys_admin,-perfmon", "--"];
-    let mut agent = Agent::start_wrapped(
+    let start = Start {
+        wrapper: drop_bpf.map(String::from).to_vec(),
+        ..Start::default()
+    };
+    let mut agent = Agent::start_with(
         &line.gateway,
         &config("auto", "tokio", true),
         "info",
-        &drop_bpf,
+        &start,
     )
     .unwrap();
     let (got, _) = exchange(&line, true);

@@ -1,8 +1,10 @@
-//! The agent's run loop: load, attach, serve metrics, reload on SIGHUP, detach on SIGTERM.
+//! The agent's run loop: load (taking over a pinned data plane), attach, serve metrics, reload
+//! on SIGHUP, and on SIGTERM exit leaving the data plane running (or removing it).
 
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
@@ -18,9 +20,19 @@ use crate::{
     http::{self, HttpState},
     metrics::{self, AgentMetrics},
     planes::Planes,
+    state::AgentRecord,
 };
 
-pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+/// How `edgeplane run` was asked to run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Overrides `[agent] bpffs`.
+    pub bpffs: Option<PathBuf>,
+    /// Remove the data plane on exit instead of leaving it running.
+    pub detach_on_exit: bool,
+}
+
+pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()> {
     // Everything that can be checked is checked before the data plane is touched.
     let mut current = prepare(&config_path)?;
     let listen = current.config.http.listen;
@@ -28,9 +40,26 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
 
-    let mut dataplane = Planes::load(&current.config)?;
+    let bpffs = options
+        .bpffs
+        .clone()
+        .unwrap_or_else(|| current.config.agent.bpffs.clone());
+    let record = AgentRecord {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        config: std::path::absolute(&config_path).unwrap_or_else(|_| config_path.clone()),
+        http: listen,
+    };
+    let mut dataplane = Planes::load(&current.config, &bpffs, record)?;
     if let Err(e) = dataplane.apply(&current, None).await {
-        dataplane.shutdown();
+        if dataplane.is_idle() {
+            dataplane.shutdown();
+        } else {
+            dataplane.leave_running();
+        }
         return Err(e);
     }
     let agent_metrics = Arc::new(AgentMetrics::default());
@@ -71,11 +100,16 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
                 };
                 agent_metrics.reloaded(ok);
             }
-            _ = term.recv() => { info!("SIGTERM: detaching and exiting"); break; }
-            _ = int.recv() => { info!("SIGINT: detaching and exiting"); break; }
+            _ = term.recv() => { info!("SIGTERM: exiting"); break; }
+            _ = int.recv() => { info!("SIGINT: exiting"); break; }
         }
     }
-    dataplane.shutdown();
+    if options.detach_on_exit {
+        info!("detaching the data plane (--detach-on-exit)");
+        dataplane.shutdown();
+    } else {
+        dataplane.leave_running();
+    }
     let _ = stop_http.send(());
     match http.await {
         Ok(Ok(())) => Ok(()),

@@ -1,18 +1,33 @@
-//! Attaching programs to interfaces at XDP or tc ingress, and detaching them.
+//! Attaching programs to interfaces at XDP or tc ingress so that they outlive the agent, taking
+//! over what a previous agent left attached, and detaching.
+//!
+//! XDP attachments are bpf_links pinned in the bpffs directory. tc attachments are cls_bpf
+//! filters in the clsact qdisc at a fixed priority and handle (kernels before 6.6 have no tc
+//! links), which stay in the qdisc until removed. Either way a new agent replaces the program in
+//! place, atomically: no packet meets an interface without a program.
 
-use std::fmt;
+use std::{fmt, io, path::PathBuf};
 
-use aya::{
-    Ebpf,
-    programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::{self, SchedClassifierLinkId, TcError},
-        xdp::XdpLinkId,
-    },
+use aya::programs::{
+    Link as _, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    links::FdLink,
+    links::PinnedLink,
+    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
+    xdp::XdpLink,
 };
+use aya::{Ebpf, programs::Program};
+use serde::{Deserialize, Serialize};
+use tracing::debug;
+
+use crate::{pins::PinDir, state::AttachmentRecord};
+
+/// Our filters' place in the clsact qdisc: ahead of filters added without a priority (the
+/// kernel gives those 49152 and up), with a handle of our own to find them again.
+pub const TC_PRIORITY: u16 = 1;
+pub const TC_HANDLE: TcHandle = TcHandle::new(0, 0xed6e);
 
 /// The hook a program runs at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Hook {
     /// XDP in driver (native) mode.
@@ -31,34 +46,62 @@ impl fmt::Display for Hook {
 }
 
 #[derive(Debug)]
-enum Link {
-    Xdp(XdpLinkId),
-    Tc(SchedClassifierLinkId),
+enum Held {
+    /// A bpf_link, pinned at `pin`.
+    Xdp { link: FdLink, pin: PathBuf },
+    /// A cls_bpf filter at [`TC_PRIORITY`] and [`TC_HANDLE`].
+    Tc(SchedClassifierLink),
 }
 
-/// A program attached to an interface; detach it with [`detach`].
+/// A program attached to an interface. Dropping it leaves the program attached, for a next
+/// agent to take over; [`detach`] removes it.
 #[derive(Debug)]
 pub struct Attachment {
-    pub program: &'static str,
+    pub program: String,
     pub iface: String,
     pub ifindex: u32,
     pub hook: Hook,
-    link: Link,
+    /// Kernel id and tag of the program running there; 0 while it is a previous agent's.
+    pub prog_id: u32,
+    pub tag: u64,
+    /// Always `Some` until [`detach`] or drop take it.
+    link: Option<Held>,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if let Some(held) = self.link.take() {
+            debug!(iface = self.iface, program = self.program, "left attached");
+            match held {
+                // The pin holds the link.
+                Held::Xdp { link, .. } => drop(link),
+                // Dropping the handle would remove the filter.
+                Held::Tc(link) => std::mem::forget(link),
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error("program `{0}` is not in the loaded object")]
-    MissingProgram(&'static str),
+    MissingProgram(String),
     #[error(
         "attaching `{program}` to {iface} at XDP (driver mode) failed: {source}; the driver may lack \
          native XDP, or another XDP program is attached: use mode = \"tc\", or \"auto\" to fall back"
     )]
     Xdp {
-        program: &'static str,
+        program: String,
         iface: String,
         #[source]
         source: Box<ProgramError>,
+    },
+    #[error("pinning the XDP link of {iface} at {path}: {source}")]
+    Pin {
+        iface: String,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("adding the clsact qdisc to {iface} failed: {source}")]
     Clsact {
@@ -68,45 +111,74 @@ pub enum AttachError {
     },
     #[error("attaching `{program}` to {iface} at tc ingress failed: {source}")]
     Tc {
-        program: &'static str,
+        program: String,
         iface: String,
         #[source]
         source: Box<ProgramError>,
     },
     #[error("detaching `{program}` from {iface} failed: {source}")]
     Detach {
-        program: &'static str,
+        program: String,
         iface: String,
         #[source]
-        source: Box<ProgramError>,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
+/// Attaches `program` to `iface`, or, where one of ours is attached already (left by a
+/// previous agent), replaces the program it runs in place.
 pub fn attach(
     ebpf: &mut Ebpf,
-    program: &'static str,
+    pins: &PinDir,
+    program: &str,
     hook: Hook,
     iface: &str,
     ifindex: u32,
 ) -> Result<Attachment, AttachError> {
     let prog = ebpf
         .program_mut(program)
-        .ok_or(AttachError::MissingProgram(program))?;
+        .ok_or_else(|| AttachError::MissingProgram(program.to_owned()))?;
+    attach_program(prog, pins, program, hook, iface, ifindex)
+}
+
+/// [`attach`] for a program that is not part of a loaded object (a pinned one).
+pub fn attach_program(
+    prog: &mut Program,
+    pins: &PinDir,
+    program: &str,
+    hook: Hook,
+    iface: &str,
+    ifindex: u32,
+) -> Result<Attachment, AttachError> {
     let link = match hook {
         Hook::Xdp => {
-            let xdp: &mut Xdp = prog.try_into().map_err(|source| AttachError::Xdp {
-                program,
-                iface: iface.to_owned(),
-                source: Box::new(source),
-            })?;
-            let id = xdp
-                .attach_to_if_index(ifindex, XdpMode::Driver)
-                .map_err(|source| AttachError::Xdp {
-                    program,
-                    iface: iface.to_owned(),
-                    source: Box::new(source),
-                })?;
-            Link::Xdp(id)
+            let pin = pins.link(program, iface);
+            let xdp = xdp_program(prog, program, iface)?;
+            let taken_over = PinnedLink::from_pin(&pin)
+                .ok()
+                .and_then(|p| XdpLink::try_from(FdLink::from(p)).ok())
+                .and_then(|old| xdp.attach_to_link(old).ok());
+            let fresh = taken_over.is_none();
+            let id = match taken_over {
+                Some(id) => id,
+                None => {
+                    // A link of an interface that is gone, or none at all.
+                    let _ = std::fs::remove_file(&pin);
+                    xdp.attach_to_if_index(ifindex, XdpMode::Driver)
+                        .map_err(|e| xdp_err(program, iface, e))?
+                }
+            };
+            let link = xdp.take_link(id).map_err(|e| xdp_err(program, iface, e))?;
+            let link = FdLink::try_from(link).map_err(|e| pin_err(iface, &pin, e))?;
+            if fresh {
+                let pinned = link.pin(&pin).map_err(|e| pin_err(iface, &pin, e))?;
+                Held::Xdp {
+                    link: pinned.into(),
+                    pin,
+                }
+            } else {
+                Held::Xdp { link, pin }
+            }
         }
         Hook::Tc => {
             // Kernels before 6.6 (no tcx) attach through the clsact qdisc; it may already exist.
@@ -120,47 +192,168 @@ pub fn attach(
                     });
                 }
             }
-            let cls: &mut SchedClassifier = prog.try_into().map_err(|source| AttachError::Tc {
-                program,
-                iface: iface.to_owned(),
-                source: Box::new(source),
-            })?;
-            let id =
-                cls.attach(iface, TcAttachType::Ingress)
-                    .map_err(|source| AttachError::Tc {
-                        program,
-                        iface: iface.to_owned(),
-                        source: Box::new(source),
-                    })?;
-            Link::Tc(id)
+            let cls = tc_program(prog, program, iface)?;
+            let options = TcAttachOptions::Netlink(NlOptions {
+                priority: TC_PRIORITY,
+                handle: TC_HANDLE,
+                ..NlOptions::default()
+            });
+            let id = match cls.attach_with_options(iface, TcAttachType::Ingress, options) {
+                Err(e) if is_eexist(&e) => {
+                    // Ours from a previous agent: swap the program in the filter.
+                    let old =
+                        existing_tc_filter(iface).map_err(|e| tc_err(program, iface, e.into()))?;
+                    cls.attach_to_link(old)
+                }
+                other => other,
+            }
+            .map_err(|e| tc_err(program, iface, e))?;
+            Held::Tc(cls.take_link(id).map_err(|e| tc_err(program, iface, e))?)
         }
     };
+    let info = prog.info().ok();
     Ok(Attachment {
-        program,
+        program: program.to_owned(),
         iface: iface.to_owned(),
         ifindex,
         hook,
-        link,
+        prog_id: info.as_ref().map_or(0, |i| i.id()),
+        tag: info.as_ref().map_or(0, |i| i.tag()),
+        link: Some(link),
     })
 }
 
-pub fn detach(ebpf: &mut Ebpf, a: Attachment) -> Result<(), AttachError> {
-    let Attachment {
-        program,
-        iface,
-        link,
-        ..
-    } = a;
-    let prog = ebpf
-        .program_mut(program)
-        .ok_or(AttachError::MissingProgram(program))?;
-    let result = match link {
-        Link::Xdp(id) => <&mut Xdp>::try_from(prog).and_then(|p| p.detach(id)),
-        Link::Tc(id) => <&mut SchedClassifier>::try_from(prog).and_then(|p| p.detach(id)),
+/// An attachment a previous agent recorded, still running its program, so that it can be
+/// detached; `None` when it is gone (its interface was removed).
+pub fn recorded(pins: &PinDir, r: &AttachmentRecord) -> Option<Attachment> {
+    let link = match r.hook {
+        Hook::Xdp => {
+            let pin = pins.link(&r.program, &r.iface);
+            let link = PinnedLink::from_pin(&pin).ok()?;
+            Held::Xdp {
+                link: link.into(),
+                pin,
+            }
+        }
+        Hook::Tc => {
+            if crate::netdev::index(&r.iface) != Some(r.ifindex) {
+                return None;
+            }
+            Held::Tc(existing_tc_filter(&r.iface).ok()?)
+        }
     };
-    result.map_err(|source| AttachError::Detach {
-        program,
-        iface,
-        source: Box::new(source),
+    Some(Attachment {
+        program: r.program.clone(),
+        iface: r.iface.clone(),
+        ifindex: r.ifindex,
+        hook: r.hook,
+        prog_id: 0,
+        tag: 0,
+        link: Some(link),
     })
+}
+
+impl Attachment {
+    pub fn record(&self) -> AttachmentRecord {
+        AttachmentRecord {
+            program: self.program.clone(),
+            iface: self.iface.clone(),
+            ifindex: self.ifindex,
+            hook: self.hook,
+        }
+    }
+}
+
+/// Removes the attachment from its interface.
+pub fn detach(mut a: Attachment) -> Result<(), AttachError> {
+    let err = |source: Box<dyn std::error::Error + Send + Sync>| AttachError::Detach {
+        program: a.program.clone(),
+        iface: a.iface.clone(),
+        source,
+    };
+    match a.link.take().expect("attached") {
+        Held::Xdp { link, pin } => {
+            // The link goes when its last reference does: the pin, then our fd.
+            match std::fs::remove_file(&pin) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e.into())),
+                _ => {}
+            }
+            drop(link);
+            Ok(())
+        }
+        Held::Tc(link) => match link.detach() {
+            // The interface, and its qdisc with our filter, is gone already.
+            Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOENT)) =>
+            {
+                Ok(())
+            }
+            other => other.map_err(|e| err(e.into())),
+        },
+    }
+}
+
+/// A handle on our filter in `iface`'s clsact ingress.
+fn existing_tc_filter(iface: &str) -> io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)
+}
+
+fn is_eexist(e: &ProgramError) -> bool {
+    matches!(e, ProgramError::TcError(TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST))
+}
+
+fn xdp_program<'a>(
+    prog: &'a mut Program,
+    program: &str,
+    iface: &str,
+) -> Result<&'a mut Xdp, AttachError> {
+    match prog {
+        Program::Xdp(p) => Ok(p),
+        other => Err(xdp_err(program, iface, {
+            let _ = other;
+            ProgramError::UnexpectedProgramType
+        })),
+    }
+}
+
+fn tc_program<'a>(
+    prog: &'a mut Program,
+    program: &str,
+    iface: &str,
+) -> Result<&'a mut SchedClassifier, AttachError> {
+    match prog {
+        Program::SchedClassifier(p) => Ok(p),
+        other => Err(tc_err(program, iface, {
+            let _ = other;
+            ProgramError::UnexpectedProgramType
+        })),
+    }
+}
+
+fn xdp_err(program: &str, iface: &str, e: ProgramError) -> AttachError {
+    AttachError::Xdp {
+        program: program.to_owned(),
+        iface: iface.to_owned(),
+        source: Box::new(e),
+    }
+}
+
+fn tc_err(program: &str, iface: &str, e: ProgramError) -> AttachError {
+    AttachError::Tc {
+        program: program.to_owned(),
+        iface: iface.to_owned(),
+        source: Box::new(e),
+    }
+}
+
+fn pin_err(
+    iface: &str,
+    pin: &std::path::Path,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> AttachError {
+    AttachError::Pin {
+        iface: iface.to_owned(),
+        path: pin.to_owned(),
+        source: e.into(),
+    }
 }

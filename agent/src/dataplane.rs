@@ -13,7 +13,7 @@ use edgeplane_common::{
 };
 use prometheus_client::collector::Collector;
 use tokio::io::unix::AsyncFd;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     can::{
@@ -25,6 +25,8 @@ use crate::{
     },
     config::Config,
     loader, netdev,
+    pins::{DirLock, PinDir},
+    state::{AgentRecord, AgentState, StateStore},
     status::Readiness,
     udp_forward::{
         UdpForwarder, UdpView,
@@ -132,31 +134,68 @@ impl Views {
     }
 }
 
+/// The data plane, pinned under a bpffs directory so that it outlives the agent.
 pub struct Dataplane {
     ebpf: Ebpf,
     udp: UdpForwarder,
     can: CanRouter,
     tunnels: Tunnels,
     views: Views,
+    pins: PinDir,
+    state: StateStore,
+    agent: AgentRecord,
+    _lock: DirLock,
 }
 
+/// Programs loaded into every data plane, attached or not: a verifier rejection shows at start.
+const PROGRAMS: [&str; 4] = [XDP_PROGRAM, TC_PROGRAM, can::PROGRAM, XDP_PASS_PROGRAM];
+
 impl Dataplane {
-    /// Loads every program (so a verifier rejection shows at start) and takes the maps.
-    pub fn load(views: Views) -> anyhow::Result<Self> {
-        let mut ebpf = loader::load(&[XDP_PROGRAM, TC_PROGRAM, can::PROGRAM, XDP_PASS_PROGRAM])?;
+    /// Loads every program with the maps pinned in `bpffs` and takes over what a previous agent
+    /// left there: its maps (rules and counters), and its attachments, which keep forwarding
+    /// until [`Self::apply`] swaps this agent's programs into them. `views` are shared with the
+    /// userspace engine.
+    pub fn load(bpffs: &Path, agent: AgentRecord, views: Views) -> anyhow::Result<Self> {
+        let pins = PinDir::create(bpffs)?;
+        let state = StateStore::open_or_create(&pins)?;
+        let lock = pins.lock(|| state.load().ok()?.agent.map(|a| a.pid))?;
+        let previous = state.load().unwrap_or_else(|e| {
+            warn!("{e}");
+            AgentState::default()
+        });
+        if let Some(p) = &previous.agent {
+            info!(
+                pid = p.pid,
+                version = p.version,
+                attachments = previous.attachments.len(),
+                "taking over the data plane pinned in {}",
+                pins.root().display()
+            );
+        }
+        let mut ebpf = loader::load_pinned(&PROGRAMS, &pins)?;
         forward_kernel_logs(&mut ebpf);
-        let udp = UdpForwarder::new(&mut ebpf)?;
-        let mut can = CanRouter::new(&mut ebpf)?;
+        let mut udp = UdpForwarder::new(&mut ebpf, &pins)?;
+        udp.adopt(&previous.udp, &previous.attachments)
+            .context("reading the pinned UDP maps")?;
+        let mut can = CanRouter::new(&mut ebpf, &pins)?;
+        can.adopt(&previous.can, &previous.attachments)
+            .context("taking over the CAN routes")?;
         let (ring, sockets) = can
             .take_tunnel_maps()
             .context("the CAN tunnel maps were already taken")?;
-        Ok(Self {
+        let mut dataplane = Self {
             ebpf,
             udp,
             can,
             tunnels: Tunnels::new(ring, sockets),
             views,
-        })
+            pins,
+            state,
+            agent,
+            _lock: lock,
+        };
+        dataplane.save_state();
+        Ok(dataplane)
     }
 
     pub fn views(&self) -> Views {
@@ -224,17 +263,58 @@ impl Dataplane {
         Ok(())
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         *self.views.udp.write().expect("lock") = self.udp.view();
         *self.views.can.write().expect("lock") = self.can.view();
+        self.save_state();
     }
 
-    /// Detaches every program and stops the tunnel.
-    pub fn shutdown(&mut self) {
+    /// Records what a next agent needs to take over.
+    fn save_state(&mut self) {
+        let (udp, mut attachments) = self.udp.state();
+        let (can, can_attachments) = self.can.state();
+        attachments.extend(can_attachments);
+        let state = AgentState {
+            agent: Some(self.agent.clone()),
+            attachments,
+            udp,
+            can,
+        };
+        if let Err(e) = self.state.save(&state) {
+            warn!("{e}; a restarted agent will not find this one's counters");
+        }
+    }
+
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
+    }
+
+    /// Stops the userspace parts (the tunnel) and leaves the kernel's running: programs
+    /// attached, maps pinned, can-gw jobs in place, for the next agent to take over.
+    pub fn leave_running(mut self) {
         self.tunnels.shutdown();
-        self.udp.shutdown(&mut self.ebpf);
-        self.can.shutdown(&mut self.ebpf);
-        self.publish();
+        self.save_state();
+        self.udp.release();
+        self.can.release();
+        info!(
+            "the data plane keeps running, pinned in {}; `edgeplane down` removes it",
+            self.pins.root().display()
+        );
+    }
+
+    /// Detaches every program, stops the tunnel, removes our can-gw jobs and unpins it all.
+    pub fn shutdown(mut self) {
+        self.tunnels.shutdown();
+        self.udp.shutdown();
+        self.can.shutdown();
+        if let Err(e) = self.pins.remove() {
+            warn!("{e}");
+        }
+    }
+
+    /// Whether nothing runs in the kernel: no attachment, no can-gw job.
+    pub fn is_idle(&self) -> bool {
+        self.udp.state().1.is_empty() && self.can.state().1.is_empty() && !self.can.has_jobs()
     }
 }
 

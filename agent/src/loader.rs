@@ -4,10 +4,12 @@ use std::io;
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::MapError,
+    maps::{MapError, MapInfo},
     programs::{Program, ProgramError},
 };
-use tracing::{debug, level_filters::LevelFilter};
+use tracing::{debug, level_filters::LevelFilter, warn};
+
+use crate::pins::PinDir;
 
 /// The compiled eBPF programs, built by `build.rs` and embedded in the agent.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgeplane"));
@@ -42,6 +44,13 @@ pub enum LoadError {
     },
     #[error("map `{0}` is missing from the eBPF object: rebuild the agent")]
     MissingMap(&'static str),
+    #[error("pinning program `{program}` at {path}: {source}")]
+    Pin {
+        program: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error("map `{map}` does not have the expected type: {source}")]
     MapType {
         map: &'static str,
@@ -53,16 +62,88 @@ pub enum LoadError {
 /// Loads the object and every listed program. Kernel log lines at or below the agent's current
 /// tracing level are enabled in the programs themselves, so disabled ones cost nothing.
 pub fn load(programs: &[&'static str]) -> Result<Ebpf, LoadError> {
+    load_with(programs, None)
+}
+
+/// [`load`], with the programs' maps pinned in `pins` (those pinned already are reused, so
+/// counters and rules carry over from the previous agent) and the programs pinned too.
+pub fn load_pinned(programs: &[&'static str], pins: &PinDir) -> Result<Ebpf, LoadError> {
+    let mut ebpf = load_with(programs, Some(pins))?;
+    for &name in programs {
+        let path = pins.program(name);
+        // The previous agent's program stays loaded while its links run it.
+        let _ = std::fs::remove_file(&path);
+        let program = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?;
+        program.pin(&path).map_err(|source| LoadError::Pin {
+            program: name,
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(ebpf)
+}
+
+fn load_with(programs: &[&'static str], pins: Option<&PinDir>) -> Result<Ebpf, LoadError> {
     raise_memlock_limit();
     let level = kernel_log_level(LevelFilter::current());
-    let mut ebpf = EbpfLoader::new()
-        .override_global("AYA_LOG_LEVEL", &level, true)
-        .load(EBPF_OBJECT)
-        .map_err(object_error)?;
+    let mut loader = EbpfLoader::new();
+    loader.override_global("AYA_LOG_LEVEL", &level, true);
+    let pinned = match pins {
+        Some(pins) => pinned_maps(pins)?,
+        None => Vec::new(),
+    };
+    for (name, path) in &pinned {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(object_error)?;
     for &name in programs {
         load_program(&mut ebpf, name)?;
     }
     Ok(ebpf)
+}
+
+/// The object's own maps (not its data sections nor aya-log's), with their pin paths. A pinned
+/// map whose layout differs from this build's (an upgrade changed it) is unpinned, so a new
+/// one replaces it: the old programs keep theirs until their links are taken over.
+fn pinned_maps(pins: &PinDir) -> Result<Vec<(String, std::path::PathBuf)>, LoadError> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT)
+        .map_err(|e| LoadError::Object(Box::new(EbpfError::ParseError(e))))?;
+    let mut out = Vec::new();
+    for (name, def) in &obj.maps {
+        if name.starts_with('.') || name.starts_with("AYA_") {
+            continue;
+        }
+        let path = pins.map(name);
+        if let Ok(pinned) = MapInfo::from_pin(&path) {
+            // Flags are left out: aya adds some at creation (BPF_F_RDONLY_PROG for devmaps).
+            let layout = |t: Option<u32>, k, v, n| format!("type {t:?} key {k} value {v} max {n}");
+            let (have, want) = (
+                layout(
+                    pinned.map_type().ok().map(|t| t as u32),
+                    pinned.key_size(),
+                    pinned.value_size(),
+                    pinned.max_entries(),
+                ),
+                layout(
+                    Some(def.map_type()),
+                    def.key_size(),
+                    def.value_size(),
+                    def.max_entries(),
+                ),
+            );
+            if have != want {
+                warn!(
+                    map = name,
+                    "the pinned map has another layout ({have}) than this version's ({want}): replacing it (its contents start afresh)"
+                );
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        out.push((name.clone(), path));
+    }
+    Ok(out)
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {

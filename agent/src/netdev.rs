@@ -28,6 +28,19 @@ pub fn index(name: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
+/// The name of the interface with index `ifindex`, or `None` when there is none.
+pub fn name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
 /// The interface's driver name as ethtool reports it (`veth`, `virtio_net`, `ixgbe`, ...).
 pub fn driver(name: &str) -> io::Result<String> {
     #[repr(C)]

@@ -2,7 +2,7 @@
 //! the userspace engine where it asks for `userspace`, and, in `auto`, the userspace engine
 //! when the kernel path can't run (its programs don't load, or an attach is refused).
 
-use std::sync::Arc;
+use std::{path::Path, sync::Arc};
 
 use anyhow::{Context as _, bail};
 use prometheus_client::collector::Collector;
@@ -12,6 +12,7 @@ use crate::{
     can::{router::CanRouterError, stats::UserspaceCanCollector},
     config::{CanMode, Config, Problem, UdpMode},
     dataplane::{Dataplane, Prepared, Views},
+    state::AgentRecord,
     udp_forward::{UdpForwardError, stats::UdpCollector},
     userspace::{CanUserspace, UdpUserspace},
 };
@@ -36,12 +37,12 @@ pub struct Planes {
 impl Planes {
     /// Loads the kernel path if the config may use it. In `auto` a load failure is logged and
     /// the rules run in userspace; with an explicit kernel mode it is an error.
-    pub fn load(config: &Config) -> anyhow::Result<Self> {
+    pub fn load(config: &Config, bpffs: &Path, agent: AgentRecord) -> anyhow::Result<Self> {
         let views = Views::default();
         let maybe_kernel =
             config.udp.mode != UdpMode::Userspace || config.can.mode != CanMode::Userspace;
         let (kernel, fell_back) = if maybe_kernel {
-            match Dataplane::load(views.clone()) {
+            match Dataplane::load(bpffs, agent, views.clone()) {
                 Ok(k) => (Some(k), Split::default()),
                 Err(e) if auto_only(config) => {
                     warn!(
@@ -195,13 +196,28 @@ impl Planes {
         }
     }
 
-    /// Stops the userspace engines, detaches every program.
-    pub fn shutdown(&mut self) {
+    /// Stops the userspace engines; the kernel path keeps running, pinned (see
+    /// [`Dataplane::leave_running`]).
+    pub fn leave_running(mut self) {
         self.udp.shutdown();
         self.can.shutdown();
-        if let Some(k) = &mut self.kernel {
+        if let Some(k) = self.kernel {
+            k.leave_running();
+        }
+    }
+
+    /// Stops the userspace engines and removes the kernel path.
+    pub fn shutdown(mut self) {
+        self.udp.shutdown();
+        self.can.shutdown();
+        if let Some(k) = self.kernel {
             k.shutdown();
         }
+    }
+
+    /// Whether nothing runs in the kernel (the userspace engines stop with the agent anyway).
+    pub fn is_idle(&self) -> bool {
+        self.kernel.as_ref().is_none_or(Dataplane::is_idle)
     }
 }
 

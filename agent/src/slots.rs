@@ -1,6 +1,6 @@
 //! Stable stats slots: a name keeps its slot (and so its counters) across reloads.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 #[derive(Debug)]
 pub struct Slots {
@@ -15,6 +15,23 @@ impl Slots {
             by_name: HashMap::new(),
             free: (base..base + count).collect(),
         }
+    }
+
+    /// Slots `base..base + count`, with the owners a previous agent recorded. Recorded slots
+    /// outside the range (another version's layout) are dropped.
+    pub fn with_owners(base: u32, count: u32, owners: &BTreeMap<String, u32>) -> Self {
+        let mut s = Self::new(base, count);
+        for (name, &slot) in owners {
+            if s.free.remove(&slot) {
+                s.by_name.insert(name.clone(), slot);
+            }
+        }
+        s
+    }
+
+    /// Every owner with its slot.
+    pub fn owners(&self) -> BTreeMap<String, u32> {
+        self.by_name.iter().map(|(n, &s)| (n.clone(), s)).collect()
     }
 
     pub fn get(&self, name: &str) -> Option<u32> {
@@ -71,5 +88,17 @@ mod tests {
         s.retain(|n| n != "b");
         assert_eq!(s.get("b"), None);
         assert_eq!(s.assign(["d"]).unwrap(), [11]);
+    }
+
+    #[test]
+    fn recorded_owners_keep_their_slots() {
+        let mut s = Slots::new(10, 3);
+        s.assign(["a", "b", "c"]).unwrap();
+        s.retain(|n| n != "b");
+        let mut again = Slots::with_owners(10, 3, &s.owners());
+        assert_eq!((again.get("a"), again.get("c")), (Some(10), Some(12)));
+        assert_eq!(again.assign(["a", "x"]).unwrap(), [11]);
+        let foreign = BTreeMap::from([("z".to_owned(), 99)]);
+        assert_eq!(Slots::with_owners(10, 3, &foreign).get("z"), None);
     }
 }

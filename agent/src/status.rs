@@ -57,7 +57,7 @@ impl Readiness {
             })
             .collect();
         components.extend(can.wanted.iter().map(|iface| {
-            let attached = can.ingress.iter().any(|(i, _)| i == iface);
+            let attached = can.ingress.iter().any(|i| i.iface == *iface);
             Component {
                 name: format!("can_route/{iface}"),
                 state: if attached {

@@ -74,6 +74,29 @@ pub fn vcan(ns: &Netns, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn stay_on_this_cpu() -> anyhow::Result<()> {
+    thread_local!(static PINNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if PINNED.get() {
+        return Ok(());
+    }
+    // SAFETY: plain syscalls on a zeroed cpu_set_t owned by this frame.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        anyhow::ensure!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            anyhow::bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    PINNED.set(true);
+    Ok(())
+}
+
 /// A CAN_RAW socket with CAN FD frames enabled, bound to one interface.
 pub struct Bus {
     sock: CanFdSocket,
@@ -92,7 +115,12 @@ impl Bus {
         })
     }
 
+    /// Writes one frame. The calling thread stays on the CPU it first sent from: vxcan hands
+    /// each frame to the sending CPU's backlog, so a sender migrating between CPUs lets two
+    /// CPUs process its frames concurrently and reorder them, which a CAN controller's single
+    /// receive queue never does.
     pub fn send(&self, f: &Frame) -> anyhow::Result<()> {
+        stay_on_this_cpu()?;
         let raw = f.raw();
         let n = if f.fd { CANFD_MTU } else { CAN_MTU };
         // SAFETY: writes `n` bytes of a plain struct at least that long.
@@ -147,4 +175,45 @@ impl Bus {
         }
         out
     }
+}
+
+/// Asserts that `got` holds exactly the frames of `sent`, each CAN ID's frames in the order
+/// sent: CAN's ordering promise is per ID (arbitration orders different IDs by priority, and
+/// virtual CAN devices hand frames to the writing CPU's backlog, so a writer that migrates
+/// can interleave IDs differently). Prints how many frames changed places across IDs.
+pub fn assert_same_frames_in_id_order(got: &[Frame], sent: &[Frame], what: &str) {
+    let key = |f: &&Frame| (f.can_id, f.fd, f.flags, f.len, f.data.clone());
+    let (mut g, mut s): (Vec<_>, Vec<_>) = (got.iter().collect(), sent.iter().collect());
+    g.sort_by_key(key);
+    s.sort_by_key(key);
+    assert!(
+        g == s,
+        "{what}: {} frames arrived for {} sent, and they are not the same frames",
+        got.len(),
+        sent.len()
+    );
+    let mut ids: Vec<u32> = sent.iter().map(|f| f.can_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        let of = |v: &[Frame]| {
+            v.iter()
+                .filter(|f| f.can_id == id)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let (g, s) = (of(got), of(sent));
+        if let Some(i) = g.iter().zip(&s).position(|(a, b)| a != b) {
+            panic!(
+                "{what}: frames of ID {id:#x} out of order at their #{i}:\n  got:  {:?}\n  sent: {:?}",
+                &g[i..(i + 3).min(g.len())],
+                &s[i..(i + 3).min(s.len())]
+            );
+        }
+    }
+    let moved = got.iter().zip(sent).filter(|(a, b)| a != b).count();
+    eprintln!(
+        "{what}: {} frames, each ID in order; {moved} at another place across IDs",
+        got.len()
+    );
 }

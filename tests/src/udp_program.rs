@@ -10,6 +10,7 @@ use aya::{
 use edgeplane::{
     config::Config,
     loader,
+    pins::PinDir,
     udp_forward::{UdpForwarder, rules, stats},
 };
 use edgeplane_common::udp_forward::{TC_PROGRAM, UdpStats, XDP_PROGRAM};
@@ -92,6 +93,16 @@ pub struct Fixture {
     pub in_ifindex: u32,
     pub eg_mac: [u8; 6],
     pub in_mac: [u8; 6],
+    _pins: ScratchPins,
+}
+
+/// A pin directory removed on drop.
+struct ScratchPins(PinDir);
+
+impl Drop for ScratchPins {
+    fn drop(&mut self) {
+        let _ = self.0.remove();
+    }
 }
 
 pub struct Options {
@@ -154,8 +165,9 @@ impl Fixture {
             .iter()
             .map(|r| rules::compile(r, &edgeplane::netdev::index).unwrap())
             .collect();
+        let pins = PinDir::create(&edgeplane_testbed::bpffs::dir_for(&ns.name).unwrap()).unwrap();
         let mut ebpf = loader::load(&[XDP_PROGRAM, TC_PROGRAM]).unwrap();
-        let mut udp = UdpForwarder::new(&mut ebpf).unwrap();
+        let mut udp = UdpForwarder::new(&mut ebpf, &pins).unwrap();
         let mode = config.udp.mode.attach().expect("a kernel mode");
         udp.apply(&mut ebpf, mode, compiled).unwrap();
         Self {
@@ -166,6 +178,7 @@ impl Fixture {
             in_ifindex,
             eg_mac,
             in_mac,
+            _pins: ScratchPins(pins),
         }
     }
 

@@ -7,9 +7,10 @@
 //! unless a modification needs one) and sends it from softirq context.
 //!
 //! Jobs are identified by their whole description. can-gw keeps a user id (CGW_MOD_UID) only
-//! for jobs with modifications; ours carry [`UID_PREFIX`] in its top byte then, so jobs with
-//! modifications that a previous run left behind can be found and removed. Identical jobs are
-//! adopted rather than added twice (a restarted agent keeps routing, counters and all).
+//! for jobs with modifications; ours carry [`UID_PREFIX`] in its top byte and the route's slot
+//! below, so a restarted agent knows whose they are (jobs without modifications are recorded
+//! in the agent state instead). Identical jobs are adopted rather than added twice: a restarted
+//! agent keeps routing, counters and all.
 
 use std::{io, os::fd::AsRawFd as _};
 
@@ -17,7 +18,7 @@ use edgeplane_common::can::{CAN_MTU, CANFD_MTU, CanFrame};
 
 /// Top byte of the user ids of edgeplane's jobs.
 pub const UID_PREFIX: u32 = 0xED00_0000;
-const UID_PREFIX_MASK: u32 = 0xFF00_0000;
+pub const UID_PREFIX_MASK: u32 = 0xFF00_0000;
 
 const AF_CAN: u8 = 29;
 const CGW_TYPE_CAN_CAN: u8 = 1;
@@ -254,20 +255,6 @@ impl Gateway {
                 at += align(len);
             }
         }
-    }
-
-    /// Removes jobs with modifications a previous agent left behind (ours by their user id).
-    pub fn remove_stale(&mut self) -> Result<usize, GatewayError> {
-        let stale: Vec<Job> = self
-            .dump()?
-            .into_iter()
-            .map(|(_, j)| j)
-            .filter(|j| j.uid & UID_PREFIX_MASK == UID_PREFIX)
-            .collect();
-        for j in &stale {
-            self.remove(j)?;
-        }
-        Ok(stale.len())
     }
 
     fn message(&mut self, ty: u16, flags: u16, job: &Job) -> Vec<u8> {

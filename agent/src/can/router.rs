@@ -24,7 +24,9 @@ use edgeplane_common::can::{
 use tracing::{info, warn};
 
 use super::{
-    gateway::{CGW_FLAGS_CAN_FD, Gateway, GatewayError, Job, JobCounters, UID_PREFIX},
+    gateway::{
+        CGW_FLAGS_CAN_FD, Gateway, GatewayError, Job, JobCounters, UID_PREFIX, UID_PREFIX_MASK,
+    },
     id_label,
     rules::CompiledRoute,
 };
@@ -32,7 +34,9 @@ use crate::{
     attach::{self, AttachError, Attachment, Hook},
     loader::LoadError,
     maps,
+    pins::PinDir,
     slots::Slots,
+    state::{AttachmentRecord, CanState, PlainJob},
 };
 
 pub type RuleStats = Arc<Mutex<PerCpuArray<MapData, CanRuleStats>>>;
@@ -68,13 +72,23 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> CanRouterError {
 #[derive(Debug, Clone, Default)]
 pub struct CanView {
     pub routes: Vec<RouteInfo>,
-    /// Interfaces with `can_route` attached, with their stats slot.
-    pub ingress: Vec<(String, u32)>,
+    /// Interfaces with `can_route` attached.
+    pub ingress: Vec<IngressInfo>,
     /// Interfaces that should have it (every route's ingress and watched interface).
     pub wanted: Vec<String>,
     pub watches: Vec<WatchInfo>,
     /// Tunnel peers, indexed by the tunnel id in the kernel's records.
     pub tunnels: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngressInfo {
+    pub iface: String,
+    /// Stats slot.
+    pub slot: u32,
+    /// Kernel id and tag of the program attached there.
+    pub prog_id: u32,
+    pub tag: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -208,24 +222,18 @@ pub struct CanRouter {
     installed_watch: HashMap<CanWatchKey, (u64, u64)>,
     installed_rules: HashMap<u32, CompiledRoute>,
     attachments: BTreeMap<String, Attachment>,
+    /// Interfaces whose attachment still runs the previous agent's program.
+    inherited: std::collections::BTreeSet<String>,
     view: CanView,
+    pins: PinDir,
 }
 
 impl CanRouter {
-    pub fn new(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
-        // Jobs a previous agent left in can-gw are ours to remove. Without can-gw loaded there
-        // are none, and routes between CAN netdevs are refused when configured.
-        let mut gateway = GatewayState {
+    pub fn new(ebpf: &mut Ebpf, pins: &PinDir) -> Result<Self, LoadError> {
+        let gateway = GatewayState {
             gw: Gateway::open().ok(),
             seen: Vec::new(),
         };
-        if let Some(gw) = gateway.gw.as_mut() {
-            match gw.remove_stale() {
-                Ok(0) | Err(GatewayError::NotLoaded(_)) => {}
-                Ok(n) => info!(jobs = n, "removed can-gw jobs a previous run left behind"),
-                Err(e) => warn!("can-gw: {e}"),
-            }
-        }
         Ok(Self {
             rules: maps::take(ebpf, RULES_MAP)?,
             ingress_map: maps::take(ebpf, INGRESS_MAP)?,
@@ -245,8 +253,100 @@ impl CanRouter {
             installed_watch: HashMap::new(),
             installed_rules: HashMap::new(),
             attachments: BTreeMap::new(),
+            inherited: Default::default(),
             view: CanView::default(),
+            pins: pins.clone(),
         })
+    }
+
+    /// Takes over what a previous agent left: slot owners, the pinned maps' contents, its
+    /// can-gw jobs and its attachments (which keep running until [`Self::apply`] swaps this
+    /// agent's program in). Jobs with our user id that no route owns are removed.
+    pub fn adopt(
+        &mut self,
+        state: &CanState,
+        attachments: &[AttachmentRecord],
+    ) -> Result<(), CanRouterError> {
+        self.rule_slots = Slots::with_owners(0, MAX_RULES, &state.routes);
+        self.ingress_slots = Slots::with_owners(0, MAX_INGRESS, &state.ingress);
+        for entry in self.ingress_map.iter() {
+            let (k, v) = entry.map_err(map_err(INGRESS_MAP))?;
+            self.installed_ingress.insert(k, v);
+        }
+        for entry in self.watch.lock().expect("lock").iter() {
+            let (k, v) = entry.map_err(map_err(WATCH_MAP))?;
+            self.installed_watch.insert(k, (v.period_ns, v.late_ns));
+        }
+        let jobs = {
+            let mut gw = self.gateway.lock().expect("lock");
+            match gw.gw() {
+                Ok(g) => g.dump()?,
+                Err(_) => Vec::new(),
+            }
+        };
+        let owner_of_slot: HashMap<u32, String> =
+            state.routes.iter().map(|(n, &s)| (s, n.clone())).collect();
+        for (_, job) in jobs {
+            let owner = if job.uid & UID_PREFIX_MASK == UID_PREFIX {
+                let owner = owner_of_slot.get(&((job.uid & !UID_PREFIX_MASK) >> 1));
+                if owner.is_none() {
+                    info!(
+                        uid = format_args!("{:#x}", job.uid),
+                        "removing a can-gw job of ours that no route owns"
+                    );
+                    self.gateway.lock().expect("lock").gw()?.remove(&job)?;
+                }
+                owner
+            } else {
+                let plain = PlainJob::of(&job);
+                state
+                    .plain_jobs
+                    .iter()
+                    .find(|(_, jobs)| jobs.contains(&plain))
+                    .map(|(name, _)| name)
+            };
+            if let Some(name) = owner {
+                self.installed_jobs
+                    .entry(name.clone())
+                    .or_default()
+                    .push(job);
+            }
+        }
+        for r in attachments.iter().filter(|r| r.program == PROGRAM) {
+            if let Some(a) = attach::recorded(&self.pins, r) {
+                self.inherited.insert(a.iface.clone());
+                self.attachments.insert(a.iface.clone(), a);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn has_jobs(&self) -> bool {
+        self.installed_jobs.values().any(|j| !j.is_empty())
+    }
+
+    /// What a next agent needs to take over.
+    pub fn state(&self) -> (CanState, Vec<AttachmentRecord>) {
+        let plain_jobs = self
+            .installed_jobs
+            .iter()
+            .filter_map(|(name, jobs)| {
+                let plain: Vec<PlainJob> = jobs
+                    .iter()
+                    .filter(|j| j.as_kernel_keeps_it().uid == 0)
+                    .map(PlainJob::of)
+                    .collect();
+                (!plain.is_empty()).then(|| (name.clone(), plain))
+            })
+            .collect();
+        (
+            CanState {
+                routes: self.rule_slots.owners(),
+                ingress: self.ingress_slots.owners(),
+                plain_jobs,
+            },
+            self.attachments.values().map(Attachment::record).collect(),
+        )
     }
 
     pub fn gateway(&self) -> SharedGateway {
@@ -291,20 +391,33 @@ impl CanRouter {
         // 1. Attach where needed (tc: CAN netdevs have no XDP).
         let mut fresh = Vec::new();
         let mut replaced = Vec::new();
-        for (iface, &ifindex) in &ifaces {
-            match self.attachments.get(iface) {
-                Some(a) if a.ifindex == ifindex => continue,
-                Some(_) => replaced.push(iface.clone()),
-                None => {}
+        let mut take_over: Vec<(String, u32)> = Vec::new();
+        let undo = |fresh: Vec<Attachment>| {
+            for a in fresh {
+                if let Err(e) = attach::detach(a) {
+                    warn!("rolling back: {e}");
+                }
             }
-            match attach::attach(ebpf, PROGRAM, Hook::Tc, iface, ifindex) {
+        };
+        for (iface, &ifindex) in &ifaces {
+            let same = match self.attachments.get(iface) {
+                Some(a) if a.ifindex == ifindex => true,
+                Some(_) => {
+                    replaced.push(iface.clone());
+                    false
+                }
+                None => false,
+            };
+            if same {
+                if self.inherited.contains(iface) {
+                    take_over.push((iface.clone(), ifindex));
+                }
+                continue;
+            }
+            match attach::attach(ebpf, &self.pins, PROGRAM, Hook::Tc, iface, ifindex) {
                 Ok(a) => fresh.push(a),
                 Err(e) => {
-                    for a in fresh {
-                        if let Err(e) = attach::detach(ebpf, a) {
-                            warn!("rolling back: {e}");
-                        }
-                    }
+                    undo(fresh);
                     return Err(e.into());
                 }
             }
@@ -367,7 +480,9 @@ impl CanRouter {
                     .get(&r.name)
                     .cloned()
                     .unwrap_or_default();
-                if old == r.jobs {
+                if as_kernel_keeps_them(&old) == as_kernel_keeps_them(&r.jobs) {
+                    // Unchanged (possibly adopted from a previous agent): keep running.
+                    self.installed_jobs.insert(r.name.clone(), r.jobs.clone());
                     continue;
                 }
                 for job in &old {
@@ -459,14 +574,28 @@ impl CanRouter {
             .collect();
         for iface in gone {
             let a = self.attachments.remove(&iface).expect("listed above");
+            self.inherited.remove(&iface);
             info!(iface, "detaching can_route");
-            if let Err(e) = attach::detach(ebpf, a) {
+            if let Err(e) = attach::detach(a) {
                 warn!("{e}");
             }
         }
         for a in fresh {
             info!(iface = a.iface, "can_route attached");
             self.attachments.insert(a.iface.clone(), a);
+        }
+        // Attachments a previous agent left run its program: swap in ours, in place, now that
+        // the maps hold what it needs.
+        for (iface, ifindex) in take_over {
+            match attach::attach(ebpf, &self.pins, PROGRAM, Hook::Tc, &iface, ifindex) {
+                Ok(a) => {
+                    info!(iface, "can_route taken over from the previous agent");
+                    // The old handle refers to the same attachment: dropping it leaves it.
+                    drop(self.attachments.insert(iface.clone(), a));
+                    self.inherited.remove(&iface);
+                }
+                Err(e) => warn!("{e}; the previous agent's program keeps running there"),
+            }
         }
 
         // 7. Free slots of removed routes and interfaces; publish the view.
@@ -495,13 +624,14 @@ impl CanRouter {
             ingress: self
                 .attachments
                 .values()
-                .map(|a| {
-                    (
-                        a.iface.clone(),
-                        self.ingress_slots
-                            .get(&a.iface)
-                            .expect("attached interfaces have slots"),
-                    )
+                .map(|a| IngressInfo {
+                    iface: a.iface.clone(),
+                    slot: self
+                        .ingress_slots
+                        .get(&a.iface)
+                        .expect("attached interfaces have slots"),
+                    prog_id: a.prog_id,
+                    tag: a.tag,
                 })
                 .collect(),
             wanted: ifaces.keys().cloned().collect(),
@@ -519,8 +649,15 @@ impl CanRouter {
         Ok(())
     }
 
+    /// Leaves every program attached and every can-gw job running, for the next agent.
+    pub fn release(&mut self) {
+        self.inherited.clear();
+        // Dropped attachments stay attached.
+        self.attachments.clear();
+    }
+
     /// Detaches every program and removes our can-gw jobs.
-    pub fn shutdown(&mut self, ebpf: &mut Ebpf) {
+    pub fn shutdown(&mut self) {
         let mut gw = self.gateway.lock().expect("lock");
         for (_, jobs) in std::mem::take(&mut self.installed_jobs) {
             for job in jobs {
@@ -530,11 +667,41 @@ impl CanRouter {
             }
         }
         drop(gw);
+        self.inherited.clear();
         for (_, a) in std::mem::take(&mut self.attachments) {
             info!(iface = a.iface, "detaching can_route");
-            if let Err(e) = attach::detach(ebpf, a) {
+            if let Err(e) = attach::detach(a) {
                 warn!("{e}");
             }
+        }
+    }
+}
+
+/// Jobs compared as can-gw reports them, in a stable order.
+fn as_kernel_keeps_them(jobs: &[Job]) -> Vec<Job> {
+    let mut v: Vec<Job> = jobs.iter().map(Job::as_kernel_keeps_it).collect();
+    v.sort_by_key(|j| {
+        (
+            j.src_ifindex,
+            j.dst_ifindex,
+            j.flags,
+            j.filter_id,
+            j.filter_mask,
+            j.uid,
+        )
+    });
+    v
+}
+
+impl PlainJob {
+    fn of(j: &Job) -> Self {
+        Self {
+            src_ifindex: j.src_ifindex,
+            dst_ifindex: j.dst_ifindex,
+            filter_id: j.filter_id,
+            filter_mask: j.filter_mask,
+            flags: j.flags,
+            hops: j.hops,
         }
     }
 }

@@ -130,8 +130,8 @@ impl Collector for CanCollector {
             None,
             MetricType::Counter,
         )?;
-        for (iface, slot) in &view.ingress {
-            let s = read_ingress(&self.ingress, *slot);
+        for i in &view.ingress {
+            let s = read_ingress(&self.ingress, i.slot);
             for (kind, v) in [
                 ("classic", s.classic),
                 ("fd", s.fd),
@@ -139,8 +139,9 @@ impl Collector for CanCollector {
                 ("error", s.error),
                 ("other", s.other),
             ] {
-                ConstCounter::new(v)
-                    .encode(family.encode_family(&[("iface", iface.as_str()), ("kind", kind)])?)?;
+                ConstCounter::new(v).encode(
+                    family.encode_family(&[("iface", i.iface.as_str()), ("kind", kind)])?,
+                )?;
             }
         }
         let mut family = encoder.encode_descriptor(
@@ -149,8 +150,8 @@ impl Collector for CanCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (iface, _) in &view.ingress {
-            ConstGauge::new(1i64).encode(family.encode_family(&[("iface", iface.as_str())])?)?;
+        for i in &view.ingress {
+            ConstGauge::new(1i64).encode(family.encode_family(&[("iface", i.iface.as_str())])?)?;
         }
 
         // Watched IDs: one consistent read of each value.

@@ -1,7 +1,13 @@
 //! Subcommands, one file each.
 
 mod check_config;
+mod client;
+mod down;
+mod prog;
 mod run;
+mod status;
+mod table;
+mod target;
 
 use std::{io::IsTerminal as _, process::ExitCode};
 
@@ -28,6 +34,15 @@ enum Command {
     Run(run::Args),
     /// Validate a config file and exit: 0 when it is good, 1 with the offending keys when not.
     CheckConfig(check_config::Args),
+    /// Show the agent, the pinned programs and where they are attached, and what the running
+    /// agent reports.
+    Status(status::Args),
+    /// Inspect and manage the pinned programs.
+    #[command(subcommand)]
+    Prog(prog::Command),
+    /// Remove the data plane: stop a running agent, detach every program, remove our can-gw
+    /// jobs, unpin everything.
+    Down(down::Args),
 }
 
 impl Cli {
@@ -43,6 +58,9 @@ impl Cli {
         let result = match self.command {
             Command::Run(args) => run::run(args),
             Command::CheckConfig(args) => check_config::run(args),
+            Command::Status(args) => status::run(args),
+            Command::Prog(command) => prog::run(command),
+            Command::Down(args) => down::run(args),
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

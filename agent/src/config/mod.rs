@@ -25,6 +25,30 @@ pub struct Config {
     pub udp: UdpConfig,
     #[serde(default)]
     pub can: CanConfig,
+    #[serde(default)]
+    pub agent: AgentConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// bpffs directory where the data plane is pinned, so it outlives the agent.
+    #[serde(default = "AgentConfig::default_bpffs")]
+    pub bpffs: PathBuf,
+}
+
+impl AgentConfig {
+    fn default_bpffs() -> PathBuf {
+        PathBuf::from(crate::pins::DEFAULT_DIR)
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            bpffs: Self::default_bpffs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -151,6 +175,12 @@ impl Config {
         let mut out = Vec::new();
         self.udp.problems(&mut out);
         self.can.problems(&mut out);
+        if !self.agent.bpffs.is_absolute() {
+            out.push(Problem {
+                key: "agent.bpffs".into(),
+                message: format!("`{}` must be an absolute path", self.agent.bpffs.display()),
+            });
+        }
         out
     }
 }

@@ -25,7 +25,9 @@ use crate::{
     config::{AttachMode, Family},
     loader::LoadError,
     maps, netdev,
+    pins::PinDir,
     slots::Slots,
+    state::{AttachmentRecord, UdpState},
 };
 
 /// The per-CPU counters, shared with the metrics collector.
@@ -78,6 +80,10 @@ pub struct IngressInfo {
     pub iface: String,
     pub slot: u32,
     pub hook: Hook,
+    pub program: String,
+    /// Kernel id and tag of the program attached there.
+    pub prog_id: u32,
+    pub tag: u64,
 }
 
 pub struct UdpForwarder {
@@ -91,12 +97,15 @@ pub struct UdpForwarder {
     installed: MapContents,
     egress: BTreeMap<u32, String>,
     attachments: BTreeMap<String, Attachment>,
+    /// Interfaces whose attachment still runs the previous agent's program.
+    inherited: BTreeSet<String>,
     rules: Vec<CompiledRule>,
+    pins: PinDir,
 }
 
 impl UdpForwarder {
     /// Takes the forwarder's maps out of the loaded object.
-    pub fn new(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+    pub fn new(ebpf: &mut Ebpf, pins: &PinDir) -> Result<Self, LoadError> {
         Ok(Self {
             rules_map: maps::take(ebpf, RULES_MAP)?,
             ingress_map: maps::take(ebpf, INGRESS_MAP)?,
@@ -107,8 +116,58 @@ impl UdpForwarder {
             installed: MapContents::default(),
             egress: BTreeMap::new(),
             attachments: BTreeMap::new(),
+            inherited: BTreeSet::new(),
             rules: Vec::new(),
+            pins: pins.clone(),
         })
+    }
+
+    /// Takes over what a previous agent left: its slot owners, what its maps hold (they are
+    /// the pinned ones), and its attachments, which keep running until [`Self::apply`] puts
+    /// this agent's program in their place.
+    pub fn adopt(
+        &mut self,
+        state: &UdpState,
+        attachments: &[AttachmentRecord],
+    ) -> Result<(), UdpForwardError> {
+        self.rule_slots = Slots::with_owners(0, MAX_RULES, &state.rules);
+        self.ingress_slots = Slots::with_owners(MAX_RULES, MAX_INGRESS, &state.ingress);
+        for entry in self.rules_map.iter() {
+            let (k, v) = entry.map_err(map_err(RULES_MAP))?;
+            self.installed.rules.insert(k, v);
+        }
+        for entry in self.ingress_map.iter() {
+            let (k, v) = entry.map_err(map_err(INGRESS_MAP))?;
+            self.installed.ingress.insert(k, v);
+        }
+        for ifindex in self.egress_map.keys() {
+            let ifindex = ifindex.map_err(map_err(EGRESS_MAP))?;
+            self.egress.insert(
+                ifindex,
+                netdev::name(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}")),
+            );
+        }
+        for r in attachments
+            .iter()
+            .filter(|r| r.program == XDP_PROGRAM || r.program == TC_PROGRAM)
+        {
+            if let Some(a) = attach::recorded(&self.pins, r) {
+                self.inherited.insert(a.iface.clone());
+                self.attachments.insert(a.iface.clone(), a);
+            }
+        }
+        Ok(())
+    }
+
+    /// What a next agent needs to take over: slot owners and attachments.
+    pub fn state(&self) -> (UdpState, Vec<AttachmentRecord>) {
+        (
+            UdpState {
+                rules: self.rule_slots.owners(),
+                ingress: self.ingress_slots.owners(),
+            },
+            self.attachments.values().map(Attachment::record).collect(),
+        )
     }
 
     pub fn stats(&self) -> StatsMap {
@@ -133,13 +192,16 @@ impl UdpForwarder {
             ingress: self
                 .attachments
                 .values()
-                .map(|a| IngressInfo {
-                    iface: a.iface.clone(),
-                    slot: self
-                        .ingress_slots
-                        .get(&a.iface)
-                        .expect("attached interfaces have slots"),
-                    hook: a.hook,
+                .filter_map(|a| {
+                    Some(IngressInfo {
+                        iface: a.iface.clone(),
+                        // Inherited attachments no rule uses any more have none.
+                        slot: self.ingress_slots.get(&a.iface)?,
+                        hook: a.hook,
+                        program: a.program.clone(),
+                        prog_id: a.prog_id,
+                        tag: a.tag,
+                    })
                 })
                 .collect(),
         }
@@ -165,6 +227,7 @@ impl UdpForwarder {
         // 1. Attach where needed. Replacements are attached before the old link goes.
         let mut fresh: Vec<Attachment> = Vec::new();
         let mut replaced: Vec<String> = Vec::new();
+        let mut take_over: Vec<(String, u32)> = Vec::new();
         for (&iface, (ifindex, egresses)) in &ingresses {
             let wanted = wanted_hook(mode, iface, egresses);
             let current = self.attachments.get(iface);
@@ -174,15 +237,18 @@ impl UdpForwarder {
                 (None, _) => false,
             };
             if keep {
+                if self.inherited.contains(iface) {
+                    take_over.push((iface.to_owned(), *ifindex));
+                }
                 continue;
             }
             if current.is_some() {
                 replaced.push(iface.to_owned());
             }
-            match attach_ingress(ebpf, mode, wanted, iface, *ifindex) {
+            match attach_ingress(ebpf, &self.pins, mode, wanted, iface, *ifindex) {
                 Ok(a) => fresh.push(a),
                 Err(e) => {
-                    undo(ebpf, fresh);
+                    undo(fresh);
                     return Err(e);
                 }
             }
@@ -205,7 +271,7 @@ impl UdpForwarder {
             if !self.egress.contains_key(&ifindex)
                 && let Err(source) = self.egress_map.insert(ifindex, ifindex, None, 0)
             {
-                undo(ebpf, fresh);
+                undo(fresh);
                 return Err(UdpForwardError::Egress {
                     iface: iface.clone(),
                     source,
@@ -288,14 +354,34 @@ impl UdpForwarder {
             .collect();
         for iface in gone {
             let a = self.attachments.remove(&iface).expect("listed above");
+            self.inherited.remove(&iface);
             info!(iface, hook = %a.hook, "detaching udp_forward");
-            if let Err(e) = attach::detach(ebpf, a) {
+            if let Err(e) = attach::detach(a) {
                 warn!("{e}");
             }
         }
         for a in fresh {
             info!(iface = a.iface, hook = %a.hook, "udp_forward attached");
             self.attachments.insert(a.iface.clone(), a);
+        }
+        // Attachments a previous agent left run its program: swap in ours, in place, now that
+        // the maps hold what it needs.
+        for (iface, ifindex) in take_over {
+            let hook = self.attachments[&iface].hook;
+            let program = if hook == Hook::Xdp {
+                XDP_PROGRAM
+            } else {
+                TC_PROGRAM
+            };
+            match attach::attach(ebpf, &self.pins, program, hook, &iface, ifindex) {
+                Ok(a) => {
+                    info!(iface, %hook, "udp_forward taken over from the previous agent");
+                    // The old handle refers to the same attachment: dropping it leaves it.
+                    drop(self.attachments.insert(iface.clone(), a));
+                    self.inherited.remove(&iface);
+                }
+                Err(e) => warn!("{e}; the previous agent's program keeps running there"),
+            }
         }
 
         // 8. Drop unused redirect targets and free slots of removed rules and interfaces.
@@ -315,14 +401,22 @@ impl UdpForwarder {
         Ok(())
     }
 
-    /// Detaches every program; the maps go with the object.
-    pub fn shutdown(&mut self, ebpf: &mut Ebpf) {
+    /// Detaches every program.
+    pub fn shutdown(&mut self) {
+        self.inherited.clear();
         for (_, a) in std::mem::take(&mut self.attachments) {
             info!(iface = a.iface, hook = %a.hook, "detaching udp_forward");
-            if let Err(e) = attach::detach(ebpf, a) {
+            if let Err(e) = attach::detach(a) {
                 warn!("{e}");
             }
         }
+    }
+
+    /// Leaves every program attached, for the next agent to take over.
+    pub fn release(&mut self) {
+        self.inherited.clear();
+        // Dropped attachments stay attached.
+        self.attachments.clear();
     }
 
     fn clear_stats(&mut self, slot: u32) -> Result<(), UdpForwardError> {
@@ -352,6 +446,7 @@ fn wanted_hook(mode: AttachMode, ingress: &str, egresses: &BTreeSet<&str>) -> Wa
 
 fn attach_ingress(
     ebpf: &mut Ebpf,
+    pins: &PinDir,
     mode: AttachMode,
     wanted: Wanted,
     iface: &str,
@@ -360,6 +455,7 @@ fn attach_ingress(
     match wanted {
         Wanted::Exactly(Hook::Xdp) => Ok(attach::attach(
             ebpf,
+            pins,
             XDP_PROGRAM,
             Hook::Xdp,
             iface,
@@ -372,21 +468,36 @@ fn attach_ingress(
                     "auto mode: veth involved, using tc (XDP redirects into a veth need XDP on its peer)"
                 );
             }
-            Ok(attach::attach(ebpf, TC_PROGRAM, Hook::Tc, iface, ifindex)?)
+            Ok(attach::attach(
+                ebpf,
+                pins,
+                TC_PROGRAM,
+                Hook::Tc,
+                iface,
+                ifindex,
+            )?)
         }
-        Wanted::XdpOrTc => match attach::attach(ebpf, XDP_PROGRAM, Hook::Xdp, iface, ifindex) {
+        Wanted::XdpOrTc => match attach::attach(ebpf, pins, XDP_PROGRAM, Hook::Xdp, iface, ifindex)
+        {
             Ok(a) => Ok(a),
             Err(e) => {
                 warn!(iface, "auto mode: XDP unavailable, falling back to tc: {e}");
-                Ok(attach::attach(ebpf, TC_PROGRAM, Hook::Tc, iface, ifindex)?)
+                Ok(attach::attach(
+                    ebpf,
+                    pins,
+                    TC_PROGRAM,
+                    Hook::Tc,
+                    iface,
+                    ifindex,
+                )?)
             }
         },
     }
 }
 
-fn undo(ebpf: &mut Ebpf, attachments: Vec<Attachment>) {
+fn undo(attachments: Vec<Attachment>) {
     for a in attachments {
-        if let Err(e) = attach::detach(ebpf, a) {
+        if let Err(e) = attach::detach(a) {
             warn!("rolling back: {e}");
         }
     }

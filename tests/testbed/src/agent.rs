@@ -3,8 +3,9 @@
 use std::{
     fs::File,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Child,
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -37,21 +38,39 @@ pub struct Agent {
     /// Its stderr goes to a file: a pipe nobody reads would block a chatty agent.
     log: PathBuf,
     pub config: PathBuf,
+    /// Where it pins the data plane.
+    pub bpffs: PathBuf,
+    leave_running: bool,
 }
 
+/// How to start an agent.
+#[derive(Debug, Clone, Default)]
+pub struct Start {
+    /// Leave the data plane running on exit (the product's default) instead of passing
+    /// `--detach-on-exit`; whoever sets this removes it (see [`down`]).
+    pub leave_running: bool,
+    /// Pin directory; by default one of its own under [`crate::bpffs::ROOT`].
+    pub bpffs: Option<PathBuf>,
+    /// A command that execs the rest of its arguments, run with the agent's command line
+    /// appended (e.g. `setpriv` to drop capabilities); none by default.
+    pub wrapper: Vec<String>,
+}
+
+static STARTED: AtomicU32 = AtomicU32::new(0);
+
 impl Agent {
-    /// Starts `edgeplane run` in `ns` with `config` written to a temp file; waits for /readyz.
+    /// Starts `edgeplane run --detach-on-exit` in `ns` with `config` written to a temp file,
+    /// its data plane pinned in a directory of its own; waits for /readyz.
     pub fn start(ns: &Netns, config: &str, log_level: &str) -> anyhow::Result<Self> {
-        Self::start_wrapped(ns, config, log_level, &[])
+        Self::start_with(ns, config, log_level, &Start::default())
     }
 
-    /// Like [`Agent::start`], run through `wrapper` (a command that execs the rest of its
-    /// arguments, e.g. `setpriv` to drop capabilities).
-    pub fn start_wrapped(
+    /// [`Agent::start`] with options.
+    pub fn start_with(
         ns: &Netns,
         config: &str,
         log_level: &str,
-        wrapper: &[&str],
+        opts: &Start,
     ) -> anyhow::Result<Self> {
         let bin = binary();
         if !bin.is_file() {
@@ -71,18 +90,29 @@ impl Agent {
             })
             .unwrap_or_else(|| "127.0.0.1:9464".into())
             .parse()?;
-        let log = std::env::temp_dir().join(format!("{}.log", ns.name));
-        let bin = bin.to_str().expect("utf-8 path");
-        let (program, wrapped) = match wrapper {
-            [] => (bin, &[][..]),
-            [first, rest @ ..] => (*first, rest),
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("{}-{n}.log", ns.name));
+        let bpffs = match &opts.bpffs {
+            Some(p) => p.clone(),
+            None => crate::bpffs::dir_for(&ns.name)?,
         };
-        let child = ns
-            .command(program)
-            .args(wrapped)
-            .args((!wrapper.is_empty()).then_some(bin))
-            .args(["run", "--log-level", log_level, "--config"])
+        let bin = bin.to_str().expect("utf-8 path");
+        let mut cmd = match opts.wrapper.split_first() {
+            None => ns.command(bin),
+            Some((program, args)) => {
+                let mut c = ns.command(program);
+                c.args(args).arg(bin);
+                c
+            }
+        };
+        cmd.args(["run", "--log-level", log_level, "--config"])
             .arg(&path)
+            .arg("--bpffs")
+            .arg(&bpffs);
+        if !opts.leave_running {
+            cmd.arg("--detach-on-exit");
+        }
+        let child = cmd
             .stderr(File::create(&log)?)
             .spawn()
             .context("starting the agent")?;
@@ -92,6 +122,8 @@ impl Agent {
             ns: ns.name.clone(),
             log,
             config: path,
+            bpffs,
+            leave_running: opts.leave_running,
         };
         let _in_ns = ns.enter()?;
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -148,5 +180,29 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.stop_and_log();
+        // An agent killed before it could detach leaves its pins: remove them.
+        if !self.leave_running && self.bpffs.exists() {
+            let _ = down(&self.ns, &self.bpffs);
+        }
     }
+}
+
+/// Runs `edgeplane down --bpffs DIR` in namespace `ns`; returns its output.
+pub fn down(ns: &str, bpffs: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(binary())
+        .arg("down")
+        .arg("--bpffs")
+        .arg(bpffs)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("edgeplane down failed ({}):\n{text}", out.status);
+    }
+    Ok(text)
 }

@@ -2,6 +2,7 @@
 //! process, HTTP scrapes. Everything started here is torn down on drop.
 
 pub mod agent;
+pub mod bpffs;
 pub mod http;
 pub mod netns;
 pub mod usage;

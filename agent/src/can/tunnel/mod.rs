@@ -60,7 +60,13 @@ struct Receiver {
 }
 
 impl Tunnels {
-    pub fn new(ring: RingBuf<MapData>, sockets: TunnelSockets) -> Self {
+    pub fn new(ring: RingBuf<MapData>, mut sockets: TunnelSockets) -> Self {
+        // The map is pinned: a previous agent's cookies are still in it. Cookies are never
+        // reused, so they can only take room.
+        let stale: Vec<u64> = sockets.keys().filter_map(Result::ok).collect();
+        for cookie in stale {
+            let _ = sockets.remove(&cookie);
+        }
         Self {
             metrics: Arc::new(TunnelMetrics::default()),
             ring: Some(ring),
