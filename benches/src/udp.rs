@@ -73,7 +73,7 @@ enum Forwarder {
     Agent(
         Agent,
         #[expect(dead_code, reason = "held so the receiving veth keeps its XDP program")]
-        Option<aya::Ebpf>,
+        Option<Box<aya::Ebpf>>,
     ),
     Socat(Child),
 }
@@ -107,7 +107,7 @@ fn start(engine: &str, line: &Line) -> anyhow::Result<Forwarder> {
         "xdp" => {
             line.prepare_for_xdp()?;
             let pass = attach_xdp_pass(&line.receiver, "r0")?;
-            Forwarder::Agent(agent("xdp", "tokio")?, Some(pass))
+            Forwarder::Agent(agent("xdp", "tokio")?, Some(Box::new(pass)))
         }
         "tc" => Forwarder::Agent(agent("tc", "tokio")?, None),
         "tokio" | "tokio-uring" => Forwarder::Agent(agent("userspace", engine)?, None),
