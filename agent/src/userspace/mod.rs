@@ -37,6 +37,8 @@ pub enum UserspaceError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot register a socket with the tokio reactor: {0}")]
+    Reactor(#[source] io::Error),
     #[error(
         "cannot start the io_uring engine: {0}; the kernel may lack io_uring (5.1+) or have it \
          disabled (sysctl kernel.io_uring_disabled): use engine = \"tokio\""

@@ -97,9 +97,9 @@ impl UdpUserspace {
             let listener = self.bind(spec)?;
             let unmatched = Arc::clone(&listener.unmatched);
             let worker = match engine {
-                UserspaceEngine::Tokio => Worker::Tokio(
-                    udp_tokio::spawn(listener).map_err(|source| bind_err(spec, source))?,
-                ),
+                UserspaceEngine::Tokio => {
+                    Worker::Tokio(udp_tokio::spawn(listener).map_err(UserspaceError::Reactor)?)
+                }
                 UserspaceEngine::TokioUring => {
                     Worker::Uring(udp_uring::spawn(listener).map_err(UserspaceError::Uring)?)
                 }
@@ -206,14 +206,5 @@ impl UdpUserspace {
                 )
             })
             .collect();
-    }
-}
-
-fn bind_err(spec: &ListenerSpec, source: std::io::Error) -> UserspaceError {
-    UserspaceError::Bind {
-        rule: spec.routes[0].rule.clone(),
-        iface: spec.ingress.clone(),
-        addr: spec.bind,
-        source,
     }
 }
