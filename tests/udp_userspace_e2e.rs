@@ -88,6 +88,17 @@ fn receive(
 
 /// Sends N datagrams to the gateway's port 5000, 50 per millisecond at most.
 fn exchange(line: &Line, v4: bool) -> (BTreeSet<u32>, BTreeSet<SocketAddr>) {
+    exchange_while(line, v4, 50, || ())
+}
+
+/// Like [`exchange`] at `per_ms` datagrams per millisecond at most, running `during` on this
+/// thread while they flow.
+fn exchange_while(
+    line: &Line,
+    v4: bool,
+    per_ms: u32,
+    during: impl FnOnce() + Send,
+) -> (BTreeSet<u32>, BTreeSet<SocketAddr>) {
     let (from, gw, rx): (SocketAddr, SocketAddr, SocketAddr) = if v4 {
         (
             format!("{}:4000", Line::SENDER_V4).parse().unwrap(),
@@ -105,19 +116,23 @@ fn exchange(line: &Line, v4: bool) -> (BTreeSet<u32>, BTreeSet<SocketAddr>) {
         let (ready_tx, ready_rx) = mpsc::channel();
         let rx = s.spawn(|| receive(&line.receiver, rx, ready_tx));
         ready_rx.recv().unwrap();
-        let _in = line.sender.enter().unwrap();
-        let sock = UdpSocket::bind(from).unwrap();
-        let start = Instant::now();
-        for seq in 0..N {
-            sock.send_to(&payload(seq), gw).unwrap();
-            if seq % 50 == 49 {
-                std::thread::sleep(Duration::from_millis(1));
+        let tx = s.spawn(|| {
+            let _in = line.sender.enter().unwrap();
+            let sock = UdpSocket::bind(from).unwrap();
+            let start = Instant::now();
+            for seq in 0..N {
+                sock.send_to(&payload(seq), gw).unwrap();
+                if seq % per_ms == per_ms - 1 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "sending took too long"
+                );
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "sending took too long"
-            );
-        }
+        });
+        during();
+        tx.join().unwrap();
         rx.join().unwrap()
     })
 }
@@ -202,6 +217,60 @@ fn tokio_uring_engine_ipv4() {
 #[test]
 fn tokio_uring_engine_ipv6() {
     forwards_and_counts_exactly("tokio-uring", false);
+}
+
+/// SIGHUP while datagrams flow: the listener whose rules did not change keeps its socket and
+/// loses nothing; the added rule forwards too.
+#[test]
+fn reload_keeps_unchanged_listeners_without_a_gap() {
+    edgeplane_testbed::require_root();
+    let line = Line::new("uh").unwrap();
+    let base = config("userspace", "tokio", true);
+    let agent = Agent::start(&line.gateway, &base, "info").unwrap();
+    let added = format!(
+        "{base}\n[[udp.forward]]\nname = \"radar\"\ningress = \"g0\"\nmatch = {{ dst_port = 5001 }}\nto = {{ iface = \"g1\", dst_ip = \"{}\", dst_port = 6000 }}\n",
+        Line::RECEIVER_V4
+    );
+    // 2000 datagrams at about 5 per ms: the reload happens mid-stream.
+    let (got, _) = exchange_while(&line, true, 5, || {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(&agent.config, &added).unwrap();
+        agent.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !agent.log_so_far().contains("reload applied") {
+            assert!(Instant::now() < deadline, "{}", agent.log_so_far());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    assert_eq!(
+        got.len(),
+        N as usize,
+        "lost across the reload:\n{}",
+        agent.log_so_far()
+    );
+    let log = agent.log_so_far();
+    assert_eq!(
+        log.matches("userspace UDP listener started").count(),
+        2,
+        "only the new listener starts:\n{log}"
+    );
+    let metrics = scrape(&line, &agent);
+    assert_eq!(
+        http::metric(
+            &metrics,
+            "edgeplane_udp_forward_packets_total{rule=\"lidar\"}"
+        )
+        .unwrap(),
+        f64::from(N)
+    );
+    assert_eq!(
+        http::metric(
+            &metrics,
+            "edgeplane_udp_forward_engine{rule=\"radar\",engine=\"tokio\"}"
+        )
+        .unwrap(),
+        1.0
+    );
 }
 
 /// Without CAP_BPF (and CAP_SYS_ADMIN, which stands in for it) the programs can't load:
