@@ -5,8 +5,13 @@
 use std::time::Duration;
 
 use edgeplane_common::can::{CAN_EFF_FLAG, CAN_RTR_FLAG};
-use edgeplane_testbed::{agent::Agent, http, netns::Netns, require_root};
-use edgeplane_tests::can::{Bus, Frame, vcan, vxcan_pair};
+use edgeplane_testbed::{
+    agent::{self, Agent},
+    http,
+    netns::Netns,
+    require_root,
+};
+use edgeplane_tests::can::{Bus, Frame, assert_same_frames_in_id_order, vcan, vxcan_pair};
 
 /// A namespace with bus A (agent side `a0`, test side `a1`), bus B (`b0`/`b1`), both CAN FD,
 /// and a classic-only bus C (`c0`/`c1`).
@@ -436,4 +441,233 @@ fn gateway_client_adds_dumps_and_removes_jobs() {
     assert_eq!(c.handled, 1, "{jobs:?}");
     gw.remove(&job).unwrap();
     assert!(gw.dump().unwrap().iter().all(|(_, j)| *j != kept));
+}
+
+/// Frames flow (a routed ID without modifications, a routed ID with one, both watched) while
+/// the agent exits leaving the data plane running, nothing runs for a while, and a new agent
+/// takes over: every frame arrives, can-gw's jobs and the counters carry on, and `down`
+/// removes it all.
+#[test]
+fn restart_keeps_routing_and_counting() {
+    let b = Buses::new("canr");
+    let dir = edgeplane_testbed::bpffs::dir_for(&b.ns.name).unwrap();
+    struct LeftRunning<'a>(&'a str, &'a std::path::Path);
+    impl Drop for LeftRunning<'_> {
+        fn drop(&mut self) {
+            let _ = agent::down(self.0, self.1);
+        }
+    }
+    let _cleanup = LeftRunning(&b.ns.name, &dir);
+    let config = r#"[http]
+listen = "127.0.0.1:9464"
+
+[[can.route]]
+name = "plain"
+ingress = "a0"
+filter = "100:7FF"
+to = { iface = "b0" }
+
+[[can.route]]
+name = "mod"
+ingress = "a0"
+filter = "200:7FF"
+to = { iface = "b0" }
+modify = [{ op = "xor", data = "FF" }]
+
+[[can.watch]]
+iface = "a0"
+id = 0x100
+period_ms = 4
+"#;
+    let opts = agent::Start {
+        leave_running: true,
+        bpffs: Some(dir.clone()),
+    };
+    let mut first = Agent::start_with(&b.ns, config, "info", &opts).unwrap();
+    let (tx, rx) = (b.bus("a1"), b.bus("b1"));
+    let n = 1000u32;
+    let (got, second) = std::thread::scope(|s| {
+        let reader = s.spawn(|| rx.collect(QUIET, LIMIT));
+        // 0.5 s in: the agent exits; 100 ms later a new one starts, while frames flow.
+        let restart = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            let log = first.stop_and_log().unwrap();
+            assert!(log.contains("the data plane keeps running"), "{log}");
+            std::thread::sleep(Duration::from_millis(100));
+            Agent::start_with(&b.ns, config, "info", &opts).unwrap()
+        });
+        let start = std::time::Instant::now();
+        for i in 0..n {
+            // 0x100 and 0x200 in turn, one every 2 ms: 0x100 every 4 ms.
+            let due = start + Duration::from_millis(2 * u64::from(i));
+            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            let id = if i % 2 == 0 { 0x100 } else { 0x200 };
+            tx.send(&Frame::classic(id, &i.to_be_bytes())).unwrap();
+        }
+        let second = restart.join().unwrap();
+        (reader.join().unwrap(), second)
+    });
+    let mut want: Vec<Frame> = Vec::new();
+    for i in 0..n {
+        let mut d = i.to_be_bytes();
+        let id = if i % 2 == 0 {
+            0x100
+        } else {
+            d[0] ^= 0xff;
+            0x200
+        };
+        want.push(Frame::classic(id, &d));
+    }
+    assert_same_frames_in_id_order(&got, &want, "a -> b across the restart");
+
+    let m = b.metrics(&second);
+    let log = second.log_so_far();
+    assert!(log.contains("taking over the data plane"), "{log}");
+    let half = f64::from(n / 2);
+    for rule in ["plain", "mod"] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!("edgeplane_can_frames_total{{rule=\"{rule}\"}}")
+            ),
+            half,
+            "{rule}\n{m}"
+        );
+        // can-gw's job was adopted, not replaced: its counter covers the whole run.
+        assert_eq!(
+            metric(
+                &m,
+                &format!("edgeplane_can_routed_total{{rule=\"{rule}\"}}")
+            ),
+            half,
+            "{rule}\n{m}"
+        );
+    }
+    let watched = "iface=\"a0\",id=\"100\"";
+    assert_eq!(
+        metric(&m, &format!("edgeplane_can_id_frames_total{{{watched}}}")),
+        half
+    );
+    assert_eq!(
+        metric(
+            &m,
+            &format!("edgeplane_can_cycle_seconds_count{{{watched}}}")
+        ),
+        half - 1.0,
+        "the watch kept measuring across the restart\n{m}"
+    );
+    eprintln!(
+        "CAN restart: {n} frames sent, {} received; frames and routed counters {half} per rule after the restart",
+        got.len()
+    );
+
+    let out = agent::down(&b.ns.name, &dir).unwrap();
+    // Two routes, each a classic and a CAN FD job.
+    assert!(out.contains("removed 4 can-gw job(s)"), "{out}");
+    drop(second);
+    tx.send(&Frame::classic(0x100, &[1])).unwrap();
+    assert!(rx.collect(QUIET, LIMIT).is_empty(), "routed after down");
+}
+
+/// CAN interfaces disappear while the agent runs (a watched vcan, a route's destination): it
+/// reports them missing, keeps the rest running, and installs everything again when they are
+/// back, counters continuing.
+#[test]
+fn interfaces_that_come_and_go_are_followed() {
+    let b = Buses::new("cang");
+    vcan(&b.ns, "v0").unwrap();
+    let agent = b.agent(
+        r#"[[can.route]]
+name = "r"
+ingress = "a0"
+filter = "100:7FF"
+to = { iface = "b0" }
+
+[[can.watch]]
+iface = "v0"
+id = 0x42
+period_ms = 10
+"#,
+    );
+    let readyz = |code: u16| -> serde_json::Value {
+        let _in = b.ns.enter().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (c, body) = http::get(agent.metrics, "/readyz").unwrap();
+            if c == code {
+                return serde_json::from_str(&body).unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "/readyz {c}: {body}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let missing = |name: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let body = readyz(503);
+            let state = body["components"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .map(|c| c["state"].clone());
+            if state == Some("interface_missing".into()) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} not missing: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let routed_one = || {
+        let (tx, rx) = (b.bus("a1"), b.bus("b1"));
+        tx.send(&Frame::classic(0x100, &[7])).unwrap();
+        rx.collect(QUIET, LIMIT)
+    };
+    assert_eq!(routed_one().len(), 1);
+
+    // The watched vcan goes; the route does not notice.
+    b.ns.ip(&["link", "del", "v0"]).unwrap();
+    missing("can_watch/v0");
+    assert_eq!(routed_one().len(), 1, "the route stopped while v0 was gone");
+    // can-gw deletes a job with its counters when an interface goes: the agent carries what
+    // it read last (every scrape reads them).
+    b.metrics(&agent);
+
+    // The route's destination goes too; both come back.
+    b.ns.ip(&["link", "del", "b0"]).unwrap();
+    missing("can_route/b0");
+    vxcan_pair(&b.ns, "b0", "b1", true).unwrap();
+    vcan(&b.ns, "v0").unwrap();
+    readyz(200);
+    assert_eq!(routed_one().len(), 1, "the route after b0 came back");
+
+    let v = b.bus("v0");
+    v.send(&Frame::classic(0x42, &[1])).unwrap();
+    v.send(&Frame::classic(0x42, &[2])).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let m = b.metrics(&agent);
+    assert_eq!(
+        metric(&m, "edgeplane_can_frames_total{rule=\"r\"}"),
+        3.0,
+        "{m}"
+    );
+    // can-gw dropped the job with b0; the new job's count adds to the old one's.
+    assert_eq!(
+        metric(&m, "edgeplane_can_routed_total{rule=\"r\"}"),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "edgeplane_can_id_frames_total{iface=\"v0\",id=\"042\"}"),
+        2.0,
+        "{m}"
+    );
+    let log = agent.log_so_far();
+    assert!(
+        log.contains("interface missing") && log.contains("interface back"),
+        "{log}"
+    );
 }

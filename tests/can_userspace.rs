@@ -90,7 +90,8 @@ to = { iface = "b0" }
     );
     let ready = readyz(&ns, &agent);
     assert!(
-        ready.contains("\"name\":\"userspace/body\"") && ready.contains("\"engine\":\"socketcan\""),
+        ready.contains("\"name\":\"userspace/body\"")
+            && ready.contains("\"detail\":\"userspace engine socketcan\""),
         "{ready}"
     );
     // The routed frames were not routed back or echoed to local sockets on the egress.

@@ -15,7 +15,7 @@ use edgeplane_common::XDP_PASS_PROGRAM;
 use edgeplane_testbed::{
     agent::{self, Agent},
     http,
-    netns::{Line, Netns},
+    netns::{self, Line, Netns},
 };
 
 const N: u32 = 2000;
@@ -517,4 +517,130 @@ fn restart_loses_nothing_tc() {
 #[test]
 fn restart_loses_nothing_xdp() {
     restart_loses_nothing("xdp");
+}
+
+/// A second ingress `g9` (sender `s9`, 198.18.9.0/24) with rule `radar` to port 6001.
+fn add_second_ingress(line: &Line) {
+    netns::veth(&line.sender, "s9", &line.gateway, "g9").unwrap();
+    line.sender
+        .ip(&["addr", "add", "198.18.9.2/24", "dev", "s9"])
+        .unwrap();
+    line.gateway
+        .ip(&["addr", "add", "198.18.9.1/24", "dev", "g9"])
+        .unwrap();
+}
+
+/// Sends 50 datagrams from s9 to the gateway's 198.18.9.1:5001; returns how many reached
+/// the receiver's port 6001.
+fn radar_datagrams(line: &Line) -> usize {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let rx_addr: SocketAddr = format!("{}:6001", Line::RECEIVER_V4).parse().unwrap();
+    std::thread::scope(|s| {
+        let rx = s.spawn(|| {
+            receive(
+                &line.receiver,
+                rx_addr,
+                ready_tx,
+                Duration::from_millis(800),
+            )
+        });
+        ready_rx.recv().unwrap();
+        let _in = line.sender.enter().unwrap();
+        let sock = UdpSocket::bind("198.18.9.2:0").unwrap();
+        for seq in 0..50 {
+            sock.send_to(&payload(seq), "198.18.9.1:5001").unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        rx.join().unwrap().len()
+    })
+}
+
+fn readyz(line: &Line, agent: &Agent) -> (u16, serde_json::Value) {
+    let _in = line.gateway.enter().unwrap();
+    let (code, body) = http::get(agent.metrics, "/readyz").unwrap();
+    (code, serde_json::from_str(&body).unwrap())
+}
+
+/// Waits until /readyz answers `code`.
+fn wait_ready(line: &Line, agent: &Agent, code: u16) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (c, body) = readyz(line, agent);
+        if c == code {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still {c}: {body}\n{}",
+            agent.log_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An ingress interface disappears while the agent runs: it says so, the other rule keeps
+/// forwarding every datagram, and when the interface comes back (with a new index) its rule is
+/// attached again without a restart.
+#[test]
+fn interfaces_that_come_and_go_are_followed() {
+    edgeplane_testbed::require_root();
+    let line = Line::new("cg").unwrap();
+    line.resolve_neighbours().unwrap();
+    add_second_ingress(&line);
+    let config = format!(
+        "{}\n[[udp.forward]]\nname = \"radar\"\ningress = \"g9\"\nmatch = {{ dst_port = 5001 }}\nto = {{ iface = \"g1\", dst_ip = \"{}\", dst_port = 6001 }}\n",
+        config("tc", true),
+        Line::RECEIVER_V4
+    );
+    let agent = Agent::start(&line.gateway, &config, "info").unwrap();
+    assert_eq!(radar_datagrams(&line), 50);
+    let m = scrape(&line, &agent);
+    assert_eq!(
+        http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"radar\"}").unwrap(),
+        50.0,
+        "{m}"
+    );
+
+    line.gateway.ip(&["link", "del", "g9"]).unwrap();
+    let body = wait_ready(&line, &agent, 503);
+    let missing = body["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "udp_forward/g9")
+        .unwrap_or_else(|| panic!("no udp_forward/g9 in {body}"));
+    assert_eq!(missing["state"], "interface_missing", "{body}");
+    assert!(
+        agent.log_so_far().contains("interface missing"),
+        "{}",
+        agent.log_so_far()
+    );
+    let m = scrape(&line, &agent);
+    assert_eq!(
+        http::metric(&m, "edgeplane_rules_waiting{iface=\"g9\"}").unwrap(),
+        1.0,
+        "{m}"
+    );
+    // The other rule never noticed.
+    let got = exchange(&line, true);
+    assert_eq!(
+        got.len(),
+        N as usize,
+        "lidar lost datagrams while g9 was gone"
+    );
+
+    add_second_ingress(&line);
+    wait_ready(&line, &agent, 200);
+    assert!(
+        agent.log_so_far().contains("interface back"),
+        "{}",
+        agent.log_so_far()
+    );
+    assert_eq!(radar_datagrams(&line), 50, "radar after g9 came back");
+    let m = scrape(&line, &agent);
+    assert_eq!(
+        http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"radar\"}").unwrap(),
+        100.0,
+        "{m}"
+    );
 }

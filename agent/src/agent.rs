@@ -16,8 +16,9 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{Prepared, prepare},
+    dataplane::{Prepared, prepare, prepare_for_present},
     http::{self, HttpState},
+    link_events::LinkEvents,
     metrics::{self, AgentMetrics},
     planes::Planes,
     state::AgentRecord,
@@ -82,6 +83,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
         "edgeplane running; metrics on http://{listen}/metrics"
     );
 
+    let mut links = LinkEvents::open().context("subscribing to interface events (rtnetlink)")?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -100,6 +102,17 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
                 };
                 agent_metrics.reloaded(ok);
             }
+            r = links.changed() => {
+                if let Err(e) = r {
+                    warn!("interface events: {e}");
+                    continue;
+                }
+                match follow_interfaces(&current, &mut dataplane).await {
+                    Ok(Some(next)) => current = next,
+                    Ok(None) => {}
+                    Err(e) => error!("{e:#}"),
+                }
+            }
             _ = term.recv() => { info!("SIGTERM: exiting"); break; }
             _ = int.recv() => { info!("SIGINT: exiting"); break; }
         }
@@ -116,6 +129,44 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
         Ok(Err(e)) => Err(e).context("HTTP server failed"),
         Err(e) => Err(e).context("HTTP server task failed"),
     }
+}
+
+/// Compiles the running config again for the interfaces there are now and applies it if that
+/// changes anything: rules whose interface went wait for it, the others keep running; rules
+/// whose interface came back (with a new index) are attached again.
+async fn follow_interfaces(
+    current: &Prepared,
+    dataplane: &mut Planes,
+) -> anyhow::Result<Option<Prepared>> {
+    let next = prepare_for_present(current.config.clone())?;
+    if next == *current {
+        return Ok(None);
+    }
+    for w in &next.waiting {
+        if !current.waiting.contains(w) {
+            warn!(
+                iface = w.iface,
+                rule = w.name,
+                kind = w.kind,
+                "interface missing: the rule waits for it, the others keep running"
+            );
+        }
+    }
+    for w in &current.waiting {
+        if !next.waiting.contains(w) {
+            info!(
+                iface = w.iface,
+                rule = w.name,
+                kind = w.kind,
+                "interface back: attaching again"
+            );
+        }
+    }
+    dataplane
+        .apply(&next, Some(current))
+        .await
+        .context("following interface changes")?;
+    Ok(Some(next))
 }
 
 /// Applies the config file again; on any error the running configuration stays.

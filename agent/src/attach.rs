@@ -273,12 +273,23 @@ pub fn detach(mut a: Attachment) -> Result<(), AttachError> {
     };
     match a.link.take().expect("attached") {
         Held::Xdp { link, pin } => {
-            // The link goes when its last reference does: the pin, then our fd.
-            match std::fs::remove_file(&pin) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e.into())),
-                _ => {}
+            // The link goes when its last reference does: the pin, then our fd. The pin path
+            // may hold a newer link by now (the interface came back and was attached again).
+            let pinned = PinnedLink::from_pin(&pin)
+                .ok()
+                .and_then(|p| FdLink::from(p).info().ok());
+            if pinned.is_some_and(|p| link.info().is_ok_and(|ours| ours.id() == p.id())) {
+                match std::fs::remove_file(&pin) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e.into())),
+                    _ => {}
+                }
             }
             drop(link);
+            Ok(())
+        }
+        // The interface, and its qdisc with our filter, is gone already.
+        Held::Tc(link) if crate::netdev::name(a.ifindex).is_none() => {
+            std::mem::forget(link);
             Ok(())
         }
         Held::Tc(link) => match link.detach() {

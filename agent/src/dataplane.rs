@@ -23,7 +23,7 @@ use crate::{
         stats::CanCollector,
         tunnel::Tunnels,
     },
-    config::Config,
+    config::{Config, UdpForwardRule},
     loader, netdev,
     pins::{DirLock, PinDir},
     state::{AgentRecord, AgentState, StateStore},
@@ -38,7 +38,7 @@ use crate::{
 
 /// A validated, host-checked config with its rules compiled: applying it can only fail in the
 /// kernel (an attach refused) or on a socket.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct Prepared {
     pub config: Config,
     udp: Vec<CompiledRule>,
@@ -49,6 +49,17 @@ pub struct Prepared {
         edgeplane_common::can::CanWatchKey,
         edgeplane_common::can::CanWatch,
     )>,
+    /// Rules left out because an interface they need is missing.
+    pub waiting: Vec<Waiting>,
+}
+
+/// A rule waiting for its interface to (re)appear.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Waiting {
+    /// `udp_forward`, `can_route`, `can_watch` or `can_receive`.
+    pub kind: &'static str,
+    pub name: String,
+    pub iface: String,
 }
 
 struct HostFacts;
@@ -62,34 +73,69 @@ impl can_rules::Host for HostFacts {
     }
 }
 
-/// Reads, validates and host-checks a config, and compiles its rules.
+/// Reads, validates and host-checks a config, and compiles its rules: every interface must
+/// exist.
 pub fn prepare(path: &Path) -> anyhow::Result<Prepared> {
     let config = Config::load(path)?;
     config.check_host(path)?;
-    let udp = config
-        .udp
-        .forward
-        .iter()
-        .map(|r| udp_rules::compile(r, &netdev::index))
-        .collect::<Result<Vec<_>, _>>()?;
-    let can_routes = config
-        .can
-        .route
-        .iter()
-        .map(|r| can_rules::compile(r, &HostFacts))
-        .collect::<Result<Vec<_>, _>>()?;
+    compile(config, true)
+}
+
+/// Compiles an accepted config again for the interfaces there are now: rules whose interface
+/// is missing wait for it (see [`Prepared::waiting`]) while the others run.
+pub fn prepare_for_present(config: Config) -> anyhow::Result<Prepared> {
+    compile(config, false)
+}
+
+fn compile(config: Config, strict: bool) -> anyhow::Result<Prepared> {
+    let mut waiting = Vec::new();
+    let mut wait = |kind, name: &str, iface: &str| {
+        waiting.push(Waiting {
+            kind,
+            name: name.to_owned(),
+            iface: iface.to_owned(),
+        })
+    };
+    let mut udp = Vec::new();
+    for r in &config.udp.forward {
+        match udp_rules::compile(r, &netdev::index) {
+            Ok(c) => udp.push(c),
+            Err(e) if !strict => wait("udp_forward", &r.name, &e.iface),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut can_routes = Vec::new();
+    for r in &config.can.route {
+        match can_rules::compile(r, &HostFacts) {
+            Ok(c) => can_routes.push(c),
+            Err(can_rules::CompileError::UnknownInterface { iface, .. }) if !strict => {
+                wait("can_route", &r.name, &iface)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let mut can_watches = Vec::new();
     for w in &config.can.watch {
-        let ifindex =
-            netdev::index(&w.iface).with_context(|| format!("interface {} vanished", w.iface))?;
+        let Some(ifindex) = netdev::index(&w.iface) else {
+            anyhow::ensure!(!strict, "interface {} vanished", w.iface);
+            wait("can_watch", &format!("{:X}", w.id), &w.iface);
+            continue;
+        };
         let (key, value) = can_rules::watch(w, ifindex);
         can_watches.push((w.iface.clone(), ifindex, key, value));
+    }
+    for r in &config.can.receive {
+        if netdev::index(&r.iface).is_none() {
+            anyhow::ensure!(!strict, "interface {} vanished", r.iface);
+            wait("can_receive", &r.name, &r.iface);
+        }
     }
     Ok(Prepared {
         config,
         udp,
         can_routes,
         can_watches,
+        waiting,
     })
 }
 
@@ -97,6 +143,18 @@ impl Prepared {
     /// The compiled CAN routes (the userspace engine runs the same can-gw jobs).
     pub fn can_routes(&self) -> &[CompiledRoute] {
         &self.can_routes
+    }
+
+    /// The configured UDP rules whose interfaces are present (the others wait for them).
+    pub fn udp_rules(&self) -> Vec<UdpForwardRule> {
+        let present = |r: &&UdpForwardRule| self.udp.iter().any(|c| c.name == r.name);
+        self.config
+            .udp
+            .forward
+            .iter()
+            .filter(present)
+            .cloned()
+            .collect()
     }
 
     /// This config without its UDP rules (`udp`) or CAN routes (`can`), for the kernel path
@@ -120,6 +178,7 @@ impl Prepared {
 pub struct Views {
     pub udp: Arc<RwLock<UdpView>>,
     pub can: Arc<RwLock<CanView>>,
+    pub waiting: Arc<RwLock<Vec<Waiting>>>,
     /// Rules and routes the userspace engine runs.
     pub userspace: SharedUserspaceView,
 }
@@ -129,6 +188,7 @@ impl Views {
         Readiness::of(
             &self.udp.read().expect("lock"),
             &self.can.read().expect("lock"),
+            &self.waiting.read().expect("lock"),
         )
         .with_userspace(&self.userspace.read().expect("lock"))
     }
@@ -219,6 +279,9 @@ impl Dataplane {
                 userspace: Arc::clone(&self.views.userspace),
             }),
             Box::new(self.tunnels.metrics()),
+            Box::new(crate::status::WaitingCollector(Arc::clone(
+                &self.views.waiting,
+            ))),
         ]
     }
 
@@ -226,22 +289,35 @@ impl Dataplane {
     /// as it had been applied) and keeps running.
     pub async fn apply(&mut self, p: &Prepared, previous: Option<&Prepared>) -> anyhow::Result<()> {
         let result = self.apply_parts(p).await;
+        let mut running = p;
         if let Err(e) = &result
             && let Some(prev) = previous
-            && let Err(again) = self.apply_parts(prev).await
         {
-            warn!("restoring the previous configuration after `{e:#}` failed too: {again:#}");
+            running = prev;
+            if let Err(again) = self.apply_parts(prev).await {
+                warn!("restoring the previous configuration after `{e:#}` failed too: {again:#}");
+            }
         }
+        *self.views.waiting.write().expect("lock") = running.waiting.clone();
         self.publish();
         result
     }
 
     async fn apply_parts(&mut self, p: &Prepared) -> anyhow::Result<()> {
+        let waiting = |kinds: &[&str]| {
+            let mut w = crate::slots::Waiting::default();
+            for x in p.waiting.iter().filter(|x| kinds.contains(&x.kind)) {
+                w.rules.insert(x.name.clone());
+                w.ifaces.insert(x.iface.clone());
+            }
+            w
+        };
         self.udp
             .apply(
                 &mut self.ebpf,
                 p.config.udp.mode.attach().unwrap_or_default(),
                 p.udp.clone(),
+                &waiting(&["udp_forward"]),
             )
             .context("installing the UDP rules")?;
         let watches = p
@@ -254,10 +330,21 @@ impl Dataplane {
             })
             .collect();
         self.can
-            .apply(&mut self.ebpf, p.can_routes.clone(), watches)
+            .apply(
+                &mut self.ebpf,
+                p.can_routes.clone(),
+                watches,
+                &waiting(&["can_route", "can_watch"]),
+            )
             .context("installing the CAN routes")?;
+        let mut can = p.config.can.clone();
+        can.receive.retain(|r| {
+            !p.waiting
+                .iter()
+                .any(|w| w.kind == "can_receive" && w.name == r.name)
+        });
         self.tunnels
-            .apply(&p.config.can, &self.can.view().tunnels)
+            .apply(&can, &self.can.view().tunnels)
             .await
             .context("starting the CAN tunnel")?;
         Ok(())

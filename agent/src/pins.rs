@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use tracing::info;
+use tracing::{info, warn};
 
 /// Where the data plane is pinned unless `[agent] bpffs` says otherwise.
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/edgeplane";
@@ -82,6 +82,14 @@ impl PinDir {
                 source,
             })?;
             info!(mount = %mount.display(), "mounted bpffs");
+            if !in_initial_mount_namespace() {
+                warn!(
+                    mount = %mount.display(),
+                    "this bpffs belongs to the agent's own mount namespace (as under `ip netns exec`, \
+                     which remounts /sys) and goes with it: a restarted agent will not find the data \
+                     plane; point [agent] bpffs at a bpffs mounted outside /sys"
+                );
+            }
         }
         let dir = Self {
             root: root.to_owned(),
@@ -199,6 +207,16 @@ fn is_bpffs(path: &Path) -> bool {
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
         libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn in_initial_mount_namespace() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => true,
     }
 }
 

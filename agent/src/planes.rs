@@ -153,8 +153,9 @@ impl Planes {
                  restart the agent to use it"
             );
         }
+        let udp_rules = if split.udp { p.udp_rules() } else { Vec::new() };
         self.udp
-            .apply(c.udp.engine, if split.udp { &c.udp.forward } else { &[] })
+            .apply(c.udp.engine, &udp_rules)
             .context("starting the userspace UDP engine")?;
         self.can
             .apply(if split.can { p.can_routes() } else { &[] })

@@ -2,6 +2,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+/// Rules that wait for a missing interface, and those interfaces: their slots are kept.
+#[derive(Debug, Default)]
+pub struct Waiting {
+    pub rules: BTreeSet<String>,
+    pub ifaces: BTreeSet<String>,
+}
+
 #[derive(Debug)]
 pub struct Slots {
     by_name: HashMap<String, u32>,

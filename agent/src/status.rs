@@ -2,26 +2,29 @@
 
 use serde::Serialize;
 
-use crate::{attach::Hook, can::CanView, udp_forward::UdpView, userspace::UserspaceView};
+use crate::{
+    attach::Hook, can::CanView, dataplane::Waiting, udp_forward::UdpView, userspace::UserspaceView,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum State {
     Attached,
     Detached,
+    /// Its interface does not exist (now): it is attached again when it appears.
+    InterfaceMissing,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Component {
-    /// `udp_forward/<iface>`, `can_route/<iface>`, or `userspace/<rule>` for a rule the
-    /// userspace engine runs.
+    /// `udp_forward/<iface>`, `can_route/<iface>`, `can_watch/<iface>`, `can_receive/<iface>`,
+    /// or `userspace/<rule>` for a rule the userspace engine runs.
     pub name: String,
     pub state: State,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hook: Option<Hook>,
-    /// The userspace engine (`tokio`, `tokio-uring`, `socketcan`) running it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub engine: Option<&'static str>,
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -32,7 +35,7 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn of(udp: &UdpView, can: &CanView) -> Self {
+    pub fn of(udp: &UdpView, can: &CanView, waiting: &[Waiting]) -> Self {
         let mut wanted: Vec<&str> = udp.rules.iter().map(|r| r.ingress.as_str()).collect();
         wanted.sort_unstable();
         wanted.dedup();
@@ -52,7 +55,7 @@ impl Readiness {
                         State::Detached
                     },
                     hook,
-                    engine: None,
+                    detail: None,
                 }
             })
             .collect();
@@ -66,8 +69,22 @@ impl Readiness {
                     State::Detached
                 },
                 hook: attached.then_some(Hook::Tc),
-                engine: None,
+                detail: None,
             }
+        }));
+        let mut missing: Vec<(String, Vec<&str>)> = Vec::new();
+        for w in waiting {
+            let name = format!("{}/{}", w.kind, w.iface);
+            match missing.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, rules)) => rules.push(&w.name),
+                None => missing.push((name, vec![&w.name])),
+            }
+        }
+        components.extend(missing.into_iter().map(|(name, rules)| Component {
+            name,
+            state: State::InterfaceMissing,
+            hook: None,
+            detail: Some(format!("waiting: {}", rules.join(", "))),
         }));
         Self {
             ready: components.iter().all(|c| c.state == State::Attached),
@@ -85,8 +102,39 @@ impl Readiness {
                 name: format!("userspace/{name}"),
                 state: State::Attached,
                 hook: None,
-                engine: Some(engine),
+                detail: Some(format!("userspace engine {engine}")),
             }));
         self
+    }
+}
+
+/// `edgeplane_rules_waiting{iface}`: how many rules wait for a missing interface.
+#[derive(Debug)]
+pub struct WaitingCollector(pub std::sync::Arc<std::sync::RwLock<Vec<Waiting>>>);
+
+impl prometheus_client::collector::Collector for WaitingCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{
+            encoding::EncodeMetric as _,
+            metrics::{MetricType, gauge::ConstGauge},
+        };
+        let mut per_iface: std::collections::BTreeMap<&str, i64> = Default::default();
+        let waiting = self.0.read().expect("lock");
+        for w in waiting.iter() {
+            *per_iface.entry(&w.iface).or_default() += 1;
+        }
+        let mut family = encoder.encode_descriptor(
+            "rules_waiting",
+            "Rules (UDP forwards, CAN routes, watches and tunnel receivers) waiting for their interface to appear",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (iface, n) in per_iface {
+            ConstGauge::new(n).encode(family.encode_family(&[("iface", iface)])?)?;
+        }
+        Ok(())
     }
 }

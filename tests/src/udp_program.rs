@@ -169,7 +169,8 @@ impl Fixture {
         let mut ebpf = loader::load(&[XDP_PROGRAM, TC_PROGRAM]).unwrap();
         let mut udp = UdpForwarder::new(&mut ebpf, &pins).unwrap();
         let mode = config.udp.mode.attach().expect("a kernel mode");
-        udp.apply(&mut ebpf, mode, compiled).unwrap();
+        udp.apply(&mut ebpf, mode, compiled, &Default::default())
+            .unwrap();
         Self {
             udp,
             ebpf,

@@ -35,7 +35,7 @@ use crate::{
     loader::LoadError,
     maps,
     pins::PinDir,
-    slots::Slots,
+    slots::{Slots, Waiting},
     state::{AttachmentRecord, CanState, PlainJob},
 };
 
@@ -173,15 +173,23 @@ impl GatewayState {
         self.gw()?.add(job)
     }
 
-    /// Removes a job and returns its final totals.
+    /// Removes a job and returns its final totals. A job that is gone already (can-gw drops
+    /// the jobs of an interface that disappears, counters and all) gives the totals last read.
     fn remove(&mut self, job: &Job) -> Result<GwTotals, GatewayError> {
         let kept = job.as_kernel_keeps_it();
-        let totals = self
+        let last_read = self
+            .seen
+            .iter()
+            .find(|(j, _, _)| *j == kept)
+            .map(|(_, _, t)| *t);
+        let Some(totals) = self
             .totals()?
             .into_iter()
             .find(|(j, _)| *j == kept)
             .map(|(_, t)| t)
-            .unwrap_or_default();
+        else {
+            return Ok(last_read.unwrap_or_default());
+        };
         self.gw()?.remove(job)?;
         self.seen.retain(|(j, _, _)| *j != kept);
         Ok(totals)
@@ -371,13 +379,15 @@ impl CanRouter {
         self.view.clone()
     }
 
-    /// Makes `routes` and `watches` the running set. On an attach error the previous set stays
+    /// Makes `routes` and `watches` the running set; `waiting` routes (an interface is missing)
+    /// keep their counters for when it is back. On an attach error the previous set stays
     /// and attachments made by this call are undone.
     pub fn apply(
         &mut self,
         ebpf: &mut Ebpf,
         mut routes: Vec<CompiledRoute>,
         watches: Vec<WantedWatch>,
+        waiting: &Waiting,
     ) -> Result<(), CanRouterError> {
         // Interfaces in use, with their ifindex.
         let mut ifaces: BTreeMap<String, u32> = BTreeMap::new();
@@ -501,10 +511,16 @@ impl CanRouter {
                 .cloned()
                 .collect();
             for name in gone {
+                let mut totals = GwTotals::default();
                 for job in self.installed_jobs.remove(&name).unwrap_or_default() {
-                    gw.remove(&job)?;
+                    totals += gw.remove(&job)?;
                 }
-                self.carried.remove(&name);
+                if waiting.rules.contains(&name) {
+                    // Its interface went (and can-gw dropped the job): count on when it is back.
+                    *self.carried.entry(name).or_default() += totals;
+                } else {
+                    self.carried.remove(&name);
+                }
             }
         }
 
@@ -600,8 +616,9 @@ impl CanRouter {
 
         // 7. Free slots of removed routes and interfaces; publish the view.
         self.rule_slots
-            .retain(|n| routes.iter().any(|r| r.name == n));
-        self.ingress_slots.retain(|i| ifaces.contains_key(i));
+            .retain(|n| routes.iter().any(|r| r.name == n) || waiting.rules.contains(n));
+        self.ingress_slots
+            .retain(|i| ifaces.contains_key(i) || waiting.ifaces.contains(i));
         self.installed_rules = routes
             .iter()
             .map(|r| (slot_of[r.name.as_str()], r.clone()))

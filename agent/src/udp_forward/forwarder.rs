@@ -27,6 +27,7 @@ use crate::{
     maps, netdev,
     pins::PinDir,
     slots::Slots,
+    slots::Waiting,
     state::{AttachmentRecord, UdpState},
 };
 
@@ -207,13 +208,15 @@ impl UdpForwarder {
         }
     }
 
-    /// Makes `rules` the running rule set. On error the previous rules keep running and
+    /// Makes `rules` the running rule set; `waiting` rules (their interface is missing) keep
+    /// their counters for when it is back. On error the previous rules keep running and
     /// attachments made by this call are undone.
     pub fn apply(
         &mut self,
         ebpf: &mut Ebpf,
         mode: AttachMode,
         rules: Vec<CompiledRule>,
+        waiting: &Waiting,
     ) -> Result<(), UdpForwardError> {
         // Ingress interfaces, with the egress interfaces their rules send to.
         let mut ingresses: BTreeMap<&str, (u32, BTreeSet<&str>)> = BTreeMap::new();
@@ -394,8 +397,9 @@ impl UdpForwarder {
         }
         self.egress = wanted_egress;
         self.rule_slots
-            .retain(|n| rules.iter().any(|r| r.name == n));
-        self.ingress_slots.retain(|i| ingresses.contains_key(i));
+            .retain(|n| rules.iter().any(|r| r.name == n) || waiting.rules.contains(n));
+        self.ingress_slots
+            .retain(|i| ingresses.contains_key(i) || waiting.ifaces.contains(i));
         warn_if_not_forwarding(&rules);
         self.rules = rules;
         Ok(())
