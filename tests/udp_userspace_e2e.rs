@@ -280,15 +280,13 @@ fn auto_falls_back_to_userspace_when_ebpf_cannot_load() {
     edgeplane_testbed::require_root();
     let line = Line::new("fb").unwrap();
     let drop_bpf = ["setpriv", "--bounding-set=-bpf,-sys_admin,-perfmon", "--"];
-    let start = Start {
-        wrapper: drop_bpf.map(String::from).to_vec(),
-        ..Start::default()
-    };
-    let mut agent = Agent::start_with(
+
+    let mut agent = Agent::start_wrapped(
         &line.gateway,
         &config("auto", "tokio", true),
         "info",
-        &start,
+        &Start::default(),
+        &drop_bpf,
     )
     .unwrap();
     let (got, _) = exchange(&line, true);

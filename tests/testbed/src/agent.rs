@@ -51,9 +51,6 @@ pub struct Start {
     pub leave_running: bool,
     /// Pin directory; by default one of its own under [`crate::bpffs::ROOT`].
     pub bpffs: Option<PathBuf>,
-    /// A command that execs the rest of its arguments, run with the agent's command line
-    /// appended (e.g. `setpriv` to drop capabilities); none by default.
-    pub wrapper: Vec<String>,
 }
 
 static STARTED: AtomicU32 = AtomicU32::new(0);
@@ -71,6 +68,18 @@ impl Agent {
         config: &str,
         log_level: &str,
         opts: &Start,
+    ) -> anyhow::Result<Self> {
+        Self::start_wrapped(ns, config, log_level, opts, &[])
+    }
+
+    /// [`Agent::start_with`] through `wrapper`, a command that execs the rest of its arguments
+    /// (the agent's command line is appended), e.g. `setpriv` to drop capabilities.
+    pub fn start_wrapped(
+        ns: &Netns,
+        config: &str,
+        log_level: &str,
+        opts: &Start,
+        wrapper: &[&str],
     ) -> anyhow::Result<Self> {
         let bin = binary();
         if !bin.is_file() {
@@ -97,7 +106,7 @@ impl Agent {
             None => crate::bpffs::dir_for(&ns.name)?,
         };
         let bin = bin.to_str().expect("utf-8 path");
-        let mut cmd = match opts.wrapper.split_first() {
+        let mut cmd = match wrapper.split_first() {
             None => ns.command(bin),
             Some((program, args)) => {
                 let mut c = ns.command(program);
