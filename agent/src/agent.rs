@@ -17,10 +17,11 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::Overrides,
-    dataplane::{Dataplane, Prepared, prepare, prepare_for_present, prepare_text},
+    dataplane::{Prepared, prepare, prepare_for_present, prepare_text},
     http::{self, HttpState},
     link_events::LinkEvents,
     metrics::{self, AgentMetrics},
+    planes::Planes,
     registry::{self, Registry},
     state::AgentRecord,
     systemd::Notifier,
@@ -63,7 +64,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
         config: std::path::absolute(&config_path).unwrap_or_else(|_| config_path.clone()),
         http: listen,
     };
-    let mut dataplane = Dataplane::load(&bpffs, record)?;
+    let mut dataplane = Planes::load(&current.config, &bpffs, record)?;
     if let Err(e) = dataplane.apply(&current, None).await {
         if dataplane.is_idle() {
             dataplane.shutdown();
@@ -166,7 +167,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
 /// whose interface came back (with a new index) are attached again.
 async fn follow_interfaces(
     current: &Prepared,
-    dataplane: &mut Dataplane,
+    dataplane: &mut Planes,
 ) -> anyhow::Result<Option<Prepared>> {
     let next = prepare_for_present(current.config.clone())?;
     if next == *current {
@@ -205,7 +206,7 @@ async fn follow_interfaces(
 async fn reload(
     next: anyhow::Result<Prepared>,
     current: &mut Prepared,
-    dataplane: &mut Dataplane,
+    dataplane: &mut Planes,
     agent_metrics: &AgentMetrics,
 ) -> Result<(), String> {
     let result = apply(next, current, dataplane).await;
@@ -225,7 +226,7 @@ async fn reload(
 async fn apply(
     next: anyhow::Result<Prepared>,
     current: &Prepared,
-    dataplane: &mut Dataplane,
+    dataplane: &mut Planes,
 ) -> anyhow::Result<Prepared> {
     let next = next?;
     if next.config.http.listen != current.config.http.listen {

@@ -35,6 +35,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "systemd",
         "systemd-analyze verify of configs/edgeplane.service",
     ),
+    (
+        "socat",
+        "the userspace relay `cargo xtask bench` compares the engines with",
+    ),
 ];
 
 #[derive(clap::Args, Default)]

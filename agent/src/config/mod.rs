@@ -245,7 +245,7 @@ mod tests {
     fn parses_the_documented_shape() {
         let c = parse(ONE_RULE).unwrap();
         assert_eq!(c.http.listen, "127.0.0.1:9464".parse().unwrap());
-        assert_eq!(c.udp.mode, AttachMode::Auto);
+        assert_eq!(c.udp.mode, UdpMode::Auto);
         let r = &c.udp.forward[0];
         assert_eq!(r.name, "lidar-front");
         assert_eq!(r.matches.dst_port, Some(5000));
