@@ -1,8 +1,12 @@
 //! `edgeplane-bench`: measurements that compare in one run. `cargo xtask bench` runs it as root.
 
+mod merge;
 mod metrics_render;
 mod prog_run;
+mod report;
 mod table;
+mod traffic;
+mod udp;
 
 use clap::{Parser, Subcommand};
 
@@ -19,12 +23,22 @@ enum Suite {
     ProgRun(prog_run::Options),
     /// Time to render /metrics with many rules installed.
     MetricsRender(metrics_render::Options),
+    /// UDP forwarding: XDP, tc, the userspace engines and socat on one veth topology.
+    Udp(udp::Options),
+    /// Merge the suites' rows (and criterion's estimates) into latest.json and latest.md.
+    Report(merge::Options),
 }
 
 fn main() -> anyhow::Result<()> {
-    edgeplane_testbed::require_root();
-    match Cli::parse().suite {
+    let suite = Cli::parse().suite;
+    // Only merging the report needs no namespaces and no eBPF.
+    if !matches!(suite, Suite::Report(_)) {
+        edgeplane_testbed::require_root();
+    }
+    match suite {
         Suite::ProgRun(o) => prog_run::run(&o),
         Suite::MetricsRender(o) => metrics_render::run(&o),
+        Suite::Udp(o) => udp::run(&o),
+        Suite::Report(o) => merge::run(&o),
     }
 }
