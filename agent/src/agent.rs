@@ -86,6 +86,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
             registry,
             views: dataplane.views(),
             fleet: fleet.as_ref().map(Registry::health),
+            events: dataplane.events(),
         },
         async {
             let _ = http_stopped.await;

@@ -1,8 +1,9 @@
 //! Everything the agent runs in the kernel and beside it, applied from one prepared config.
 
 use std::{
+    collections::BTreeSet,
     path::Path,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use anyhow::Context as _;
@@ -12,7 +13,7 @@ use edgeplane_common::{
     udp_forward::{TC_PROGRAM, XDP_PROGRAM},
 };
 use prometheus_client::collector::Collector;
-use tokio::io::unix::AsyncFd;
+use tokio::{io::unix::AsyncFd, sync::broadcast};
 use tracing::{info, warn};
 
 use crate::{
@@ -25,7 +26,8 @@ use crate::{
         tunnel::Tunnels,
     },
     config::{Config, UdpForwardRule},
-    loader, netdev,
+    latency::{self, HistMap, Latency},
+    loader, maps, netdev,
     pins::{DirLock, PinDir},
     state::{AgentRecord, AgentState, StateStore},
     status::{AttachedProgram, Readiness},
@@ -157,6 +159,15 @@ impl Prepared {
         &self.can_routes
     }
 
+    /// Interfaces forwarded frames leave by: where `latency_egress` ends their latency.
+    pub fn egress_ifaces(&self) -> BTreeSet<String> {
+        let udp = self.udp.iter().map(|r| r.egress.clone());
+        let can = (self.can_routes.iter())
+            .filter(|r| r.rule.egress != 0)
+            .filter_map(|r| netdev::name(r.rule.egress));
+        udp.chain(can).collect()
+    }
+
     /// The configured UDP rules whose interfaces are present (the others wait for them).
     pub fn udp_rules(&self) -> Vec<UdpForwardRule> {
         let present = |r: &&UdpForwardRule| self.udp.iter().any(|c| c.name == r.name);
@@ -212,6 +223,9 @@ pub struct Dataplane {
     udp: UdpForwarder,
     can: CanRouter,
     tunnels: Tunnels,
+    latency: Latency,
+    events: broadcast::Sender<Arc<latency::events::Event>>,
+    event_counts: Arc<latency::events::EventCounts>,
     views: Views,
     pins: PinDir,
     state: StateStore,
@@ -245,11 +259,32 @@ impl Dataplane {
             );
         }
         let mut ebpf = loader::load_pinned(&PROGRAMS, &pins)?;
+        latency::load_programs(&mut ebpf, &pins);
         forward_kernel_logs(&mut ebpf);
-        let mut udp = UdpForwarder::new(&mut ebpf, &pins)?;
+        let udp_latency: HistMap = Arc::new(Mutex::new(maps::take(
+            &mut ebpf,
+            edgeplane_common::latency::UDP_FORWARD_MAP,
+        )?));
+        let can_latency: HistMap = Arc::new(Mutex::new(maps::take(
+            &mut ebpf,
+            edgeplane_common::latency::CAN_FORWARD_MAP,
+        )?));
+        let mut latency = Latency::new(&mut ebpf, &pins, Arc::clone(&udp_latency), Arc::clone(&can_latency))
+            .context("latency capture's maps")?;
+        let event_counts = Arc::new(latency::events::EventCounts::default());
+        let names = latency::events::Names {
+            udp: Arc::clone(&views.udp),
+            can: Arc::clone(&views.can),
+            delivery: latency.delivery_view(),
+        };
+        let events = match latency.take_ring() {
+            Some(ring) => latency::events::spawn_reader(ring, names, Arc::clone(&event_counts)),
+            None => broadcast::channel(1).0,
+        };
+        let mut udp = UdpForwarder::new(&mut ebpf, &pins, udp_latency)?;
         udp.adopt(&previous.udp, &previous.attachments)
             .context("reading the pinned UDP maps")?;
-        let mut can = CanRouter::new(&mut ebpf, &pins)?;
+        let mut can = CanRouter::new(&mut ebpf, &pins, can_latency)?;
         can.adopt(&previous.can, &previous.attachments)
             .context("taking over the CAN routes")?;
         let (ring, sockets) = can
@@ -260,6 +295,9 @@ impl Dataplane {
             udp,
             can,
             tunnels: Tunnels::new(ring, sockets),
+            latency,
+            events,
+            event_counts,
             views,
             pins,
             state,
@@ -320,6 +358,11 @@ impl Dataplane {
                 userspace: Arc::clone(&self.views.userspace),
             }),
             Box::new(self.tunnels.metrics()),
+            Box::new(self.latency.collector(
+                Arc::clone(&self.views.udp),
+                Arc::clone(&self.views.can),
+                Arc::clone(&self.event_counts),
+            )),
             Box::new(crate::status::WaitingCollector(Arc::clone(
                 &self.views.waiting,
             ))),
@@ -388,6 +431,8 @@ impl Dataplane {
             .apply(&can, &self.can.view().tunnels)
             .await
             .context("starting the CAN tunnel")?;
+        self.latency
+            .apply(&mut self.ebpf, &p.config.latency, &p.egress_ifaces());
         Ok(())
     }
 
@@ -413,6 +458,11 @@ impl Dataplane {
         }
     }
 
+    /// The slow-event stream, for `GET /events`.
+    pub fn events(&self) -> broadcast::Sender<Arc<latency::events::Event>> {
+        self.events.clone()
+    }
+
     pub fn pins(&self) -> &PinDir {
         &self.pins
     }
@@ -420,6 +470,7 @@ impl Dataplane {
     /// Stops the userspace parts (the tunnel) and leaves the kernel's running: programs
     /// attached, maps pinned, can-gw jobs in place, for the next agent to take over.
     pub fn leave_running(mut self) {
+        self.latency.stop();
         self.tunnels.shutdown();
         self.save_state();
         self.udp.release();
@@ -432,6 +483,7 @@ impl Dataplane {
 
     /// Detaches every program, stops the tunnel, removes our can-gw jobs and unpins it all.
     pub fn shutdown(mut self) {
+        self.latency.stop();
         self.tunnels.shutdown();
         self.udp.shutdown();
         self.can.shutdown();

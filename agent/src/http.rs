@@ -1,4 +1,4 @@
-//! The HTTP endpoints: /metrics, /healthz, /readyz.
+//! The HTTP endpoints: /metrics, /healthz, /readyz, /events.
 
 use std::{future::Future, sync::Arc};
 
@@ -10,9 +10,10 @@ use axum::{
     routing::get,
 };
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::broadcast};
+use tokio_stream::{StreamExt as _, wrappers::{BroadcastStream, errors::BroadcastStreamRecvError}};
 
-use crate::{dataplane::Views, metrics, registry::Health};
+use crate::{dataplane::Views, latency::events::Event, metrics, registry::Health};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -22,6 +23,8 @@ pub struct HttpState {
     pub views: Views,
     /// Fleet registration's state, when configured.
     pub fleet: Option<tokio::sync::watch::Receiver<Health>>,
+    /// Slow-frame events, when the kernel path runs.
+    pub events: Option<broadcast::Sender<Arc<Event>>>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -29,6 +32,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/events", get(events))
         .with_state(state)
 }
 
@@ -86,4 +90,29 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(readiness))
+}
+
+/// Slow frames as they happen, one JSON object per line, until the client goes away. A client
+/// too slow to keep up gets `{"missed": N}` in their place.
+async fn events(State(s): State<HttpState>) -> impl IntoResponse {
+    let Some(tx) = s.events else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "latency capture runs with the kernel path only\n",
+        )
+            .into_response();
+    };
+    let stream = BroadcastStream::new(tx.subscribe()).map(|item| {
+        let mut line = match item {
+            Ok(e) => serde_json::to_string(&*e).unwrap_or_default(),
+            Err(BroadcastStreamRecvError::Lagged(n)) => format!("{{\"missed\":{n}}}"),
+        };
+        line.push('\n');
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }

@@ -8,6 +8,7 @@ pub mod can;
 pub mod config;
 pub mod dataplane;
 pub mod http;
+pub mod latency;
 pub mod link_events;
 pub mod loader;
 mod maps;

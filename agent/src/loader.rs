@@ -146,7 +146,7 @@ fn pinned_maps(pins: &PinDir) -> Result<Vec<(String, std::path::PathBuf)>, LoadE
     Ok(out)
 }
 
-fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
+pub fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
     let program = ebpf
         .program_mut(name)
         .ok_or(LoadError::MissingProgram(name))?;

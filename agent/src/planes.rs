@@ -77,6 +77,13 @@ impl Planes {
         self.views.clone()
     }
 
+    /// The slow-event stream of the kernel path.
+    pub fn events(
+        &self,
+    ) -> Option<tokio::sync::broadcast::Sender<Arc<crate::latency::events::Event>>> {
+        self.kernel.as_ref().map(Dataplane::events)
+    }
+
     /// The kernel programs attached now (none while everything runs in userspace).
     pub fn attached_programs(&self) -> Vec<AttachedProgram> {
         self.kernel

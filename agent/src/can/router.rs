@@ -16,6 +16,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
 };
+use edgeplane_common::{hist::Log2Hist, latency};
 use edgeplane_common::can::{
     CanIngress, CanIngressStats, CanRuleStats, CanWatch, CanWatchKey, INGRESS_MAP,
     INGRESS_STATS_MAP, MAX_INGRESS, MAX_RULES, MAX_RULES_PER_IFACE, PROGRAM, RULE_STATS_MAP,
@@ -32,6 +33,7 @@ use super::{
 };
 use crate::{
     attach::{self, AttachError, Attachment, Hook},
+    latency::HistMap,
     loader::LoadError,
     maps,
     pins::PinDir,
@@ -216,6 +218,7 @@ pub struct CanRouter {
     rules: Array<MapData, edgeplane_common::can::CanRule>,
     ingress_map: BpfHashMap<MapData, u32, CanIngress>,
     rule_stats: RuleStats,
+    latency: HistMap,
     ingress_stats: IngressStats,
     watch: WatchMap,
     tunnel_ring: Option<(RingBuf<MapData>, TunnelSockets)>,
@@ -237,7 +240,8 @@ pub struct CanRouter {
 }
 
 impl CanRouter {
-    pub fn new(ebpf: &mut Ebpf, pins: &PinDir) -> Result<Self, LoadError> {
+    /// `latency` is the routes' forwarding latency histograms, cleared with their counters.
+    pub fn new(ebpf: &mut Ebpf, pins: &PinDir, latency: HistMap) -> Result<Self, LoadError> {
         let gateway = GatewayState {
             gw: Gateway::open().ok(),
             seen: Vec::new(),
@@ -246,6 +250,7 @@ impl CanRouter {
             rules: maps::take(ebpf, RULES_MAP)?,
             ingress_map: maps::take(ebpf, INGRESS_MAP)?,
             rule_stats: Arc::new(Mutex::new(maps::take(ebpf, RULE_STATS_MAP)?)),
+            latency,
             ingress_stats: Arc::new(Mutex::new(maps::take(ebpf, INGRESS_STATS_MAP)?)),
             watch: Arc::new(Mutex::new(maps::take(ebpf, WATCH_MAP)?)),
             tunnel_ring: Some((
@@ -441,6 +446,9 @@ impl CanRouter {
         for slot in fresh_rules {
             maps::clear_slot(&mut self.rule_stats.lock().expect("lock"), slot)
                 .map_err(map_err(RULE_STATS_MAP))?;
+            (self.latency.lock().expect("lock"))
+                .set(slot, Log2Hist::default(), 0)
+                .map_err(map_err(latency::CAN_FORWARD_MAP))?;
         }
         let fresh_ifaces = self
             .ingress_slots

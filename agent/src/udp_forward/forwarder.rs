@@ -13,6 +13,7 @@ use aya::{
     Ebpf,
     maps::{DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, xdp::XdpMapError},
 };
+use edgeplane_common::{hist::Log2Hist, latency};
 use edgeplane_common::udp_forward::{
     EGRESS_MAP, FAMILY_IPV4, INGRESS_MAP, MAX_INGRESS, MAX_RULES, RULES_MAP, STATS_MAP, TC_PROGRAM,
     UdpForwardAction, UdpIngress, UdpMatchKey, UdpStats, XDP_PROGRAM,
@@ -23,6 +24,7 @@ use super::rules::{CompiledRule, MapContents};
 use crate::{
     attach::{self, AttachError, Attachment, Hook},
     config::{AttachMode, Family},
+    latency::HistMap,
     loader::LoadError,
     maps, netdev,
     pins::PinDir,
@@ -92,6 +94,7 @@ pub struct UdpForwarder {
     ingress_map: BpfHashMap<MapData, u32, UdpIngress>,
     egress_map: DevMapHash<MapData>,
     stats: StatsMap,
+    latency: HistMap,
     rule_slots: Slots,
     ingress_slots: Slots,
     /// What the maps hold now.
@@ -106,12 +109,14 @@ pub struct UdpForwarder {
 
 impl UdpForwarder {
     /// Takes the forwarder's maps out of the loaded object.
-    pub fn new(ebpf: &mut Ebpf, pins: &PinDir) -> Result<Self, LoadError> {
+    /// `latency` is the rules' forwarding latency histograms, cleared with their counters.
+    pub fn new(ebpf: &mut Ebpf, pins: &PinDir, latency: HistMap) -> Result<Self, LoadError> {
         Ok(Self {
             rules_map: maps::take(ebpf, RULES_MAP)?,
             ingress_map: maps::take(ebpf, INGRESS_MAP)?,
             egress_map: maps::take(ebpf, EGRESS_MAP)?,
             stats: Arc::new(Mutex::new(maps::take(ebpf, STATS_MAP)?)),
+            latency,
             rule_slots: Slots::new(0, MAX_RULES),
             ingress_slots: Slots::new(MAX_RULES, MAX_INGRESS),
             installed: MapContents::default(),
@@ -426,7 +431,13 @@ impl UdpForwarder {
 
     fn clear_stats(&mut self, slot: u32) -> Result<(), UdpForwardError> {
         maps::clear_slot(&mut self.stats.lock().expect("stats lock"), slot)
-            .map_err(map_err(STATS_MAP))
+            .map_err(map_err(STATS_MAP))?;
+        if slot < MAX_RULES {
+            (self.latency.lock().expect("latency lock"))
+                .set(slot, Log2Hist::default(), 0)
+                .map_err(map_err(latency::UDP_FORWARD_MAP))?;
+        }
+        Ok(())
     }
 }
 
