@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeSet,
     path::Path,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
 };
 
 use anyhow::Context as _;
@@ -26,8 +26,8 @@ use crate::{
         tunnel::Tunnels,
     },
     config::{Config, UdpForwardRule},
-    latency::{self, HistMap, Latency},
-    loader, maps, netdev,
+    latency::{self, Latency},
+    loader, netdev,
     pins::{DirLock, PinDir},
     state::{AgentRecord, AgentState, StateStore},
     status::{AttachedProgram, Readiness},
@@ -261,16 +261,17 @@ impl Dataplane {
         let mut ebpf = loader::load_pinned(&PROGRAMS, &pins)?;
         latency::load_programs(&mut ebpf, &pins);
         forward_kernel_logs(&mut ebpf);
-        let udp_latency: HistMap = Arc::new(Mutex::new(maps::take(
+        let udp_latency =
+            latency::take_hist(&mut ebpf, edgeplane_common::latency::UDP_FORWARD_MAP)?;
+        let can_latency =
+            latency::take_hist(&mut ebpf, edgeplane_common::latency::CAN_FORWARD_MAP)?;
+        let mut latency = Latency::new(
             &mut ebpf,
-            edgeplane_common::latency::UDP_FORWARD_MAP,
-        )?));
-        let can_latency: HistMap = Arc::new(Mutex::new(maps::take(
-            &mut ebpf,
-            edgeplane_common::latency::CAN_FORWARD_MAP,
-        )?));
-        let mut latency = Latency::new(&mut ebpf, &pins, Arc::clone(&udp_latency), Arc::clone(&can_latency))
-            .context("latency capture's maps")?;
+            &pins,
+            Arc::clone(&udp_latency),
+            Arc::clone(&can_latency),
+        )
+        .context("latency capture's maps")?;
         let event_counts = Arc::new(latency::events::EventCounts::default());
         let names = latency::events::Names {
             udp: Arc::clone(&views.udp),

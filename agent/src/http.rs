@@ -11,7 +11,10 @@ use axum::{
 };
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::broadcast};
-use tokio_stream::{StreamExt as _, wrappers::{BroadcastStream, errors::BroadcastStreamRecvError}};
+use tokio_stream::{
+    StreamExt as _,
+    wrappers::{BroadcastStream, errors::BroadcastStreamRecvError},
+};
 
 use crate::{dataplane::Views, latency::events::Event, metrics, registry::Health};
 

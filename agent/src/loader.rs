@@ -155,6 +155,7 @@ pub fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError
         Program::SchedClassifier(p) => p.load(),
         Program::TracePoint(p) => p.load(),
         Program::KProbe(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
         other => unreachable!("program {name} has unexpected type {:?}", other.prog_type()),
     };
     result.map_err(|e| match e {

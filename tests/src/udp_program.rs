@@ -167,7 +167,10 @@ impl Fixture {
             .collect();
         let pins = PinDir::create(&edgeplane_testbed::bpffs::dir_for(&ns.name).unwrap()).unwrap();
         let mut ebpf = loader::load(&[XDP_PROGRAM, TC_PROGRAM]).unwrap();
-        let mut udp = UdpForwarder::new(&mut ebpf, &pins).unwrap();
+        let hist =
+            edgeplane::latency::take_hist(&mut ebpf, edgeplane_common::latency::UDP_FORWARD_MAP)
+                .unwrap();
+        let mut udp = UdpForwarder::new(&mut ebpf, &pins, hist).unwrap();
         let mode = config.udp.mode.attach().expect("a kernel mode");
         udp.apply(&mut ebpf, mode, compiled, &Default::default())
             .unwrap();

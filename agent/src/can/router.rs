@@ -16,12 +16,12 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
 };
-use edgeplane_common::{hist::Log2Hist, latency};
 use edgeplane_common::can::{
     CanIngress, CanIngressStats, CanRuleStats, CanWatch, CanWatchKey, INGRESS_MAP,
     INGRESS_STATS_MAP, MAX_INGRESS, MAX_RULES, MAX_RULES_PER_IFACE, PROGRAM, RULE_STATS_MAP,
     RULES_MAP, TUNNEL_RING, TUNNEL_SOCKETS_MAP, WATCH_MAP,
 };
+use edgeplane_common::{hist::Log2Hist, latency};
 use tracing::{info, warn};
 
 use super::{

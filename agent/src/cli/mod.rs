@@ -3,12 +3,14 @@
 mod check_config;
 mod client;
 mod down;
+mod events;
 mod prog;
 mod registry;
 mod run;
 mod status;
 mod table;
 mod target;
+mod top;
 
 use std::{io::IsTerminal as _, process::ExitCode};
 
@@ -46,6 +48,10 @@ enum Command {
     /// Remove the data plane: stop a running agent, detach every program, remove our can-gw
     /// jobs, unpin everything.
     Down(down::Args),
+    /// Stream slow frames (above `latency.slow_threshold_us`) from a running agent.
+    Events(events::Args),
+    /// Live view of the busiest rules, ports and CAN interfaces: rate, p50, p99, max latency.
+    Top(top::Args),
 }
 
 impl Cli {
@@ -65,6 +71,8 @@ impl Cli {
             Command::Status(args) => status::run(args),
             Command::Prog(command) => prog::run(command),
             Command::Down(args) => down::run(args),
+            Command::Events(args) => events::run(args),
+            Command::Top(args) => top::run(args),
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

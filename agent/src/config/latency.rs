@@ -75,7 +75,9 @@ impl LatencyCapture {
             if netdev::index(iface).is_none() {
                 out.push(Problem {
                     key,
-                    message: format!("interface `{iface}` does not exist on this host (see `ip link`)"),
+                    message: format!(
+                        "interface `{iface}` does not exist on this host (see `ip link`)"
+                    ),
                 });
             } else if !netdev::is_can(iface) {
                 out.push(Problem {

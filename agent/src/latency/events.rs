@@ -131,8 +131,12 @@ fn flow(kind: u32, f: &FlowKey) -> Flow {
     let nonzero = |w: &[u16; 8]| w.iter().any(|x| *x != 0);
     Flow::Udp {
         iface,
-        src: nonzero(&f.src_ip).then(|| ip(&f.src_ip, f.family)).flatten(),
-        dst: nonzero(&f.dst_ip).then(|| ip(&f.dst_ip, f.family)).flatten(),
+        src: nonzero(&f.src_ip)
+            .then(|| ip(&f.src_ip, f.family))
+            .flatten(),
+        dst: nonzero(&f.dst_ip)
+            .then(|| ip(&f.dst_ip, f.family))
+            .flatten(),
         src_port: u16::from_be(f.src_port),
         dst_port: u16::from_be(f.dst_port),
     }
@@ -150,7 +154,8 @@ pub fn decode(e: &LatencyEvent, names: &Names) -> Event {
         kind,
         target: names.of(e.kind, e.slot),
         latency_us: us(e.done_ns.saturating_sub(start)),
-        rx_to_hook_us: (e.rx_ns != 0 && e.hook_ns != 0).then(|| us(e.hook_ns.saturating_sub(e.rx_ns))),
+        rx_to_hook_us: (e.rx_ns != 0 && e.hook_ns != 0)
+            .then(|| us(e.hook_ns.saturating_sub(e.rx_ns))),
         hook_to_done_us: (e.hook_ns != 0).then(|| us(e.done_ns.saturating_sub(e.hook_ns))),
         flow: flow(e.kind, &e.flow),
         done_ns: e.done_ns,
@@ -186,7 +191,8 @@ pub fn spawn_reader(
                     continue;
                 }
                 // SAFETY: the kernel writes whole LatencyEvents; read unaligned from its bytes.
-                let e: LatencyEvent = unsafe { item.as_ptr().cast::<LatencyEvent>().read_unaligned() };
+                let e: LatencyEvent =
+                    unsafe { item.as_ptr().cast::<LatencyEvent>().read_unaligned() };
                 counts.received.fetch_add(1, Relaxed);
                 // No subscriber is fine: the counter still moves.
                 let _ = tx.send(Arc::new(decode(&e, &names)));

@@ -96,6 +96,34 @@ pub fn tracefs() -> Result<PathBuf, LatencyError> {
     Ok(PathBuf::from(TRACEFS))
 }
 
+/// The root of the cgroup v2 hierarchy, mounting it at /sys/fs/cgroup when there is none
+/// (systemd hosts have it there, or at /sys/fs/cgroup/unified in hybrid mode).
+pub fn cgroup2_root() -> Result<PathBuf, LatencyError> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(LatencyError::Cgroup)?;
+    if let Some(dir) = mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let dir = f.nth(1)?;
+        (f.next()? == "cgroup2").then(|| PathBuf::from(dir))
+    }) {
+        return Ok(dir);
+    }
+    let target = CString::new("/sys/fs/cgroup").expect("no NUL");
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"cgroup2".as_ptr(),
+            target.as_ptr(),
+            c"cgroup2".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(LatencyError::Cgroup(io::Error::last_os_error()));
+    }
+    Ok(PathBuf::from("/sys/fs/cgroup"))
+}
+
 /// The offset of `field` in the records of tracepoint `category:name`, from its format file.
 pub fn tracepoint_field(
     tracefs: &Path,
@@ -103,7 +131,11 @@ pub fn tracepoint_field(
     name: &str,
     field: &str,
 ) -> Result<u32, LatencyError> {
-    let path = tracefs.join("events").join(category).join(name).join("format");
+    let path = tracefs
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
     let format = std::fs::read_to_string(&path).map_err(|source| LatencyError::Tracepoint {
         tracepoint: format!("{category}:{name}"),
         source,
@@ -118,7 +150,9 @@ pub fn tracepoint_field(
 fn parse_format_offset(format: &str, field: &str) -> Option<u32> {
     format.lines().find_map(|line| {
         let decl = line.trim().strip_prefix("field:")?.split(';').next()?;
-        let name = decl.rsplit(|c: char| c.is_whitespace() || c == '*').next()?;
+        let name = decl
+            .rsplit(|c: char| c.is_whitespace() || c == '*')
+            .next()?;
         if name != field {
             return None;
         }
@@ -165,15 +199,16 @@ pub fn offsets(tracefs: &Path) -> Result<KernelOffsets, LatencyError> {
     };
     Ok(KernelOffsets {
         skb_tstamp: byte_offset("sk_buff", "tstamp")?,
-        skb_sk: byte_offset("sk_buff", "sk")?,
         skb_iif: byte_offset("sk_buff", "skb_iif")?,
         sk_family: byte_offset("sock", "__sk_common.skc_family")?,
-        sk_num: byte_offset("sock", "__sk_common.skc_num")?,
-        sk_type: byte_offset("sock", "sk_type")?,
         devmap_to_ifindex: tracepoint_field(tracefs, "xdp", "xdp_devmap_xmit", "to_ifindex")?,
         devmap_sent: tracepoint_field(tracefs, "xdp", "xdp_devmap_xmit", "sent")?,
         devmap_drops: tracepoint_field(tracefs, "xdp", "xdp_devmap_xmit", "drops")?,
-        copy_skbaddr: tracepoint_field(tracefs, "skb", "skb_copy_datagram_iovec", "skbaddr")?,
+        skb_head: byte_offset("sk_buff", "head")?,
+        skb_network_header: byte_offset("sk_buff", "network_header")?,
+        skb_transport_header: byte_offset("sk_buff", "transport_header")?,
+        consume_skbaddr: tracepoint_field(tracefs, "skb", "consume_skb", "skbaddr")?,
+        _pad: [0; 2],
     })
 }
 

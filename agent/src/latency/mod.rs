@@ -20,7 +20,9 @@ use std::{
 use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{KProbe, ProgramError, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, KProbe, ProgramError, TracePoint,
+    },
 };
 use edgeplane_common::{
     hist::Log2Hist,
@@ -46,6 +48,11 @@ use crate::{
 /// A kernel log2 histogram array shared by the code that clears its slots and the collector.
 pub type HistMap = Arc<Mutex<Array<MapData, Log2Hist>>>;
 
+/// Takes a forwarding latency histogram array out of the loaded object.
+pub fn take_hist(ebpf: &mut Ebpf, name: &'static str) -> Result<HistMap, LoadError> {
+    Ok(Arc::new(Mutex::new(maps::take(ebpf, name)?)))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LatencyError {
     #[error(
@@ -69,6 +76,11 @@ pub enum LatencyError {
     NoBtf(#[source] io::Error),
     #[error("the kernel's BTF has no usable `{field}`: {reason}")]
     Btf { field: String, reason: String },
+    #[error(
+        "no cgroup v2 hierarchy and mounting one at /sys/fs/cgroup failed ({0}): UDP socket \
+         delivery latency is measured by a cgroup program"
+    )]
+    Cgroup(#[source] io::Error),
     #[error("reading /proc/kallsyms: {0}")]
     Kallsyms(#[source] io::Error),
     #[error("this kernel has no {0} to probe")]
@@ -81,15 +93,26 @@ pub enum LatencyError {
         #[source]
         source: MapError,
     },
-    #[error("attaching `{program}` to {target} failed: {source}")]
+    #[error("attaching `{program}` to {target} failed: {}", chain(source))]
     Probe {
         program: &'static str,
         target: String,
-        #[source]
         source: ProgramError,
     },
     #[error(transparent)]
     Egress(#[from] AttachError),
+}
+
+/// An error with its causes, for messages that must say which errno the kernel gave.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> LatencyError {
@@ -119,6 +142,7 @@ pub type DeliveryView = Arc<RwLock<Vec<(DeliveryTarget, u32)>>>;
 #[derive(Default)]
 struct Probes {
     attached: BTreeSet<&'static str>,
+    failed: BTreeSet<&'static str>,
 }
 
 pub struct Latency {
@@ -163,10 +187,8 @@ impl Latency {
         udp_forward: HistMap,
         can_forward: HistMap,
     ) -> Result<Self, LatencyError> {
-        let delivery_ports: BpfHashMap<MapData, u16, u32> =
-            maps::take(ebpf, DELIVERY_PORTS_MAP)?;
-        let delivery_ifaces: BpfHashMap<MapData, u32, u32> =
-            maps::take(ebpf, DELIVERY_IFACES_MAP)?;
+        let delivery_ports: BpfHashMap<MapData, u16, u32> = maps::take(ebpf, DELIVERY_PORTS_MAP)?;
+        let delivery_ifaces: BpfHashMap<MapData, u32, u32> = maps::take(ebpf, DELIVERY_IFACES_MAP)?;
         // The maps are pinned: a previous agent's slot owners are what they hold.
         let mut owners = BTreeMap::new();
         for (port, slot) in delivery_ports.iter().flatten() {
@@ -305,7 +327,8 @@ impl Latency {
             warn!("latency capture: {CONFIG_MAP} is not pinned; the clock offset is not refreshed");
             return;
         };
-        let Ok(mut config) = Array::<MapData, LatencyConfig>::try_from(aya::maps::Map::Array(config))
+        let Ok(mut config) =
+            Array::<MapData, LatencyConfig>::try_from(aya::maps::Map::Array(config))
         else {
             return;
         };
@@ -334,7 +357,14 @@ impl Latency {
             let Some(ifindex) = netdev::index(iface) else {
                 continue;
             };
-            let a = attach::attach(ebpf, &self.pins, EGRESS_PROGRAM, Hook::TcEgress, iface, ifindex)?;
+            let a = attach::attach(
+                ebpf,
+                &self.pins,
+                EGRESS_PROGRAM,
+                Hook::TcEgress,
+                iface,
+                ifindex,
+            )?;
             self.egress.insert(iface.clone(), a);
         }
         Ok(())
@@ -377,12 +407,10 @@ impl Latency {
             });
         }
         if !wanted.udp_ports.is_empty() {
-            self.attach_probe(ebpf, UDP_QUEUED_PROGRAM, |e| {
-                attach_kprobe(e, UDP_QUEUED_PROGRAM, &["__udp_enqueue_schedule_skb"])
-            })?;
+            self.attach_probe(ebpf, UDP_QUEUED_PROGRAM, attach_cgroup_ingress);
             self.attach_probe(ebpf, UDP_READ_PROGRAM, |e| {
-                attach_tracepoint(e, UDP_READ_PROGRAM, "skb", "skb_copy_datagram_iovec")
-            })?;
+                attach_tracepoint(e, UDP_READ_PROGRAM, "skb", "consume_skb")
+            });
         }
         if !wanted.can_ifaces.is_empty() {
             self.attach_probe(ebpf, CAN_QUEUED_PROGRAM, |e| {
@@ -391,16 +419,22 @@ impl Latency {
                     CAN_QUEUED_PROGRAM,
                     &["sock_queue_rcv_skb_reason", "sock_queue_rcv_skb"],
                 )
-            })?;
+            });
             self.attach_probe(ebpf, CAN_READ_PROGRAM, |e| {
                 attach_kprobe(e, CAN_READ_PROGRAM, &["skb_free_datagram"])
-            })?;
+            });
         }
         let targets: Vec<DeliveryTarget> = wanted
             .udp_ports
             .iter()
             .map(|p| DeliveryTarget::UdpPort(*p))
-            .chain(wanted.can_ifaces.iter().cloned().map(DeliveryTarget::CanIface))
+            .chain(
+                wanted
+                    .can_ifaces
+                    .iter()
+                    .cloned()
+                    .map(DeliveryTarget::CanIface),
+            )
             .collect();
         let keys: Vec<String> = targets.iter().map(DeliveryTarget::key).collect();
         self.delivery_slots.retain(|k| keys.iter().any(|w| w == k));
@@ -459,18 +493,26 @@ impl Latency {
         Ok(())
     }
 
+    /// Attaches one stage's program once; a kernel without its hook loses that stage only
+    /// (reported once), the other stages go on.
     fn attach_probe(
         &mut self,
         ebpf: &mut Ebpf,
         program: &'static str,
         attach: impl FnOnce(&mut Ebpf) -> Result<(), LatencyError>,
-    ) -> Result<(), LatencyError> {
-        if self.probes.attached.contains(program) {
-            return Ok(());
+    ) {
+        if self.probes.attached.contains(program) || self.probes.failed.contains(program) {
+            return;
         }
-        attach(ebpf)?;
-        self.probes.attached.insert(program);
-        Ok(())
+        match attach(ebpf) {
+            Ok(()) => {
+                self.probes.attached.insert(program);
+            }
+            Err(e) => {
+                warn!("a socket delivery stage is not measured: {e}");
+                self.probes.failed.insert(program);
+            }
+        }
     }
 
     /// Switches capture off and removes the egress filters: forwarding keeps running without
@@ -505,7 +547,33 @@ fn attach_tracepoint(
         .ok_or(LoadError::MissingProgram(program))?
         .try_into()
         .map_err(program_err(program, &target))?;
-    p.attach(category, name).map_err(program_err(program, &target))?;
+    p.attach(category, name)
+        .map_err(program_err(program, &target))?;
+    Ok(())
+}
+
+/// `delivery_udp_queued` on the root of the cgroup v2 hierarchy: every socket of the host.
+fn attach_cgroup_ingress(ebpf: &mut Ebpf) -> Result<(), LatencyError> {
+    let program = UDP_QUEUED_PROGRAM;
+    let root = kernel::cgroup2_root()?;
+    let target = format!("cgroup {} ingress", root.display());
+    let cgroup = std::fs::File::open(&root).map_err(|source| LatencyError::Probe {
+        program,
+        target: target.clone(),
+        source: ProgramError::IOError(source),
+    })?;
+    let p: &mut CgroupSkb = ebpf
+        .program_mut(program)
+        .ok_or(LoadError::MissingProgram(program))?
+        .try_into()
+        .map_err(program_err(program, &target))?;
+    // Through a bpf_link (5.7+) programs always stack, and the kernel wants no mode flag.
+    p.attach(
+        &cgroup,
+        CgroupSkbAttachType::Ingress,
+        CgroupAttachMode::Single,
+    )
+    .map_err(program_err(program, &target))?;
     Ok(())
 }
 
@@ -521,7 +589,8 @@ fn attach_kprobe(
         .ok_or(LoadError::MissingProgram(program))?
         .try_into()
         .map_err(program_err(program, &target))?;
-    p.attach(function, 0).map_err(program_err(program, &target))?;
+    p.attach(function, 0)
+        .map_err(program_err(program, &target))?;
     Ok(())
 }
 

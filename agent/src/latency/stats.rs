@@ -1,12 +1,12 @@
 //! Exports the latency histograms and the slow-event counters at scrape time.
 
-use std::sync::{
-    Arc, RwLock,
-    atomic::Ordering::Relaxed,
-};
+use std::sync::{Arc, RwLock, atomic::Ordering::Relaxed};
 
 use aya::maps::{MapData, PerCpuArray};
-use edgeplane_common::{hist::Log2Hist, latency::{STAGE_QUEUED, STAGE_READ, STAGES}};
+use edgeplane_common::{
+    hist::Log2Hist,
+    latency::{STAGE_QUEUED, STAGE_READ, STAGES},
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},

@@ -13,11 +13,11 @@ use aya::{
     Ebpf,
     maps::{DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, xdp::XdpMapError},
 };
-use edgeplane_common::{hist::Log2Hist, latency};
 use edgeplane_common::udp_forward::{
     EGRESS_MAP, FAMILY_IPV4, INGRESS_MAP, MAX_INGRESS, MAX_RULES, RULES_MAP, STATS_MAP, TC_PROGRAM,
     UdpForwardAction, UdpIngress, UdpMatchKey, UdpStats, XDP_PROGRAM,
 };
+use edgeplane_common::{hist::Log2Hist, latency};
 use tracing::{info, warn};
 
 use super::rules::{CompiledRule, MapContents};

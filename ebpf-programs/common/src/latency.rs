@@ -55,20 +55,22 @@ pub mod flag {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
     pub skb_tstamp: u32,
-    pub skb_sk: u32,
     pub skb_iif: u32,
     pub sk_family: u32,
-    pub sk_num: u32,
-    /// `sock.sk_type` (u16).
-    pub sk_type: u32,
     /// `xdp:xdp_devmap_xmit`: `to_ifindex`, `sent`, `drops`.
     pub devmap_to_ifindex: u32,
     pub devmap_sent: u32,
     pub devmap_drops: u32,
-    /// `skb:skb_copy_datagram_iovec`: `skbaddr`.
-    pub copy_skbaddr: u32,
+    /// `sk_buff.head` and its network and transport header offsets (u16): UDP's read stage
+    /// finds the port in the datagram (UDP sockets don't own their queued skbs).
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    /// `skb:consume_skb`: `skbaddr`.
+    pub consume_skbaddr: u32,
+    pub _pad: [u32; 2],
 }
-crate::assert_size!(KernelOffsets, 40);
+crate::assert_size!(KernelOffsets, 48);
 
 /// The single entry of [`CONFIG_MAP`].
 #[repr(C)]
@@ -82,7 +84,7 @@ pub struct LatencyConfig {
     pub realtime_offset_ns: i64,
     pub offsets: KernelOffsets,
 }
-crate::assert_size!(LatencyConfig, 24 + 40);
+crate::assert_size!(LatencyConfig, 24 + 48);
 
 /// A frame's flow, as events report it: the UDP 5-tuple as received, or the CAN ID.
 #[repr(C)]

@@ -13,13 +13,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
-use edgeplane_common::{
-    can::{
-        CAN_EFF_FLAG, CAN_EFF_MASK, CAN_ERR_FLAG, CAN_MTU, CAN_RTR_FLAG, CANFD_MAX_DLEN, CANFD_MTU,
-        CanFrame, CanIngress, CanIngressStats, CanRule, CanRuleStats, CanTunnelRecord, CanWatch,
-        CanWatchKey, DropReason, ETH_P_CAN, ETH_P_CANFD, MAX_INGRESS, MAX_RULES,
-        MAX_RULES_PER_IFACE, MAX_TUNNEL_SOCKETS, MAX_WATCHES, action, rule_flag,
-    },
+use edgeplane_common::can::{
+    CAN_EFF_FLAG, CAN_EFF_MASK, CAN_ERR_FLAG, CAN_MTU, CAN_RTR_FLAG, CANFD_MAX_DLEN, CANFD_MTU,
+    CanFrame, CanIngress, CanIngressStats, CanRule, CanRuleStats, CanTunnelRecord, CanWatch,
+    CanWatchKey, DropReason, ETH_P_CAN, ETH_P_CANFD, MAX_INGRESS, MAX_RULES, MAX_RULES_PER_IFACE,
+    MAX_TUNNEL_SOCKETS, MAX_WATCHES, action, rule_flag,
 };
 
 use crate::{
@@ -150,7 +148,15 @@ fn try_can_route(ctx: &TcContext) -> Option<i32> {
                     // SAFETY: the program's own __sk_buff.
                     let tstamp = unsafe { (*ctx.skb.skb).tstamp };
                     let start = latency::start_ns(tstamp, cfg, now);
-                    latency::hand_off_can(!handed_off, start, now, rule.egress, slot, can_id, ifindex);
+                    latency::hand_off_can(
+                        !handed_off,
+                        start,
+                        now,
+                        rule.egress,
+                        slot,
+                        can_id,
+                        ifindex,
+                    );
                     handed_off = true;
                 }
                 Ok(false)

@@ -8,8 +8,9 @@ use aya_ebpf::{
 use edgeplane_common::{
     hist::Log2Hist,
     latency::{
-        CAN_FORWARD_SLOTS, FlowKey, HANDOFF_CAN, HANDOFF_ROUTES, HANDOFF_UDP, Handoff, LatencyConfig,
-        LatencyEvent, PendingFrame, UDP_FORWARD_SLOTS, XDP_BULK, XdpPending, event, flag,
+        CAN_FORWARD_SLOTS, FlowKey, HANDOFF_CAN, HANDOFF_ROUTES, HANDOFF_UDP, Handoff,
+        LatencyConfig, LatencyEvent, PendingFrame, UDP_FORWARD_SLOTS, XDP_BULK, XdpPending, event,
+        flag,
     },
     udp_forward::MAX_INGRESS,
 };
@@ -38,9 +39,20 @@ static LATENCY_EVENTS_DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(
 /// The configuration, when forwarding latency is measured.
 #[inline(always)]
 pub fn forwarding() -> Option<&'static LatencyConfig> {
-    LATENCY_CONFIG
-        .get(0)
-        .filter(|c| c.flags & flag::FORWARDING != 0)
+    enabled(flag::FORWARDING)
+}
+
+/// The configuration, when `flag` is set. The volatile pass keeps a branch: LLVM would select
+/// between the pointer and null with a mask, and the verifier refuses arithmetic on pointers.
+#[inline(always)]
+pub fn enabled(flag: u32) -> Option<&'static LatencyConfig> {
+    let c: *const LatencyConfig = LATENCY_CONFIG.get_ptr(0)?;
+    // SAFETY: a live map value.
+    if unsafe { (*c).flags } & flag == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    Some(unsafe { &*opaque(c) })
 }
 
 /// A frame's start: its receive timestamp (`tstamp`, CLOCK_REALTIME, 0 when the stack did not

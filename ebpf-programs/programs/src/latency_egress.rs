@@ -3,7 +3,9 @@
 //! kernel sends a tc-redirected skb, and a can-gw clone, to the egress device synchronously on
 //! the same CPU, so the handoff is this frame's (the length, or the egress, must match too).
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext,
+};
 use edgeplane_common::latency::{HANDOFF_CAN, HANDOFF_NONE, HANDOFF_ROUTES, HANDOFF_UDP};
 
 use crate::latency::{self, FORWARD_CAN, FORWARD_UDP, LATENCY_HANDOFF};
@@ -36,7 +38,15 @@ fn try_latency_egress(ctx: &TcContext) -> Option<()> {
                 }
                 (*h).kind = HANDOFF_NONE;
                 let now = bpf_ktime_get_ns();
-                latency::forwarded(cfg, FORWARD_UDP, (*h).slot[0], rx_ns, (*h).hook_ns, now, &(*h).flow);
+                latency::forwarded(
+                    cfg,
+                    FORWARD_UDP,
+                    (*h).slot[0],
+                    rx_ns,
+                    (*h).hook_ns,
+                    now,
+                    &(*h).flow,
+                );
             }
             HANDOFF_CAN => {
                 // can-gw sends one clone per route; each route's egress takes its own.
@@ -47,7 +57,15 @@ fn try_latency_egress(ctx: &TcContext) -> Option<()> {
                     if (*h).egress[i] == ifindex {
                         (*h).egress[i] = 0;
                         let now = bpf_ktime_get_ns();
-                        latency::forwarded(cfg, FORWARD_CAN, (*h).slot[i], rx_ns, (*h).hook_ns, now, &(*h).flow);
+                        latency::forwarded(
+                            cfg,
+                            FORWARD_CAN,
+                            (*h).slot[i],
+                            rx_ns,
+                            (*h).hook_ns,
+                            now,
+                            &(*h).flow,
+                        );
                         break;
                     }
                 }

@@ -73,7 +73,8 @@ pub trait Frame {
     fn rx_tstamp(&self) -> u64;
     /// Leaves a redirected frame's times for where it leaves `egress`; returns where its flow
     /// goes.
-    fn hand_off(&self, start_ns: u64, hook_ns: u64, slot: u32, egress: u32) -> Option<*mut FlowKey>;
+    fn hand_off(&self, start_ns: u64, hook_ns: u64, slot: u32, egress: u32)
+    -> Option<*mut FlowKey>;
 }
 
 /// What the attach point returns to the kernel.

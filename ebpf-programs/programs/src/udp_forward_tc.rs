@@ -115,7 +115,13 @@ impl Frame for TcFrame {
     }
 
     #[inline(always)]
-    fn hand_off(&self, start_ns: u64, hook_ns: u64, slot: u32, egress: u32) -> Option<*mut FlowKey> {
+    fn hand_off(
+        &self,
+        start_ns: u64,
+        hook_ns: u64,
+        slot: u32,
+        egress: u32,
+    ) -> Option<*mut FlowKey> {
         latency::hand_off_udp(start_ns, hook_ns, slot, egress, self.0.len())
     }
 }

@@ -112,7 +112,13 @@ impl Frame for XdpFrame {
     }
 
     #[inline(always)]
-    fn hand_off(&self, _start_ns: u64, hook_ns: u64, slot: u32, egress: u32) -> Option<*mut FlowKey> {
+    fn hand_off(
+        &self,
+        _start_ns: u64,
+        hook_ns: u64,
+        slot: u32,
+        egress: u32,
+    ) -> Option<*mut FlowKey> {
         latency::pending_xdp(egress, hook_ns, slot)
     }
 }
