@@ -24,6 +24,7 @@ use crate::{
         tunnel::Tunnels,
     },
     config::Config,
+    host_stats::HostCollector,
     loader, netdev,
     pins::{DirLock, PinDir},
     state::{AgentRecord, AgentState, StateStore},
@@ -144,6 +145,8 @@ pub struct Views {
     pub udp: Arc<RwLock<UdpView>>,
     pub can: Arc<RwLock<CanView>>,
     pub waiting: Arc<RwLock<Vec<Waiting>>>,
+    /// Interfaces the running config names, for the host metrics.
+    pub interfaces: Arc<RwLock<Vec<String>>>,
 }
 
 impl Views {
@@ -241,6 +244,9 @@ impl Dataplane {
             Box::new(crate::status::WaitingCollector(Arc::clone(
                 &self.views.waiting,
             ))),
+            Box::new(HostCollector {
+                interfaces: Arc::clone(&self.views.interfaces),
+            }),
         ]
     }
 
@@ -258,6 +264,7 @@ impl Dataplane {
             }
         }
         *self.views.waiting.write().expect("lock") = running.waiting.clone();
+        *self.views.interfaces.write().expect("lock") = running.config.interfaces();
         self.publish();
         result
     }

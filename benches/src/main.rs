@@ -1,5 +1,6 @@
 //! `edgeplane-bench`: measurements that compare in one run. `cargo xtask bench` runs it as root.
 
+mod host_metrics;
 mod metrics_render;
 mod prog_run;
 mod table;
@@ -19,6 +20,8 @@ enum Suite {
     ProgRun(prog_run::Options),
     /// Time to render /metrics with many rules installed.
     MetricsRender(metrics_render::Options),
+    /// Time to render the host metrics of many interfaces.
+    HostMetrics(host_metrics::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +29,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().suite {
         Suite::ProgRun(o) => prog_run::run(&o),
         Suite::MetricsRender(o) => metrics_render::run(&o),
+        Suite::HostMetrics(o) => host_metrics::run(&o),
     }
 }

@@ -55,6 +55,14 @@ pub const VM_TESTS: &[VmTest] = &[
         name: "can_tunnel",
         needs: None,
     },
+    VmTest {
+        name: "interface_metrics",
+        needs: None,
+    },
+    VmTest {
+        name: "can_controller",
+        needs: None,
+    },
 ];
 
 const DEFAULT_TIMEOUT_SECS: u64 = 20 * 60;
