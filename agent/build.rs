@@ -1,5 +1,6 @@
 //! Builds the eBPF programs (nightly, bpfel-unknown-none, bpf-linker) and leaves the object in
 //! OUT_DIR for `include_bytes!`, so `cargo build` alone yields an agent with its programs inside.
+//! Also generates Rust from the .proto files in proto/ (the registry record, etcd's API).
 
 use std::{env, path::PathBuf};
 
@@ -8,6 +9,7 @@ use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    compile_protos(&manifest_dir.join("proto"))?;
     let programs = manifest_dir.join("../ebpf-programs/programs");
     let toolchain_file = manifest_dir.join("../ebpf-programs/rust-toolchain.toml");
     println!("cargo:rerun-if-changed={}", toolchain_file.display());
@@ -63,4 +65,18 @@ fn ensure_bpf_linker_on_path() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded here; the nested cargo inherits this PATH.
     unsafe { env::set_var("PATH", env::join_paths(dirs)?) };
     Ok(())
+}
+
+/// protox parses the .proto files in Rust, so building needs no system `protoc`.
+fn compile_protos(root: &std::path::Path) -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed={}", root.display());
+    let files = ["edgeplane/registry.proto", "etcd/rpc.proto"];
+    let descriptors = protox::compile(files, [root]).context("parsing proto/")?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_transport(false)
+        // `edgeplane registry get` prints records as JSON with the proto's field names.
+        .type_attribute(".edgeplane", "#[derive(serde::Serialize)]")
+        .compile_fds(descriptors)
+        .context("generating Rust from proto/")
 }

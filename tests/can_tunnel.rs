@@ -14,7 +14,7 @@ use edgeplane_testbed::{
     netns::{Netns, veth},
     require_root,
 };
-use edgeplane_tests::can::{Bus, Frame, assert_same_frames, vxcan_pair};
+use edgeplane_tests::can::{Bus, Frame, assert_same_frames_in_id_order, vxcan_pair};
 
 const A_IP: &str = "198.18.7.1";
 const B_IP: &str = "198.18.7.2";

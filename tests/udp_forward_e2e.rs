@@ -435,6 +435,7 @@ fn restart_loses_nothing(mode: &str) {
     let opts = agent::Start {
         leave_running: true,
         bpffs: Some(dir.clone()),
+        ..agent::Start::default()
     };
     let cfg = config(mode, true);
     let mut first = Agent::start_with(&line.gateway, &cfg, "info", &opts).unwrap();

@@ -2,7 +2,7 @@
 //! on SIGHUP, and on SIGTERM exit leaving the data plane running (or removing it).
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -11,16 +11,20 @@ use anyhow::Context as _;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::oneshot,
+    sync::{oneshot, watch},
 };
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{Dataplane, Prepared, prepare, prepare_for_present},
+    config::Overrides,
+    dataplane::{Prepared, prepare, prepare_for_present, prepare_text},
     http::{self, HttpState},
     link_events::LinkEvents,
     metrics::{self, AgentMetrics},
+    planes::Planes,
+    registry::{self, Registry},
     state::AgentRecord,
+    systemd::Notifier,
 };
 
 /// How `edgeplane run` was asked to run.
@@ -30,11 +34,18 @@ pub struct RunOptions {
     pub bpffs: Option<PathBuf>,
     /// Remove the data plane on exit instead of leaving it running.
     pub detach_on_exit: bool,
+    /// `--service-name`, `--vin`, `--spiffe-id`, `--etcd-endpoints`.
+    pub overrides: Overrides,
 }
 
 pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()> {
     // Everything that can be checked is checked before the data plane is touched.
     let mut current = prepare(&config_path)?;
+    current
+        .config
+        .apply_overrides(&options.overrides, &config_path)?;
+    let registration = registry::Settings::from_config(&current.config)?;
+    let notifier = Arc::new(Notifier::from_env());
     let listen = current.config.http.listen;
     let listener = TcpListener::bind(listen)
         .await
@@ -53,7 +64,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
         config: std::path::absolute(&config_path).unwrap_or_else(|_| config_path.clone()),
         http: listen,
     };
-    let mut dataplane = Dataplane::load(&bpffs, record)?;
+    let mut dataplane = Planes::load(&current.config, &bpffs, record)?;
     if let Err(e) = dataplane.apply(&current, None).await {
         if dataplane.is_idle() {
             dataplane.shutdown();
@@ -62,14 +73,19 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
         }
         return Err(e);
     }
+    let (programs, programs_rx) = watch::channel(dataplane.attached_programs());
+    let mut fleet = registration.map(|s| Registry::spawn(s, programs_rx));
+    let mut collectors = dataplane.collectors();
+    collectors.extend(fleet.as_ref().map(Registry::collector));
     let agent_metrics = Arc::new(AgentMetrics::default());
-    let registry = Arc::new(metrics::registry(&agent_metrics, dataplane.collectors()));
+    let registry = Arc::new(metrics::registry(&agent_metrics, collectors));
     let (stop_http, http_stopped) = oneshot::channel::<()>();
     let http = tokio::spawn(http::serve(
         listener,
         HttpState {
             registry,
             views: dataplane.views(),
+            fleet: fleet.as_ref().map(Registry::health),
         },
         async {
             let _ = http_stopped.await;
@@ -81,6 +97,8 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
         can_routes = current.config.can.route.len(),
         "edgeplane running; metrics on http://{listen}/metrics"
     );
+    notifier.ready(&status_line(&current));
+    let watchdog = notifier.spawn_watchdog();
 
     let mut links = LinkEvents::open().context("subscribing to interface events (rtnetlink)")?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -89,17 +107,22 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                let ok = match reload(&config_path, &current, &mut dataplane).await {
-                    Ok(next) => {
-                        current = next;
-                        true
-                    }
-                    Err(e) => {
-                        error!("reload rejected, previous rules keep running: {e:#}");
-                        false
-                    }
-                };
-                agent_metrics.reloaded(ok);
+                info!(config = %config_path.display(), "SIGHUP: reloading");
+                notifier.reloading();
+                let _ = reload(prepare(&config_path), &mut current, &mut dataplane, &agent_metrics).await;
+                programs.send_replace(dataplane.attached_programs());
+                notifier.ready(&status_line(&current));
+            }
+            Some(push) = next_push(&mut fleet) => {
+                info!(origin = %push.origin.display(), "rule set pushed: reloading");
+                notifier.reloading();
+                let next = push.text().and_then(|text| prepare_text(text, &push.origin));
+                let result = reload(next, &mut current, &mut dataplane, &agent_metrics).await;
+                programs.send_replace(dataplane.attached_programs());
+                if let Some(f) = &fleet {
+                    f.report(&push, result);
+                }
+                notifier.ready(&status_line(&current));
             }
             r = links.changed() => {
                 if let Err(e) = r {
@@ -111,10 +134,19 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
                     Ok(None) => {}
                     Err(e) => error!("{e:#}"),
                 }
+                programs.send_replace(dataplane.attached_programs());
             }
             _ = term.recv() => { info!("SIGTERM: exiting"); break; }
             _ = int.recv() => { info!("SIGINT: exiting"); break; }
         }
+    }
+    // No keep-alives while stopping: TimeoutStopSec= bounds the rest.
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    notifier.stopping();
+    if let Some(f) = fleet {
+        f.shutdown().await;
     }
     if options.detach_on_exit {
         info!("detaching the data plane (--detach-on-exit)");
@@ -135,7 +167,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
 /// whose interface came back (with a new index) are attached again.
 async fn follow_interfaces(
     current: &Prepared,
-    dataplane: &mut Dataplane,
+    dataplane: &mut Planes,
 ) -> anyhow::Result<Option<Prepared>> {
     let next = prepare_for_present(current.config.clone())?;
     if next == *current {
@@ -168,14 +200,35 @@ async fn follow_interfaces(
     Ok(Some(next))
 }
 
-/// Applies the config file again; on any error the running configuration stays.
+/// Applies a new configuration (the file again on SIGHUP, or a rule set pushed through the
+/// registry: one path for both) and counts the outcome; on any error the running
+/// configuration stays. Returns the rejection text for the registry record.
 async fn reload(
-    path: &Path,
+    next: anyhow::Result<Prepared>,
+    current: &mut Prepared,
+    dataplane: &mut Planes,
+    agent_metrics: &AgentMetrics,
+) -> Result<(), String> {
+    let result = apply(next, current, dataplane).await;
+    agent_metrics.reloaded(result.is_ok());
+    match result {
+        Ok(next) => {
+            *current = next;
+            Ok(())
+        }
+        Err(e) => {
+            error!("reload rejected, previous rules keep running: {e:#}");
+            Err(format!("{e:#}"))
+        }
+    }
+}
+
+async fn apply(
+    next: anyhow::Result<Prepared>,
     current: &Prepared,
-    dataplane: &mut Dataplane,
+    dataplane: &mut Planes,
 ) -> anyhow::Result<Prepared> {
-    info!(config = %path.display(), "SIGHUP: reloading");
-    let next = prepare(path)?;
+    let next = next?;
     if next.config.http.listen != current.config.http.listen {
         warn!(
             "http.listen changed to {}: that takes effect on restart",
@@ -189,4 +242,21 @@ async fn reload(
         "reload applied"
     );
     Ok(next)
+}
+
+/// The next pushed rule set; never, without registration.
+async fn next_push(fleet: &mut Option<Registry>) -> Option<registry::Push> {
+    match fleet {
+        Some(f) => f.next_push().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// systemd's STATUS= line.
+fn status_line(p: &Prepared) -> String {
+    format!(
+        "forwarding: {} UDP rules, {} CAN routes",
+        p.config.udp.forward.len(),
+        p.config.can.route.len()
+    )
 }

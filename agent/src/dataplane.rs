@@ -16,6 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 use crate::{
+    attach::Hook,
     can::{
         CanRouter, CanView,
         router::WantedWatch,
@@ -23,17 +24,17 @@ use crate::{
         stats::CanCollector,
         tunnel::Tunnels,
     },
-    config::Config,
-    host_stats::HostCollector,
+    config::{Config, UdpForwardRule},
     loader, netdev,
     pins::{DirLock, PinDir},
     state::{AgentRecord, AgentState, StateStore},
-    status::Readiness,
+    status::{AttachedProgram, Readiness},
     udp_forward::{
         UdpForwarder, UdpView,
         rules::{self as udp_rules, CompiledRule},
         stats::UdpCollector,
     },
+    userspace::SharedUserspaceView,
 };
 
 /// A validated, host-checked config with its rules compiled: applying it can only fail in the
@@ -76,8 +77,19 @@ impl can_rules::Host for HostFacts {
 /// Reads, validates and host-checks a config, and compiles its rules: every interface must
 /// exist.
 pub fn prepare(path: &Path) -> anyhow::Result<Prepared> {
-    let config = Config::load(path)?;
-    config.check_host(path)?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| crate::config::ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    prepare_text(&text, path)
+}
+
+/// [`prepare`] for config text from elsewhere (a rule set pushed through the registry);
+/// `origin` names it in errors.
+pub fn prepare_text(text: &str, origin: &Path) -> anyhow::Result<Prepared> {
+    let config = Config::parse(text, origin)?;
+    config.check_host(origin)?;
     compile(config, true)
 }
 
@@ -139,14 +151,51 @@ fn compile(config: Config, strict: bool) -> anyhow::Result<Prepared> {
     })
 }
 
+impl Prepared {
+    /// The compiled CAN routes (the userspace engine runs the same can-gw jobs).
+    pub fn can_routes(&self) -> &[CompiledRoute] {
+        &self.can_routes
+    }
+
+    /// The configured UDP rules whose interfaces are present (the others wait for them).
+    pub fn udp_rules(&self) -> Vec<UdpForwardRule> {
+        let present = |r: &&UdpForwardRule| self.udp.iter().any(|c| c.name == r.name);
+        self.config
+            .udp
+            .forward
+            .iter()
+            .filter(present)
+            .cloned()
+            .collect()
+    }
+
+    /// This config without its UDP rules (`udp`) or CAN routes (`can`), for the kernel path
+    /// when the userspace engine runs them.
+    pub fn without(&self, udp: bool, can: bool) -> Self {
+        let mut p = self.clone();
+        if udp {
+            p.config.udp.forward.clear();
+            p.udp.clear();
+        }
+        if can {
+            p.config.can.route.clear();
+            p.can_routes.clear();
+        }
+        p
+    }
+}
+
 /// Views shared with the HTTP side.
 #[derive(Clone, Default)]
 pub struct Views {
     pub udp: Arc<RwLock<UdpView>>,
     pub can: Arc<RwLock<CanView>>,
     pub waiting: Arc<RwLock<Vec<Waiting>>>,
-    /// Interfaces the running config names, for the host metrics.
+    /// Interfaces the running config names (kernel and userspace parts), for the host
+    /// metrics; [`crate::planes::Planes::apply`] sets it.
     pub interfaces: Arc<RwLock<Vec<String>>>,
+    /// Rules and routes the userspace engine runs.
+    pub userspace: SharedUserspaceView,
 }
 
 impl Views {
@@ -156,6 +205,7 @@ impl Views {
             &self.can.read().expect("lock"),
             &self.waiting.read().expect("lock"),
         )
+        .with_userspace(&self.userspace.read().expect("lock"))
     }
 }
 
@@ -178,8 +228,9 @@ const PROGRAMS: [&str; 4] = [XDP_PROGRAM, TC_PROGRAM, can::PROGRAM, XDP_PASS_PRO
 impl Dataplane {
     /// Loads every program with the maps pinned in `bpffs` and takes over what a previous agent
     /// left there: its maps (rules and counters), and its attachments, which keep forwarding
-    /// until [`Self::apply`] swaps this agent's programs into them.
-    pub fn load(bpffs: &Path, agent: AgentRecord) -> anyhow::Result<Self> {
+    /// until [`Self::apply`] swaps this agent's programs into them. `views` are shared with the
+    /// userspace engine.
+    pub fn load(bpffs: &Path, agent: AgentRecord, views: Views) -> anyhow::Result<Self> {
         let pins = PinDir::create(bpffs)?;
         let state = StateStore::open_or_create(&pins)?;
         let lock = pins.lock(|| state.load().ok()?.agent.map(|a| a.pid))?;
@@ -212,7 +263,7 @@ impl Dataplane {
             udp,
             can,
             tunnels: Tunnels::new(ring, sockets),
-            views: Views::default(),
+            views,
             pins,
             state,
             agent,
@@ -220,6 +271,35 @@ impl Dataplane {
         };
         dataplane.save_state();
         Ok(dataplane)
+    }
+
+    /// The programs attached now, with their kernel id and tag.
+    pub fn attached_programs(&self) -> Vec<AttachedProgram> {
+        let udp = self
+            .udp
+            .view()
+            .ingress
+            .into_iter()
+            .map(|i| AttachedProgram {
+                name: i.program,
+                kind: i.hook,
+                attach_point: i.iface,
+                id: i.prog_id,
+                tag: i.tag,
+            });
+        let can = self
+            .can
+            .view()
+            .ingress
+            .into_iter()
+            .map(|i| AttachedProgram {
+                name: can::PROGRAM.to_owned(),
+                kind: Hook::Tc,
+                attach_point: i.iface,
+                id: i.prog_id,
+                tag: i.tag,
+            });
+        udp.chain(can).collect()
     }
 
     pub fn views(&self) -> Views {
@@ -230,8 +310,9 @@ impl Dataplane {
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
         vec![
             Box::new(UdpCollector {
-                stats: self.udp.stats(),
+                stats: Some(self.udp.stats()),
                 view: Arc::clone(&self.views.udp),
+                userspace: Arc::clone(&self.views.userspace),
             }),
             Box::new(CanCollector {
                 rules: self.can.rule_stats(),
@@ -239,14 +320,12 @@ impl Dataplane {
                 ingress: self.can.ingress_stats(),
                 watch: self.can.watch_map(),
                 view: Arc::clone(&self.views.can),
+                userspace: Arc::clone(&self.views.userspace),
             }),
             Box::new(self.tunnels.metrics()),
             Box::new(crate::status::WaitingCollector(Arc::clone(
                 &self.views.waiting,
             ))),
-            Box::new(HostCollector {
-                interfaces: Arc::clone(&self.views.interfaces),
-            }),
         ]
     }
 
@@ -264,7 +343,6 @@ impl Dataplane {
             }
         }
         *self.views.waiting.write().expect("lock") = running.waiting.clone();
-        *self.views.interfaces.write().expect("lock") = running.config.interfaces();
         self.publish();
         result
     }
@@ -281,7 +359,7 @@ impl Dataplane {
         self.udp
             .apply(
                 &mut self.ebpf,
-                p.config.udp.mode,
+                p.config.udp.mode.attach().unwrap_or_default(),
                 p.udp.clone(),
                 &waiting(&["udp_forward"]),
             )

@@ -12,7 +12,7 @@ use axum::{
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{dataplane::Views, metrics};
+use crate::{dataplane::Views, metrics, registry::Health};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -20,6 +20,8 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 pub struct HttpState {
     pub registry: Arc<Registry>,
     pub views: Views,
+    /// Fleet registration's state, when configured.
+    pub fleet: Option<tokio::sync::watch::Receiver<Health>>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -73,7 +75,11 @@ async fn metrics_handler(State(s): State<HttpState>, headers: HeaderMap) -> impl
 }
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    let readiness = s.views.readiness();
+    let mut readiness = s.views.readiness();
+    // Shown, but readiness is the data plane's: etcd trouble does not stop traffic.
+    if let Some(r) = &s.fleet {
+        readiness.components.push(r.borrow().component());
+    }
     let code = if readiness.ready {
         StatusCode::OK
     } else {

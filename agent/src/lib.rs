@@ -16,9 +16,13 @@ pub mod metrics;
 pub mod netdev;
 pub mod pinned;
 pub mod pins;
+pub mod planes;
+pub mod registry;
 pub mod slots;
 pub mod state;
 pub mod status;
+pub mod systemd;
 pub mod udp_forward;
+pub mod userspace;
 
 pub use loader::EBPF_OBJECT;

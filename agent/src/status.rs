@@ -2,26 +2,46 @@
 
 use serde::Serialize;
 
-use crate::{attach::Hook, can::CanView, dataplane::Waiting, udp_forward::UdpView};
+use crate::{
+    attach::Hook, can::CanView, dataplane::Waiting, udp_forward::UdpView, userspace::UserspaceView,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Attached,
     Detached,
+    /// The registry: registered, lease alive.
+    Up,
+    /// The registry: not registered now (the error says why); the data plane is unaffected.
+    Degraded,
     /// Its interface does not exist (now): it is attached again when it appears.
     InterfaceMissing,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Component {
-    /// `udp_forward/<iface>`, `can_route/<iface>`, `can_watch/<iface>` or `can_receive/<iface>`.
+    /// `udp_forward/<iface>`, `can_route/<iface>`, `can_watch/<iface>`, `can_receive/<iface>`,
+    /// or `userspace/<rule>` for a rule the userspace engine runs.
     pub name: String,
     pub state: State,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hook: Option<Hook>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+/// A program attached in the kernel, with the kernel's identity of it: what the fleet registry
+/// publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedProgram {
+    pub name: String,
+    pub kind: Hook,
+    /// The interface.
+    pub attach_point: String,
+    /// Kernel program id and tag (0 when the kernel would not tell).
+    pub id: u32,
+    pub tag: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -87,6 +107,21 @@ impl Readiness {
             ready: components.iter().all(|c| c.state == State::Attached),
             components,
         }
+    }
+
+    /// Adds the userspace engine's rules and routes: they run once their sockets are bound,
+    /// which is when they appear in the view.
+    pub fn with_userspace(mut self, user: &UserspaceView) -> Self {
+        let udp = user.udp.iter().map(|u| (u.rule.as_str(), u.engine));
+        let can = user.can.iter().map(|c| (c.route.as_str(), "socketcan"));
+        self.components
+            .extend(udp.chain(can).map(|(name, engine)| Component {
+                name: format!("userspace/{name}"),
+                state: State::Attached,
+                hook: None,
+                detail: Some(format!("userspace engine {engine}")),
+            }));
+        self
     }
 }
 

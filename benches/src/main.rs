@@ -1,9 +1,13 @@
 //! `edgeplane-bench`: measurements that compare in one run. `cargo xtask bench` runs it as root.
 
 mod host_metrics;
+mod merge;
 mod metrics_render;
 mod prog_run;
+mod report;
 mod table;
+mod traffic;
+mod udp;
 
 use clap::{Parser, Subcommand};
 
@@ -22,13 +26,23 @@ enum Suite {
     MetricsRender(metrics_render::Options),
     /// Time to render the host metrics of many interfaces.
     HostMetrics(host_metrics::Options),
+    /// UDP forwarding: XDP, tc, the userspace engines and socat on one veth topology.
+    Udp(udp::Options),
+    /// Merge the suites' rows (and criterion's estimates) into latest.json and latest.md.
+    Report(merge::Options),
 }
 
 fn main() -> anyhow::Result<()> {
-    edgeplane_testbed::require_root();
-    match Cli::parse().suite {
+    let suite = Cli::parse().suite;
+    // Only merging the report needs no namespaces and no eBPF.
+    if !matches!(suite, Suite::Report(_)) {
+        edgeplane_testbed::require_root();
+    }
+    match suite {
         Suite::ProgRun(o) => prog_run::run(&o),
         Suite::MetricsRender(o) => metrics_render::run(&o),
         Suite::HostMetrics(o) => host_metrics::run(&o),
+        Suite::Udp(o) => udp::run(&o),
+        Suite::Report(o) => merge::run(&o),
     }
 }

@@ -9,7 +9,10 @@ use edgeplane::{
 };
 use edgeplane_tests::udp_program::{DEFAULTS, Fixture};
 
-use crate::table::markdown;
+use crate::{
+    report::{Report, Row},
+    table::markdown,
+};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -19,6 +22,9 @@ pub struct Options {
     /// Renders to time.
     #[arg(long, default_value_t = 200)]
     renders: usize,
+    /// Write the result as a JSON row here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 pub struct Result {
@@ -41,8 +47,9 @@ pub fn measure(opts: &Options) -> Result {
     let registry = metrics::registry(
         &AgentMetrics::default(),
         vec![Box::new(UdpCollector {
-            stats: f.udp.stats(),
+            stats: Some(f.udp.stats()),
             view,
+            userspace: Default::default(),
         })],
     );
     let mut times: Vec<f64> = Vec::with_capacity(opts.renders);
@@ -76,5 +83,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             ]]
         )
     );
+    if let Some(path) = &opts.json {
+        let row = Row::micro(
+            format!("/metrics render, {} kernel rules", r.rules),
+            r.mean_ms * 1e6,
+            format!(
+                "mean of {} renders (p99 {:.2} ms, {} bytes), per-CPU counters read from the maps",
+                opts.renders, r.p99_ms, r.bytes
+            ),
+        );
+        Report { rows: vec![row] }.save(path)?;
+    }
     Ok(())
 }

@@ -3,7 +3,10 @@
 
 use edgeplane_tests::udp_program::{DEFAULTS, Fixture, Prog};
 
-use crate::table::markdown;
+use crate::{
+    report::{Report, Row},
+    table::markdown,
+};
 
 /// Runs per measurement; the kernel reports their mean. The kernel reruns the program on the
 /// same buffer, so a forwarded frame comes back rewritten with its TTL one lower: 250 runs
@@ -15,6 +18,9 @@ pub struct Options {
     /// Measurements of REPEAT runs per case; the median is reported.
     #[arg(long, default_value_t = 2000)]
     rounds: usize,
+    /// Write the results as JSON rows here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 /// One measured case: program, frame, verdict, median ns per run.
@@ -81,6 +87,23 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         opts.rounds,
         markdown(&["program", "frame", "verdict", "ns/packet"], &rows)
     );
+    if let Some(path) = &opts.json {
+        let rows = cases
+            .iter()
+            .map(|c| {
+                Row::micro(
+                    format!("{}, {}", c.program, c.frame),
+                    c.ns,
+                    format!(
+                        "BPF_PROG_TEST_RUN, 106-byte IPv4/UDP frame, {}, median of {} rounds of {REPEAT} runs",
+                        verdict_name(c.verdict),
+                        opts.rounds
+                    ),
+                )
+            })
+            .collect();
+        Report { rows }.save(path)?;
+    }
     Ok(())
 }
 

@@ -1,4 +1,5 @@
 //! Shared pieces of edgeplane's integration tests and benchmarks.
 
 pub mod can;
+pub mod etcd;
 pub mod udp_program;

@@ -168,7 +168,8 @@ impl Fixture {
         let pins = PinDir::create(&edgeplane_testbed::bpffs::dir_for(&ns.name).unwrap()).unwrap();
         let mut ebpf = loader::load(&[XDP_PROGRAM, TC_PROGRAM]).unwrap();
         let mut udp = UdpForwarder::new(&mut ebpf, &pins).unwrap();
-        udp.apply(&mut ebpf, config.udp.mode, compiled, &Default::default())
+        let mode = config.udp.mode.attach().expect("a kernel mode");
+        udp.apply(&mut ebpf, mode, compiled, &Default::default())
             .unwrap();
         Self {
             udp,

@@ -1,5 +1,6 @@
 //! Project automation: `cargo xtask <command>`.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -25,6 +26,8 @@ enum Command {
     Test(test::Options),
     /// Run the kernel tests inside qemu on each supported Debian kernel (5.10, 6.1).
     VmTest(vm::Options),
+    /// Benchmark every engine side by side; writes target/bench/latest.{md,json}.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(opts) => demo::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::VmTest(opts) => vm::run(&opts),
+        Command::Bench(opts) => bench::run(&opts),
     }
 }

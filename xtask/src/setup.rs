@@ -26,6 +26,19 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "the VM tests' initramfs userland"),
     ("kmod", "depmod: modules.dep of the VM tests' kernels"),
     ("xz-utils", "decompressing .ko.xz modules for the VM tests"),
+    ("etcd-server", "the etcd the registry tests register with"),
+    (
+        "etcd-client",
+        "etcdctl: the registry tests read what the agent wrote",
+    ),
+    (
+        "systemd",
+        "systemd-analyze verify of configs/edgeplane.service",
+    ),
+    (
+        "socat",
+        "the userspace relay `cargo xtask bench` compares the engines with",
+    ),
 ];
 
 #[derive(clap::Args, Default)]

@@ -18,7 +18,11 @@ use super::{
 };
 use tracing::warn;
 
-use crate::{maps, metrics::encode_log2_hist};
+use crate::{
+    maps,
+    metrics::encode_log2_hist,
+    userspace::{CanRouteView, SharedUserspaceView},
+};
 
 pub struct CanCollector {
     pub rules: RuleStats,
@@ -26,6 +30,41 @@ pub struct CanCollector {
     pub ingress: IngressStats,
     pub watch: WatchMap,
     pub view: Arc<RwLock<CanView>>,
+    /// Routes run in userspace: counted in the same families.
+    pub userspace: SharedUserspaceView,
+}
+
+/// The route families of the userspace routes alone, when the kernel path is not loaded.
+#[derive(Debug)]
+pub struct UserspaceCanCollector {
+    pub userspace: SharedUserspaceView,
+}
+
+impl Collector for UserspaceCanCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let user = self.userspace.read().expect("view lock").clone();
+        let rows: Vec<_> = user.can.iter().map(userspace_row).collect();
+        encode_routes(&mut encoder, &rows)
+    }
+}
+
+/// A userspace route's counters in the kernel path's terms: its writes are what can-gw's
+/// `handled` counts, its deleted and refused frames can-gw's `deleted` and `dropped`.
+fn userspace_row(r: &CanRouteView) -> (&str, CanRuleStats, GwTotals) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &r.counters;
+    let mut s = CanRuleStats {
+        frames: c.frames.load(Relaxed),
+        bytes: c.bytes.load(Relaxed),
+        ..CanRuleStats::default()
+    };
+    s.dropped[DropReason::FdToClassic as usize] = c.fd_to_classic.load(Relaxed);
+    let g = GwTotals {
+        handled: c.routed.load(Relaxed),
+        dropped: c.dropped.load(Relaxed),
+        deleted: c.deleted.load(Relaxed),
+    };
+    (r.route.as_str(), s, g)
 }
 
 impl std::fmt::Debug for CanCollector {
@@ -66,6 +105,7 @@ impl Collector for CanCollector {
                 Vec::new()
             }
         };
+        let user = self.userspace.read().expect("view lock").clone();
         let rules: Vec<(&str, CanRuleStats, GwTotals)> = view
             .routes
             .iter()
@@ -80,52 +120,9 @@ impl Collector for CanCollector {
                 }
                 (r.name.as_str(), read_rule(&self.rules, r.slot), gw)
             })
+            .chain(user.can.iter().map(userspace_row))
             .collect();
-
-        for (name, help, value) in [
-            (
-                "can_frames",
-                "CAN frames a route's filter matched",
-                (|s: &CanRuleStats, _: &GwTotals| s.frames) as fn(&CanRuleStats, &GwTotals) -> u64,
-            ),
-            (
-                "can_bytes",
-                "Payload bytes of the frames a route matched",
-                |s, _| s.bytes,
-            ),
-            (
-                "can_routed",
-                "Frames a route sent out of its egress interface (by can-gw) or into its tunnel",
-                |s, g| s.routed + g.handled,
-            ),
-        ] {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (rule, s, g) in &rules {
-                ConstCounter::new(value(s, g)).encode(family.encode_family(&[("rule", *rule)])?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "can_dropped",
-            "Frames a route matched but did not send (or dropped), by reason",
-            None,
-            MetricType::Counter,
-        )?;
-        for (rule, s, g) in &rules {
-            for reason in DropReason::ALL {
-                ConstCounter::new(s.dropped[reason as usize]).encode(
-                    family.encode_family(&[("rule", *rule), ("reason", reason.label())])?,
-                )?;
-            }
-            // can-gw deletes frames over its hop limit or made invalid by a modification, and
-            // drops frames it could not send.
-            for (reason, v) in [
-                ("gateway_deleted", g.deleted),
-                ("gateway_dropped", g.dropped),
-            ] {
-                ConstCounter::new(v)
-                    .encode(family.encode_family(&[("rule", *rule), ("reason", reason)])?)?;
-            }
-        }
+        encode_routes(&mut encoder, &rules)?;
 
         let mut family = encoder.encode_descriptor(
             "can_ingress_frames",
@@ -224,4 +221,56 @@ impl Collector for CanCollector {
         }
         Ok(())
     }
+}
+
+/// can_frames, can_bytes, can_routed and can_dropped for every route, kernel or userspace.
+fn encode_routes(
+    encoder: &mut DescriptorEncoder,
+    rules: &[(&str, CanRuleStats, GwTotals)],
+) -> Result<(), std::fmt::Error> {
+    for (name, help, value) in [
+        (
+            "can_frames",
+            "CAN frames a route's filter matched",
+            (|s: &CanRuleStats, _: &GwTotals| s.frames) as fn(&CanRuleStats, &GwTotals) -> u64,
+        ),
+        (
+            "can_bytes",
+            "Payload bytes of the frames a route matched",
+            |s, _| s.bytes,
+        ),
+        (
+            "can_routed",
+            "Frames a route sent out of its egress interface (by can-gw) or into its tunnel",
+            |s, g| s.routed + g.handled,
+        ),
+    ] {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (rule, s, g) in rules {
+            ConstCounter::new(value(s, g)).encode(family.encode_family(&[("rule", *rule)])?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "can_dropped",
+        "Frames a route matched but did not send (or dropped), by reason",
+        None,
+        MetricType::Counter,
+    )?;
+    for (rule, s, g) in rules {
+        for reason in DropReason::ALL {
+            ConstCounter::new(s.dropped[reason as usize])
+                .encode(family.encode_family(&[("rule", *rule), ("reason", reason.label())])?)?;
+        }
+        // can-gw deletes frames over its hop limit or made invalid by a modification, and
+        // drops frames it could not send.
+        for (reason, v) in [
+            ("gateway_deleted", g.deleted),
+            ("gateway_dropped", g.dropped),
+        ] {
+            ConstCounter::new(v)
+                .encode(family.encode_family(&[("rule", *rule), ("reason", reason)])?)?;
+        }
+    }
+
+    Ok(())
 }

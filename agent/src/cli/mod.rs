@@ -4,6 +4,7 @@ mod check_config;
 mod client;
 mod down;
 mod prog;
+mod registry;
 mod run;
 mod status;
 mod table;
@@ -34,6 +35,8 @@ enum Command {
     Run(run::Args),
     /// Validate a config file and exit: 0 when it is good, 1 with the offending keys when not.
     CheckConfig(check_config::Args),
+    /// Read the fleet registry in etcd.
+    Registry(registry::Args),
     /// Show the agent, the pinned programs and where they are attached, and what the running
     /// agent reports.
     Status(status::Args),
@@ -58,6 +61,7 @@ impl Cli {
         let result = match self.command {
             Command::Run(args) => run::run(args),
             Command::CheckConfig(args) => check_config::run(args),
+            Command::Registry(args) => registry::run(args),
             Command::Status(args) => status::run(args),
             Command::Prog(command) => prog::run(command),
             Command::Down(args) => down::run(args),

@@ -1,12 +1,24 @@
 use std::path::PathBuf;
 
-use edgeplane::agent::RunOptions;
+use edgeplane::{agent::RunOptions, config::Overrides};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Config file (see configs/edgeplane.toml).
     #[arg(long, short)]
     config: PathBuf,
+    /// Overrides agent.service_name.
+    #[arg(long)]
+    service_name: Option<String>,
+    /// Overrides registry.endpoints (comma-separated); enables registration without [registry].
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    /// Overrides agent.spiffe_id.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Overrides agent.vin.
+    #[arg(long)]
+    vin: Option<String>,
     /// bpffs directory for the pinned data plane; overrides `[agent] bpffs`.
     #[arg(long, value_name = "DIR")]
     bpffs: Option<PathBuf>,
@@ -17,6 +29,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        service_name: args.service_name,
+        vin: args.vin,
+        spiffe_id: args.spiffe_id,
+        etcd_endpoints: args.etcd_endpoints,
+    };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -26,6 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             RunOptions {
                 bpffs: args.bpffs,
                 detach_on_exit: args.detach_on_exit,
+                overrides,
             },
         ))
 }

@@ -22,6 +22,10 @@ pub const MAX_CAN_WATCHES: usize = edgeplane_common::can::MAX_WATCHES as usize;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CanConfig {
+    /// Where routes run: the kernel (can_route and can-gw), userspace, or `auto` (the kernel,
+    /// userspace when eBPF can't run).
+    #[serde(default)]
+    pub mode: CanMode,
     /// A tunnelled frame waits at most this long for others to share its datagram.
     #[serde(default = "CanConfig::default_flush_timeout_us")]
     pub flush_timeout_us: u32,
@@ -51,9 +55,21 @@ impl CanConfig {
     }
 }
 
+/// Where CAN routes run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CanMode {
+    #[default]
+    Auto,
+    Kernel,
+    /// CAN_RAW sockets in the agent: routes to a CAN interface and `count` only.
+    Userspace,
+}
+
 impl Default for CanConfig {
     fn default() -> Self {
         Self {
+            mode: CanMode::default(),
             flush_timeout_us: Self::default_flush_timeout_us(),
             max_datagram: Self::default_max_datagram(),
             tunnel_bind: Self::default_tunnel_bind(),
@@ -342,8 +358,71 @@ fn resolve(hostport: &str) -> Result<SocketAddr, String> {
 }
 
 impl CanConfig {
+    /// Whether anything here needs the kernel path (eBPF) in this mode.
+    pub fn wants_kernel(&self) -> bool {
+        self.mode != CanMode::Userspace
+            && !(self.route.is_empty() && self.watch.is_empty() && self.receive.is_empty())
+    }
+
+    /// What userspace routes can't do: they read and write CAN_RAW sockets, so they can't keep
+    /// a frame from other sockets (`drop`), don't see can-gw's hop count (a hop limit other
+    /// than 1), and echo, watched IDs and the tunnel need the kernel program. Checked
+    /// statically for `mode = "userspace"`, and before `auto` falls back to it.
+    pub fn userspace_problems(&self, out: &mut Vec<Problem>) {
+        let mut push = |key: String, message: &str| {
+            out.push(Problem {
+                key,
+                message: message.into(),
+            })
+        };
+        for (i, r) in self.route.iter().enumerate() {
+            let key = |f: &str| format!("can.route[{i}].{f}");
+            if r.action == Some(CanAction::Drop) {
+                push(
+                    key("action"),
+                    "userspace routes can't keep frames from other sockets: `drop` needs the kernel path",
+                );
+            }
+            if let Some(t) = &r.to {
+                if t.udp.is_some() {
+                    push(
+                        key("to.udp"),
+                        "the tunnel reads frames from the kernel program: it needs the kernel path",
+                    );
+                }
+                if t.echo {
+                    push(
+                        key("to.echo"),
+                        "userspace routes write with local loopback off (so routed frames are not routed again): echo needs the kernel path",
+                    );
+                }
+            }
+            if r.hops != 1 {
+                push(
+                    key("hops"),
+                    "userspace routes never route a frame twice: only hops = 1 (the default)",
+                );
+            }
+        }
+        for i in 0..self.watch.len() {
+            push(
+                format!("can.watch[{i}]"),
+                "watched IDs are measured by the kernel program: they need the kernel path",
+            );
+        }
+        for i in 0..self.receive.len() {
+            push(
+                format!("can.receive[{i}]"),
+                "the tunnel runs beside the kernel program: it needs the kernel path",
+            );
+        }
+    }
+
     /// Static checks of the `[can]` section.
     pub(super) fn problems(&self, out: &mut Vec<Problem>) {
+        if self.mode == CanMode::Userspace {
+            self.userspace_problems(out);
+        }
         let mut push = |key: String, message: String| out.push(Problem { key, message });
         if !(1..=1_000_000).contains(&self.flush_timeout_us) {
             push(
@@ -769,5 +848,63 @@ mod tests {
             e.to_string().contains("unknown field `flush_timeout`"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod userspace_tests {
+    use std::path::Path;
+
+    use crate::config::{Config, ConfigError};
+
+    #[test]
+    fn userspace_routes_reject_what_needs_the_kernel() {
+        let text = r#"
+            [can]
+            mode = "userspace"
+            [[can.route]]
+            name = "d"
+            ingress = "can0"
+            filter = "0:0"
+            action = "drop"
+            [[can.route]]
+            name = "t"
+            ingress = "can0"
+            filter = "1:7FF"
+            to = { udp = "127.0.0.1:2000" }
+            [[can.route]]
+            name = "e"
+            ingress = "can0"
+            filter = "2:7FF"
+            to = { iface = "can1", echo = true }
+            hops = 2
+            [[can.route]]
+            name = "ok"
+            ingress = "can0"
+            filter = "3:7FF"
+            to = { iface = "can1" }
+            [[can.watch]]
+            iface = "can0"
+            id = 0x100
+            period_ms = 10
+        "#;
+        let keys: Vec<String> = match Config::parse(text, Path::new("t")) {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.into_iter().map(|p| p.key).collect()
+            }
+            other => panic!("expected problems, got {other:?}"),
+        };
+        assert_eq!(
+            keys,
+            [
+                "can.route[0].action",
+                "can.route[1].to.udp",
+                "can.route[2].to.echo",
+                "can.route[2].hops",
+                "can.watch[0]",
+            ]
+        );
+        let auto = text.replace("mode = \"userspace\"", "mode = \"auto\"");
+        assert!(Config::parse(&auto, Path::new("t")).is_ok());
     }
 }

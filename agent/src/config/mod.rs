@@ -4,6 +4,7 @@
 //! (`udp.forward[1].match.dst_port`), so nothing is attached from a config that is wrong.
 
 mod can;
+mod registry;
 mod udp;
 
 use std::{
@@ -14,7 +15,7 @@ use std::{
 
 use serde::Deserialize;
 
-pub use self::{can::*, udp::*};
+pub use self::{can::*, registry::*, udp::*};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +28,8 @@ pub struct Config {
     pub can: CanConfig,
     #[serde(default)]
     pub agent: AgentConfig,
+    /// Fleet registration in etcd; absent: the agent does not register.
+    pub registry: Option<RegistryConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -35,6 +38,12 @@ pub struct AgentConfig {
     /// bpffs directory where the data plane is pinned, so it outlives the agent.
     #[serde(default = "AgentConfig::default_bpffs")]
     pub bpffs: PathBuf,
+    /// Fleet registration: the last element of this agent's key, unique per vehicle.
+    pub service_name: Option<String>,
+    /// Fleet registration: ISO 3779 vehicle identification number.
+    pub vin: Option<String>,
+    /// Workload identity, `spiffe://trust-domain/path`; with mTLS, the certificate's URI SAN.
+    pub spiffe_id: Option<String>,
 }
 
 impl AgentConfig {
@@ -47,6 +56,9 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             bpffs: Self::default_bpffs(),
+            service_name: None,
+            vin: None,
+            spiffe_id: None,
         }
     }
 }
@@ -161,6 +173,7 @@ impl Config {
         let mut problems = Vec::new();
         self.udp.host_problems(&mut problems);
         self.can.host_problems(&mut problems);
+        self.identity_host_problems(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -202,6 +215,7 @@ impl Config {
                 message: format!("`{}` must be an absolute path", self.agent.bpffs.display()),
             });
         }
+        self.identity_problems(&mut out);
         out
     }
 }
@@ -252,7 +266,7 @@ mod tests {
     fn parses_the_documented_shape() {
         let c = parse(ONE_RULE).unwrap();
         assert_eq!(c.http.listen, "127.0.0.1:9464".parse().unwrap());
-        assert_eq!(c.udp.mode, AttachMode::Auto);
+        assert_eq!(c.udp.mode, UdpMode::Auto);
         let r = &c.udp.forward[0];
         assert_eq!(r.name, "lidar-front");
         assert_eq!(r.matches.dst_port, Some(5000));

@@ -14,14 +14,72 @@ pub const MAX_UDP_RULES: usize = edgeplane_common::udp_forward::MAX_RULES as usi
 #[serde(deny_unknown_fields)]
 pub struct UdpConfig {
     #[serde(default)]
-    pub mode: AttachMode,
+    pub mode: UdpMode,
+    /// The userspace engine, for `mode = "userspace"` and for `auto` when eBPF can't run.
+    #[serde(default)]
+    pub engine: UserspaceEngine,
     #[serde(default)]
     pub forward: Vec<UdpForwardRule>,
 }
 
-/// Where the UDP forwarder attaches on each ingress interface.
+/// Where the rules run: one of the kernel hooks, or the userspace engine.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum UdpMode {
+    Xdp,
+    Tc,
+    /// XDP where the driver supports it, tc on veth; the userspace engine when eBPF can't run.
+    #[default]
+    Auto,
+    /// Sockets in the agent (see `engine`): no eBPF needed, at a fraction of the kernel's rate.
+    Userspace,
+}
+
+impl UdpMode {
+    /// The kernel hook selection this mode asks for, if it asks for the kernel at all.
+    pub fn attach(self) -> Option<AttachMode> {
+        match self {
+            Self::Xdp => Some(AttachMode::Xdp),
+            Self::Tc => Some(AttachMode::Tc),
+            Self::Auto => Some(AttachMode::Auto),
+            Self::Userspace => None,
+        }
+    }
+}
+
+impl fmt::Display for UdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.attach() {
+            Some(a) => a.fmt(f),
+            None => f.write_str("userspace"),
+        }
+    }
+}
+
+/// How the userspace forwarder moves datagrams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+pub enum UserspaceEngine {
+    /// tokio tasks on the agent's runtime, batching with recvmmsg/sendmmsg.
+    #[default]
+    #[serde(rename = "tokio")]
+    Tokio,
+    /// io_uring on a dedicated thread (tokio-uring): one datagram per operation.
+    #[serde(rename = "tokio-uring")]
+    TokioUring,
+}
+
+impl UserspaceEngine {
+    /// The `engine` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tokio => "tokio",
+            Self::TokioUring => "tokio-uring",
+        }
+    }
+}
+
+/// Where the UDP forwarder attaches on each ingress interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum AttachMode {
     /// XDP in driver mode: fastest; needs a driver with XDP and complete checksums.
     Xdp,
@@ -118,6 +176,9 @@ impl UdpConfig {
     /// Static checks of the `[udp]` section.
     pub(super) fn problems(&self, out: &mut Vec<Problem>) {
         let rules = &self.forward;
+        if self.mode == UdpMode::Userspace {
+            self.userspace_problems(out);
+        }
         if rules.len() > MAX_UDP_RULES {
             out.push(Problem {
                 key: "udp.forward".into(),
@@ -205,8 +266,72 @@ impl UdpConfig {
         }
     }
 
+    /// Whether these rules need the kernel path (eBPF) in this mode.
+    pub fn wants_kernel(&self) -> bool {
+        self.mode != UdpMode::Userspace && !self.forward.is_empty()
+    }
+
+    /// What the userspace engine can't do that the kernel path can. It receives on a socket
+    /// bound to the rule's port (and address, if matched) on the ingress interface, so it sees
+    /// only datagrams addressed to this host, and it sends them on from a socket of its own.
+    /// Checked statically for `mode = "userspace"`, and before `auto` falls back to it.
+    pub fn userspace_problems(&self, out: &mut Vec<Problem>) {
+        for (i, rule) in self.forward.iter().enumerate() {
+            let mut problem = |field: &str, message: &str| {
+                out.push(Problem {
+                    key: format!("udp.forward[{i}].{field}"),
+                    message: message.into(),
+                })
+            };
+            if rule.matches.dst_port.is_none() {
+                problem(
+                    "match.dst_port",
+                    "the userspace engine receives on a socket bound to a port: give the port \
+                     the datagrams are sent to",
+                );
+            }
+            if rule.matches.dst_ip.is_some_and(|ip| ip.is_multicast()) {
+                problem(
+                    "match.dst_ip",
+                    "the userspace engine receives only unicast datagrams addressed to this host",
+                );
+            }
+            if rule.to.dst_ip.is_none() {
+                problem(
+                    "to.dst_ip",
+                    "the userspace engine receives datagrams addressed to this host, so it must \
+                     be told where to send them: give the new destination",
+                );
+            }
+        }
+    }
+
+    /// Host checks of the userspace engine: the addresses it binds to are this host's.
+    pub fn userspace_host_problems(&self, out: &mut Vec<Problem>) {
+        for (i, rule) in self.forward.iter().enumerate() {
+            for (field, ip) in [
+                ("match.dst_ip", rule.matches.dst_ip),
+                ("to.src_ip", rule.to.src_ip),
+            ] {
+                let Some(ip) = ip else { continue };
+                if let Err(e) = std::net::UdpSocket::bind((ip, 0)) {
+                    out.push(Problem {
+                        key: format!("udp.forward[{i}].{field}"),
+                        message: format!(
+                            "the userspace engine binds to {ip}, which is not an address of this \
+                             host ({e}): add it to an interface, or leave it out"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
     /// Host checks: every interface exists.
     pub(super) fn host_problems(&self, out: &mut Vec<Problem>) {
+        if self.mode == UdpMode::Userspace {
+            self.userspace_host_problems(out);
+        }
         for (i, rule) in self.forward.iter().enumerate() {
             for (field, iface) in [("ingress", &rule.ingress), ("to.iface", &rule.to.iface)] {
                 if netdev::index(iface).is_none() {
@@ -236,4 +361,62 @@ fn unusable_address(ip: &IpAddr, rewrite: bool) -> Option<&'static str> {
         return Some("is the broadcast address");
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, ConfigError, UdpMode, UserspaceEngine};
+
+    fn keys(text: &str) -> Vec<String> {
+        match Config::parse(text, Path::new("t")) {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.into_iter().map(|p| p.key).collect()
+            }
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    const RULES: &str = r#"
+        [[udp.forward]]
+        name = "no-port"
+        ingress = "eth0"
+        to = { iface = "eth1", dst_ip = "192.0.2.10" }
+
+        [[udp.forward]]
+        name = "no-destination"
+        ingress = "eth0"
+        match = { dst_port = 5000, dst_ip = "239.1.1.1" }
+        to = { iface = "eth1", dst_port = 6000 }
+    "#;
+
+    #[test]
+    fn userspace_mode_names_what_it_cannot_mirror() {
+        let text = format!("[udp]\nmode = \"userspace\"\nengine = \"tokio-uring\"\n{RULES}");
+        assert_eq!(
+            keys(&text),
+            [
+                "udp.forward[0].match.dst_port",
+                "udp.forward[1].match.dst_ip",
+                "udp.forward[1].to.dst_ip",
+            ]
+        );
+        // The kernel path forwards the same rules.
+        let c = Config::parse(&format!("[udp]\nmode = \"tc\"\n{RULES}"), Path::new("t")).unwrap();
+        assert!(c.udp.wants_kernel());
+    }
+
+    #[test]
+    fn engines_parse_by_their_label() {
+        for engine in [UserspaceEngine::Tokio, UserspaceEngine::TokioUring] {
+            let text = format!(
+                "[udp]\nmode = \"userspace\"\nengine = \"{}\"\n",
+                engine.label()
+            );
+            let c = Config::parse(&text, Path::new("t")).unwrap();
+            assert_eq!((c.udp.mode, c.udp.engine), (UdpMode::Userspace, engine));
+            assert!(!c.udp.wants_kernel());
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! Exports the forwarder's per-CPU counters as Prometheus metrics at scrape time.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, atomic::Ordering::Relaxed};
 
 use edgeplane_common::udp_forward::{PassReason, UdpStats};
 use prometheus_client::{
@@ -10,12 +10,15 @@ use prometheus_client::{
 };
 
 use super::{StatsMap, UdpView};
-use crate::maps;
+use crate::{maps, userspace::SharedUserspaceView};
 
-/// Reads the counters of every installed rule and ingress interface on each scrape.
+/// Reads the counters of every installed rule and ingress interface on each scrape, kernel and
+/// userspace rules alike (one metric family each, whichever engine runs a rule).
 pub struct UdpCollector {
-    pub stats: StatsMap,
+    /// The kernel's counters; None when the kernel path is not loaded.
+    pub stats: Option<StatsMap>,
     pub view: Arc<RwLock<UdpView>>,
+    pub userspace: SharedUserspaceView,
 }
 
 impl std::fmt::Debug for UdpCollector {
@@ -37,17 +40,32 @@ pub fn read(stats: &StatsMap, slot: u32) -> UdpStats {
 
 impl UdpCollector {
     fn read(&self, slot: u32) -> UdpStats {
-        read(&self.stats, slot)
+        self.stats
+            .as_ref()
+            .map_or_else(UdpStats::default, |s| read(s, slot))
     }
 }
 
 impl Collector for UdpCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let view = self.view.read().expect("view lock").clone();
+        let user = self.userspace.read().expect("view lock").clone();
         let rules: Vec<(&str, UdpStats)> = view
             .rules
             .iter()
             .map(|r| (r.name.as_str(), self.read(r.slot)))
+            .collect();
+        // (rule, packets, bytes) of both engines.
+        let totals: Vec<(&str, u64, u64)> = rules
+            .iter()
+            .map(|(rule, s)| (*rule, s.packets, s.bytes))
+            .chain(user.udp.iter().map(|u| {
+                (
+                    u.rule.as_str(),
+                    u.counters.packets.load(Relaxed),
+                    u.counters.bytes.load(Relaxed),
+                )
+            }))
             .collect();
         let ingress: Vec<(&str, UdpStats)> = view
             .ingress
@@ -57,12 +75,12 @@ impl Collector for UdpCollector {
 
         let mut family = encoder.encode_descriptor(
             "udp_forward_packets",
-            "UDP datagrams forwarded in the kernel, per rule",
+            "UDP datagrams forwarded (in the kernel, or by the userspace engine), per rule",
             None,
             MetricType::Counter,
         )?;
-        for (rule, s) in &rules {
-            ConstCounter::new(s.packets).encode(family.encode_family(&[("rule", *rule)])?)?;
+        for (rule, packets, _) in &totals {
+            ConstCounter::new(*packets).encode(family.encode_family(&[("rule", *rule)])?)?;
         }
         let mut family = encoder.encode_descriptor(
             "udp_forward_bytes",
@@ -70,8 +88,50 @@ impl Collector for UdpCollector {
             None,
             MetricType::Counter,
         )?;
-        for (rule, s) in &rules {
-            ConstCounter::new(s.bytes).encode(family.encode_family(&[("rule", *rule)])?)?;
+        for (rule, _, bytes) in &totals {
+            ConstCounter::new(*bytes).encode(family.encode_family(&[("rule", *rule)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "udp_forward_engine",
+            "1 for each rule, with the engine running it: xdp, tc, tokio or tokio-uring",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &view.rules {
+            if let Some(i) = view.ingress.iter().find(|i| i.iface == r.ingress) {
+                let hook = i.hook.to_string();
+                ConstGauge::new(1i64).encode(
+                    family
+                        .encode_family(&[("rule", r.name.as_str()), ("engine", hook.as_str())])?,
+                )?;
+            }
+        }
+        for u in &user.udp {
+            ConstGauge::new(1i64).encode(
+                family.encode_family(&[("rule", u.rule.as_str()), ("engine", u.engine)])?,
+            )?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "udp_forward_userspace_send_errors",
+            "Datagrams of a userspace rule its egress socket refused (full queue, no route)",
+            None,
+            MetricType::Counter,
+        )?;
+        for u in &user.udp {
+            ConstCounter::new(u.counters.send_errors.load(Relaxed))
+                .encode(family.encode_family(&[("rule", u.rule.as_str())])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "udp_forward_userspace_unmatched",
+            "Datagrams a userspace listener received that no rule's source match took, dropped",
+            None,
+            MetricType::Counter,
+        )?;
+        for (iface, listen, n) in &user.udp_unmatched {
+            let listen = listen.to_string();
+            ConstCounter::new(n.load(Relaxed)).encode(
+                family.encode_family(&[("iface", iface.as_str()), ("listen", listen.as_str())])?,
+            )?;
         }
         let mut family = encoder.encode_descriptor(
             "udp_forward_passed",
@@ -111,7 +171,7 @@ impl Collector for UdpCollector {
                 family.encode_family(&[("iface", i.iface.as_str()), ("hook", hook.as_str())])?,
             )?;
         }
-        let rules_gauge = ConstGauge::new(view.rules.len() as i64);
+        let rules_gauge = ConstGauge::new((view.rules.len() + user.udp.len()) as i64);
         rules_gauge.encode(encoder.encode_descriptor(
             "udp_forward_rules",
             "UDP forwarding rules installed",

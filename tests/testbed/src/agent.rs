@@ -51,6 +51,8 @@ pub struct Start {
     pub leave_running: bool,
     /// Pin directory; by default one of its own under [`crate::bpffs::ROOT`].
     pub bpffs: Option<PathBuf>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 static STARTED: AtomicU32 = AtomicU32::new(0);
@@ -68,6 +70,18 @@ impl Agent {
         config: &str,
         log_level: &str,
         opts: &Start,
+    ) -> anyhow::Result<Self> {
+        Self::start_wrapped(ns, config, log_level, opts, &[])
+    }
+
+    /// [`Agent::start_with`] through `wrapper`, a command that execs the rest of its arguments
+    /// (the agent's command line is appended), e.g. `setpriv` to drop capabilities.
+    pub fn start_wrapped(
+        ns: &Netns,
+        config: &str,
+        log_level: &str,
+        opts: &Start,
+        wrapper: &[&str],
     ) -> anyhow::Result<Self> {
         let bin = binary();
         if !bin.is_file() {
@@ -93,11 +107,20 @@ impl Agent {
             Some(p) => p.clone(),
             None => crate::bpffs::dir_for(&ns.name)?,
         };
-        let mut cmd = ns.command(bin.to_str().expect("utf-8 path"));
+        let bin = bin.to_str().expect("utf-8 path");
+        let mut cmd = match wrapper.split_first() {
+            None => ns.command(bin),
+            Some((program, args)) => {
+                let mut c = ns.command(program);
+                c.args(args).arg(bin);
+                c
+            }
+        };
         cmd.args(["run", "--log-level", log_level, "--config"])
             .arg(&path)
             .arg("--bpffs")
-            .arg(&bpffs);
+            .arg(&bpffs)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)));
         if !opts.leave_running {
             cmd.arg("--detach-on-exit");
         }

@@ -63,6 +63,10 @@ pub const VM_TESTS: &[VmTest] = &[
         name: "can_controller",
         needs: None,
     },
+    VmTest {
+        name: "can_userspace",
+        needs: None,
+    },
 ];
 
 const DEFAULT_TIMEOUT_SECS: u64 = 20 * 60;
@@ -108,6 +112,17 @@ impl Options {
             timeout: DEFAULT_TIMEOUT_SECS,
             test_timeout: DEFAULT_TEST_TIMEOUT_SECS,
             verbose: false,
+        }
+    }
+}
+
+impl Options {
+    /// `tests` on `kernels`, with the default time limits.
+    pub fn only(tests: Vec<String>, kernels: Vec<String>) -> Self {
+        Self {
+            kernels,
+            tests,
+            ..Self::all(None)
         }
     }
 }
