@@ -402,7 +402,7 @@ type CounterOf = fn(&LinkCounters) -> u64;
 type DeviceStatOf = fn(&CanDeviceStats) -> u32;
 
 impl Collector for HostCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let names = self.interfaces.read().expect("lock").clone();
         if names.is_empty() {
             return Ok(());
@@ -415,171 +415,174 @@ impl Collector for HostCollector {
             }
         };
         links.sort_by(|a, b| a.name.cmp(&b.name));
-
-        let counters: [(&str, &str, CounterOf); 8] = [
-            (
-                "interface_receive_packets",
-                "Packets the interface received (the kernel's rx_packets)",
-                |c| c.rx_packets,
-            ),
-            (
-                "interface_transmit_packets",
-                "Packets the interface transmitted (tx_packets)",
-                |c| c.tx_packets,
-            ),
-            (
-                "interface_receive_bytes",
-                "Bytes the interface received (rx_bytes; CAN: payload bytes)",
-                |c| c.rx_bytes,
-            ),
-            (
-                "interface_transmit_bytes",
-                "Bytes the interface transmitted (tx_bytes; CAN: payload bytes)",
-                |c| c.tx_bytes,
-            ),
-            (
-                "interface_receive_dropped",
-                "Received packets the interface or the stack dropped (rx_dropped)",
-                |c| c.rx_dropped,
-            ),
-            (
-                "interface_transmit_dropped",
-                "Packets dropped on their way out of the interface (tx_dropped)",
-                |c| c.tx_dropped,
-            ),
-            (
-                "interface_receive_errors",
-                "Receive errors the driver counted (rx_errors)",
-                |c| c.rx_errors,
-            ),
-            (
-                "interface_transmit_errors",
-                "Transmit errors the driver counted (tx_errors)",
-                |c| c.tx_errors,
-            ),
-        ];
-        for (name, help, value) in counters {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for l in &links {
-                if let Some(c) = &l.counters {
-                    ConstCounter::new(value(c))
-                        .encode(family.encode_family(&[("iface", l.name.as_str())])?)?;
-                }
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "interface_tx_queue_length",
-            "Length of the interface's transmit queue in packets (txqueuelen)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for l in &links {
-            if let Some(q) = l.tx_queue_len {
-                ConstGauge::new(q).encode(family.encode_family(&[("iface", l.name.as_str())])?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "interface_up",
-            "1 when the interface's operational state is up, 0 otherwise (down, no carrier, \
-             or unknown as virtual devices without a carrier report)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for l in &links {
-            ConstGauge::new(i64::from(l.is_up()))
-                .encode(family.encode_family(&[("iface", l.name.as_str())])?)?;
-        }
-
-        let controllers: Vec<(&str, &CanController)> = links
-            .iter()
-            .filter_map(|l| Some((l.name.as_str(), l.can.as_ref()?)))
-            .collect();
-        let mut family = encoder.encode_descriptor(
-            "can_controller_state",
-            "1 for the CAN controller's current state, 0 for the others",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (iface, c) in &controllers {
-            for s in CanState::ALL {
-                ConstGauge::new(i64::from(c.state == Some(s)))
-                    .encode(family.encode_family(&[("iface", *iface), ("state", s.label())])?)?;
-            }
-        }
-        for (name, help, pick) in [
-            (
-                "can_controller_tx_errors",
-                "The CAN controller's transmit error counter (TEC)",
-                (|b: (u16, u16)| b.0) as fn((u16, u16)) -> u16,
-            ),
-            (
-                "can_controller_rx_errors",
-                "The CAN controller's receive error counter (REC)",
-                |b| b.1,
-            ),
-        ] {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for (iface, c) in &controllers {
-                if let Some(b) = c.berr {
-                    ConstGauge::new(i64::from(pick(b)))
-                        .encode(family.encode_family(&[("iface", *iface)])?)?;
-                }
-            }
-        }
-        let device_stats: [(&str, &str, DeviceStatOf); 6] = [
-            (
-                "can_controller_bus_errors",
-                "Bus errors the CAN controller signalled",
-                |s| s.bus_error,
-            ),
-            (
-                "can_controller_error_warning",
-                "Changes of the CAN controller to the error-warning state (a counter reached 96)",
-                |s| s.error_warning,
-            ),
-            (
-                "can_controller_error_passive",
-                "Changes of the CAN controller to the error-passive state (a counter reached 128)",
-                |s| s.error_passive,
-            ),
-            (
-                "can_controller_bus_off",
-                "Times the CAN controller went bus-off (TEC reached 256)",
-                |s| s.bus_off,
-            ),
-            (
-                "can_controller_arbitration_lost",
-                "Arbitrations the CAN controller lost",
-                |s| s.arbitration_lost,
-            ),
-            (
-                "can_controller_restarts",
-                "Restarts of the CAN controller after bus-off",
-                |s| s.restarts,
-            ),
-        ];
-        for (name, help, value) in device_stats {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (iface, c) in &controllers {
-                if let Some(s) = &c.device_stats {
-                    ConstCounter::new(value(s))
-                        .encode(family.encode_family(&[("iface", *iface)])?)?;
-                }
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "can_controller_bitrate_bits_per_second",
-            "The CAN controller's configured (nominal) bit rate",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (iface, c) in &controllers {
-            if let Some(b) = c.bitrate {
-                ConstGauge::new(b).encode(family.encode_family(&[("iface", *iface)])?)?;
-            }
-        }
-        Ok(())
+        encode_links(&links, encoder)
     }
+}
+
+/// The series of `links` (sorted by name).
+fn encode_links(links: &[Link], mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let counters: [(&str, &str, CounterOf); 8] = [
+        (
+            "interface_receive_packets",
+            "Packets the interface received (the kernel's rx_packets)",
+            |c| c.rx_packets,
+        ),
+        (
+            "interface_transmit_packets",
+            "Packets the interface transmitted (tx_packets)",
+            |c| c.tx_packets,
+        ),
+        (
+            "interface_receive_bytes",
+            "Bytes the interface received (rx_bytes; CAN: payload bytes)",
+            |c| c.rx_bytes,
+        ),
+        (
+            "interface_transmit_bytes",
+            "Bytes the interface transmitted (tx_bytes; CAN: payload bytes)",
+            |c| c.tx_bytes,
+        ),
+        (
+            "interface_receive_dropped",
+            "Received packets the interface or the stack dropped (rx_dropped)",
+            |c| c.rx_dropped,
+        ),
+        (
+            "interface_transmit_dropped",
+            "Packets dropped on their way out of the interface (tx_dropped)",
+            |c| c.tx_dropped,
+        ),
+        (
+            "interface_receive_errors",
+            "Receive errors the driver counted (rx_errors)",
+            |c| c.rx_errors,
+        ),
+        (
+            "interface_transmit_errors",
+            "Transmit errors the driver counted (tx_errors)",
+            |c| c.tx_errors,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for l in links {
+            if let Some(c) = &l.counters {
+                ConstCounter::new(value(c))
+                    .encode(family.encode_family(&[("iface", l.name.as_str())])?)?;
+            }
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "interface_tx_queue_length",
+        "Length of the interface's transmit queue in packets (txqueuelen)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for l in links {
+        if let Some(q) = l.tx_queue_len {
+            ConstGauge::new(q).encode(family.encode_family(&[("iface", l.name.as_str())])?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "interface_up",
+        "1 when the interface's operational state is up, 0 otherwise (down, no carrier, \
+             or unknown as virtual devices without a carrier report)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for l in links {
+        ConstGauge::new(i64::from(l.is_up()))
+            .encode(family.encode_family(&[("iface", l.name.as_str())])?)?;
+    }
+
+    let controllers: Vec<(&str, &CanController)> = links
+        .iter()
+        .filter_map(|l| Some((l.name.as_str(), l.can.as_ref()?)))
+        .collect();
+    let mut family = encoder.encode_descriptor(
+        "can_controller_state",
+        "1 for the CAN controller's current state, 0 for the others",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (iface, c) in &controllers {
+        for s in CanState::ALL {
+            ConstGauge::new(i64::from(c.state == Some(s)))
+                .encode(family.encode_family(&[("iface", *iface), ("state", s.label())])?)?;
+        }
+    }
+    for (name, help, pick) in [
+        (
+            "can_controller_tx_errors",
+            "The CAN controller's transmit error counter (TEC)",
+            (|b: (u16, u16)| b.0) as fn((u16, u16)) -> u16,
+        ),
+        (
+            "can_controller_rx_errors",
+            "The CAN controller's receive error counter (REC)",
+            |b| b.1,
+        ),
+    ] {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (iface, c) in &controllers {
+            if let Some(b) = c.berr {
+                ConstGauge::new(i64::from(pick(b)))
+                    .encode(family.encode_family(&[("iface", *iface)])?)?;
+            }
+        }
+    }
+    let device_stats: [(&str, &str, DeviceStatOf); 6] = [
+        (
+            "can_controller_bus_errors",
+            "Bus errors the CAN controller signalled",
+            |s| s.bus_error,
+        ),
+        (
+            "can_controller_error_warning",
+            "Changes of the CAN controller to the error-warning state (a counter reached 96)",
+            |s| s.error_warning,
+        ),
+        (
+            "can_controller_error_passive",
+            "Changes of the CAN controller to the error-passive state (a counter reached 128)",
+            |s| s.error_passive,
+        ),
+        (
+            "can_controller_bus_off",
+            "Times the CAN controller went bus-off (TEC reached 256)",
+            |s| s.bus_off,
+        ),
+        (
+            "can_controller_arbitration_lost",
+            "Arbitrations the CAN controller lost",
+            |s| s.arbitration_lost,
+        ),
+        (
+            "can_controller_restarts",
+            "Restarts of the CAN controller after bus-off",
+            |s| s.restarts,
+        ),
+    ];
+    for (name, help, value) in device_stats {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (iface, c) in &controllers {
+            if let Some(s) = &c.device_stats {
+                ConstCounter::new(value(s)).encode(family.encode_family(&[("iface", *iface)])?)?;
+            }
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "can_controller_bitrate_bits_per_second",
+        "The CAN controller's configured (nominal) bit rate",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (iface, c) in &controllers {
+        if let Some(b) = c.bitrate {
+            ConstGauge::new(b).encode(family.encode_family(&[("iface", *iface)])?)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -626,8 +629,11 @@ mod tests {
         let before = before.counters.unwrap();
         assert!(after.rx_packets >= before.rx_packets + DATAGRAMS);
         assert!(after.tx_packets >= before.tx_packets + DATAGRAMS);
-        // Each is an IPv4 + UDP header and 100 bytes, plus loopback's Ethernet header.
-        assert!(after.rx_bytes >= before.rx_bytes + DATAGRAMS * (14 + 20 + 8 + 100));
+        // Each is an IPv4 + UDP header and 100 bytes: loopback counts a packet after it has
+        // taken its Ethernet header off (eth_type_trans in loopback_xmit).
+        let bytes = DATAGRAMS * (20 + 8 + 100);
+        assert!(after.rx_bytes >= before.rx_bytes + bytes, "{before:?} {after:?}");
+        assert!(after.tx_bytes >= before.tx_bytes + bytes, "{before:?} {after:?}");
         assert!(after.rx_packets <= sysfs_rx);
     }
 
@@ -663,5 +669,191 @@ mod tests {
         interfaces.write().unwrap().clear();
         let text = metrics::render(&registry);
         assert!(!text.contains("edgeplane_interface"), "{text}");
+    }
+
+    /// A netlink attribute, padded.
+    fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
+        let len = u16::try_from(4 + payload.len()).unwrap();
+        let mut a = len.to_ne_bytes().to_vec();
+        a.extend_from_slice(&ty.to_ne_bytes());
+        a.extend_from_slice(payload);
+        a.resize(align(a.len()), 0);
+        a
+    }
+
+    fn u32s(v: &[u32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_ne_bytes()).collect()
+    }
+
+    const NLA_F_NESTED: u16 = 0x8000;
+
+    /// An RTM_NEWLINK message as a CAN controller's driver has the kernel write it (with
+    /// figures the VM's emulated controllers never reach: they have no bus errors), followed by
+    /// NLMSG_DONE.
+    fn controller_dump(name: &str, kind: &str, state: u32) -> Vec<u8> {
+        let mut stats64 = Vec::new();
+        for v in [1000u64, 900, 8000, 7200, 3, 2, 5, 4] {
+            stats64.extend_from_slice(&v.to_ne_bytes());
+        }
+        // struct rtnl_link_stats64 has more fields after the eight the agent reads.
+        stats64.resize(24 * 8, 0);
+        let mut bittiming = u32s(&[250_000]);
+        bittiming.resize(32, 0);
+        let data = [
+            attr(IFLA_CAN_BITTIMING, &bittiming),
+            attr(IFLA_CAN_STATE, &u32s(&[state])),
+            attr(
+                IFLA_CAN_BERR_COUNTER,
+                &[130u16.to_ne_bytes(), 7u16.to_ne_bytes()].concat(),
+            ),
+        ]
+        .concat();
+        let linkinfo = [
+            attr(IFLA_INFO_KIND, format!("{kind}\0").as_bytes()),
+            attr(IFLA_INFO_DATA | NLA_F_NESTED, &data),
+            attr(IFLA_INFO_XSTATS, &u32s(&[11, 3, 2, 1, 4, 1])),
+        ]
+        .concat();
+        let body = [
+            vec![0u8; IFINFOMSG_LEN],
+            attr(IFLA_IFNAME, format!("{name}\0").as_bytes()),
+            attr(IFLA_TXQLEN, &u32s(&[10])),
+            attr(IFLA_OPERSTATE, &[IF_OPER_UP]),
+            attr(IFLA_LINKINFO | NLA_F_NESTED, &linkinfo),
+            attr(IFLA_STATS64, &stats64),
+        ]
+        .concat();
+        let mut msg = Vec::new();
+        for (ty, body) in [(RTM_NEWLINK, body.as_slice()), (NLMSG_DONE, &[0u8; 4][..])] {
+            msg.extend_from_slice(
+                &u32::try_from(NLMSG_HDRLEN + body.len())
+                    .unwrap()
+                    .to_ne_bytes(),
+            );
+            msg.extend_from_slice(&ty.to_ne_bytes());
+            msg.extend_from_slice(&[0u8; 10]); // flags, sequence, port
+            msg.extend_from_slice(body);
+        }
+        msg
+    }
+
+    fn parse(dump: &[u8]) -> Vec<Link> {
+        let mut out = Vec::new();
+        assert!(parse_batch(dump, &|_: &str| true, &mut out).unwrap());
+        out
+    }
+
+    #[test]
+    fn a_controllers_state_error_counters_and_statistics_are_read() {
+        let links = parse(&controller_dump("can0", "can", 2));
+        assert_eq!(
+            links,
+            [Link {
+                name: "can0".into(),
+                counters: Some(LinkCounters {
+                    rx_packets: 1000,
+                    tx_packets: 900,
+                    rx_bytes: 8000,
+                    tx_bytes: 7200,
+                    rx_errors: 3,
+                    tx_errors: 2,
+                    rx_dropped: 5,
+                    tx_dropped: 4,
+                }),
+                tx_queue_len: Some(10),
+                oper_state: Some(IF_OPER_UP),
+                can: Some(CanController {
+                    state: Some(CanState::ErrorPassive),
+                    berr: Some((130, 7)),
+                    bitrate: Some(250_000),
+                    device_stats: Some(CanDeviceStats {
+                        bus_error: 11,
+                        error_warning: 3,
+                        error_passive: 2,
+                        bus_off: 1,
+                        arbitration_lost: 4,
+                        restarts: 1,
+                    }),
+                }),
+            }]
+        );
+        // A state of a newer kernel: no state series, the rest stays.
+        let links = parse(&controller_dump("can0", "can", 9));
+        let can = links[0].can.unwrap();
+        assert_eq!((can.state, can.berr), (None, Some((130, 7))));
+        // Virtual CAN devices have no controller.
+        let links = parse(&controller_dump("vcan0", "vcan", 0));
+        assert_eq!(links[0].can, None);
+        assert_eq!(links[0].counters.unwrap().tx_packets, 900);
+        // An interface nobody asked for is skipped.
+        let mut out = Vec::new();
+        assert!(
+            parse_batch(
+                &controller_dump("can0", "can", 0),
+                &|_: &str| false,
+                &mut out
+            )
+            .unwrap()
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn truncated_messages_are_refused() {
+        let dump = controller_dump("can0", "can", 0);
+        let mut out = Vec::new();
+        assert!(matches!(
+            parse_batch(&dump[..40], &|_: &str| true, &mut out),
+            Err(HostStatsError::Malformed(_))
+        ));
+    }
+
+    /// Renders fixed links, as the collector renders what the kernel reports.
+    struct Fixed(Vec<Link>);
+
+    impl std::fmt::Debug for Fixed {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Fixed")
+        }
+    }
+
+    impl Collector for Fixed {
+        fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            encode_links(&self.0, encoder)
+        }
+    }
+
+    #[test]
+    fn controller_series_are_named_and_labelled_as_documented() {
+        let mut links = parse(&controller_dump("can0", "can", 3));
+        links.extend(parse(&controller_dump("vcan0", "vcan", 0)));
+        let registry = metrics::registry(&AgentMetrics::default(), vec![Box::new(Fixed(links))]);
+        let text = metrics::to_prometheus_text(&metrics::render(&registry));
+        for series in [
+            "edgeplane_interface_receive_packets_total{iface=\"can0\"} 1000",
+            "edgeplane_interface_transmit_packets_total{iface=\"vcan0\"} 900",
+            "edgeplane_interface_receive_errors_total{iface=\"can0\"} 3",
+            "edgeplane_interface_transmit_dropped_total{iface=\"can0\"} 4",
+            "edgeplane_interface_tx_queue_length{iface=\"can0\"} 10",
+            "edgeplane_interface_up{iface=\"can0\"} 1",
+            "edgeplane_can_controller_state{iface=\"can0\",state=\"bus_off\"} 1",
+            "edgeplane_can_controller_state{iface=\"can0\",state=\"error_active\"} 0",
+            "edgeplane_can_controller_tx_errors{iface=\"can0\"} 130",
+            "edgeplane_can_controller_rx_errors{iface=\"can0\"} 7",
+            "edgeplane_can_controller_bus_errors_total{iface=\"can0\"} 11",
+            "edgeplane_can_controller_error_warning_total{iface=\"can0\"} 3",
+            "edgeplane_can_controller_error_passive_total{iface=\"can0\"} 2",
+            "edgeplane_can_controller_bus_off_total{iface=\"can0\"} 1",
+            "edgeplane_can_controller_arbitration_lost_total{iface=\"can0\"} 4",
+            "edgeplane_can_controller_restarts_total{iface=\"can0\"} 1",
+            "edgeplane_can_controller_bitrate_bits_per_second{iface=\"can0\"} 250000",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+        assert_eq!(
+            text.matches("edgeplane_can_controller_state{").count(),
+            CanState::ALL.len()
+        );
+        assert!(!text.contains("edgeplane_can_controller_tx_errors{iface=\"vcan0\""));
     }
 }
