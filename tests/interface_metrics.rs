@@ -206,12 +206,7 @@ fn promtool_accepts(metrics: &str) {
 
 fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
     let h = Hosts::new(tag);
-    let agent = Agent::start(
-        &h.gateway,
-        &config(mode, "b0", PEER_V4, BOX_V4),
-        "info",
-    )
-    .unwrap();
+    let agent = Agent::start(&h.gateway, &config(mode, "b0", PEER_V4, BOX_V4), "info").unwrap();
 
     // Sockets stay in the namespace they were made in.
     let sink = {
@@ -266,7 +261,12 @@ fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
     in_range("tx packets", moved[1], N, BACKGROUND);
     in_range("rx bytes", moved[2], wire(N + M), BACKGROUND * 100);
     in_range("tx bytes", moved[3], wire(N), BACKGROUND * 100);
-    for (i, what) in [(4, "rx dropped"), (5, "tx dropped"), (6, "rx errors"), (7, "tx errors")] {
+    for (i, what) in [
+        (4, "rx dropped"),
+        (5, "tx dropped"),
+        (6, "rx errors"),
+        (7, "tx errors"),
+    ] {
         in_range(what, moved[i], 0, 0);
     }
     promtool_accepts(&text);
@@ -279,10 +279,23 @@ fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
         .unwrap();
     h.peer.ip(&["link", "set", "p0", "down"]).unwrap();
     h.wait_b0_up(false);
-    let peer_mac = h.peer.mac("p0").unwrap().map(|b| format!("{b:02x}")).join(":");
+    let peer_mac = h
+        .peer
+        .mac("p0")
+        .unwrap()
+        .map(|b| format!("{b:02x}"))
+        .join(":");
     h.gateway
         .ip(&[
-            "neigh", "replace", PEER_V4, "lladdr", &peer_mac, "dev", "b0", "nud", "permanent",
+            "neigh",
+            "replace",
+            PEER_V4,
+            "lladdr",
+            &peer_mac,
+            "dev",
+            "b0",
+            "nud",
+            "permanent",
         ])
         .unwrap();
     let before = after;

@@ -632,8 +632,14 @@ mod tests {
         // Each is an IPv4 + UDP header and 100 bytes: loopback counts a packet after it has
         // taken its Ethernet header off (eth_type_trans in loopback_xmit).
         let bytes = DATAGRAMS * (20 + 8 + 100);
-        assert!(after.rx_bytes >= before.rx_bytes + bytes, "{before:?} {after:?}");
-        assert!(after.tx_bytes >= before.tx_bytes + bytes, "{before:?} {after:?}");
+        assert!(
+            after.rx_bytes >= before.rx_bytes + bytes,
+            "{before:?} {after:?}"
+        );
+        assert!(
+            after.tx_bytes >= before.tx_bytes + bytes,
+            "{before:?} {after:?}"
+        );
         assert!(after.rx_packets <= sysfs_rx);
     }
 
