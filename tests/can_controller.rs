@@ -325,6 +325,11 @@ fn controller_state_bitrate_and_counters_follow_the_kernel() {
     let can0 = c.assert_metrics_match_kernel(&text, "can0");
     let sent = interface_counter(&text, "can0", "transmit_packets") - can0_tx;
     eprintln!("can0 after 3 frames with no receiver on the bus: state {can0}, {sent} counted sent");
+    assert_eq!(
+        (can0.as_str(), sent),
+        ("ERROR-ACTIVE", 3),
+        "qemu's CAN bus acknowledges every frame: has the emulation learnt bus errors?"
+    );
     c.log_controller(&text, "can0");
     c.log_controller(&text, "can1");
 
