@@ -4,8 +4,8 @@
 //! carry the host metrics as well.
 //!
 //! The interface counters in /metrics must move by what was sent, each in its own direction
-//! (more is received than sent back), drops must count datagrams sent towards a peer that is
-//! down, the queue length and state must be what `ip -d link` says, and after a reload the
+//! (more is received than sent back), drops must count datagrams the veth could not hand to
+//! its peer, the queue length and state must be what `ip -d link` says, and after a reload the
 //! metrics follow the interfaces the new config names.
 
 use std::{
@@ -24,8 +24,10 @@ use edgeplane_testbed::{
 const N: u64 = 400;
 /// Datagrams to a socket of the gateway: into b0 only.
 const M: u64 = 300;
-/// Datagrams the gateway sends towards the peer while it is down: dropped on b0's way out.
+/// Datagrams the gateway sends the peer that are too big for the peer's MTU: dropped on b0's
+/// way out.
 const D: u64 = 50;
+const BIG_PAYLOAD: usize = 1200;
 const PAYLOAD: usize = 200;
 /// Ethernet, IPv4 and UDP headers: what the interface counts besides the payload.
 const HEADERS: u64 = 14 + 20 + 8;
@@ -271,53 +273,44 @@ fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
     }
     promtool_accepts(&text);
 
-    // Queue length as `ip -d link` says, after it changed; drops: the peer goes down (b0 loses
-    // its carrier) and the gateway sends to it anyway, through a neighbour entry that does not
-    // go away with the carrier, so each datagram reaches the veth, which drops it.
-    h.gateway
-        .ip(&["link", "set", "b0", "txqueuelen", "321"])
-        .unwrap();
-    h.peer.ip(&["link", "set", "p0", "down"]).unwrap();
-    h.wait_b0_up(false);
-    let peer_mac = h
-        .peer
-        .mac("p0")
-        .unwrap()
-        .map(|b| format!("{b:02x}"))
-        .join(":");
-    h.gateway
-        .ip(&[
-            "neigh",
-            "replace",
-            PEER_V4,
-            "lladdr",
-            &peer_mac,
-            "dev",
-            "b0",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
+    // Drops: the peer's MTU shrinks below the datagrams the gateway sends it, so b0's veth
+    // can't hand them over and drops each (counted as b0's tx_dropped on every kernel; a
+    // peer that is down would not do: older kernels then drop in the qdisc, not the device).
+    h.peer.ip(&["link", "set", "p0", "mtu", "1000"]).unwrap();
     let before = after;
     {
         let _in = h.gateway.enter().unwrap();
         let out = UdpSocket::bind((BOX_V4, 0)).unwrap();
         for i in 0..D {
-            out.send_to(&[i as u8; PAYLOAD], (PEER_V4, 6000)).unwrap();
+            out.send_to(&[i as u8; BIG_PAYLOAD], (PEER_V4, 6000))
+                .unwrap();
         }
     }
     let text = h.scrape(&agent);
     let after = counters(&text, "b0");
-    let kernel = h.ip_link("b0");
     assert_kernel_agrees(&h, "b0", &after);
     let moved: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     eprintln!(
-        "{mode}: {D} datagrams towards the peer while it was down: b0 moved by {moved:?}; ip: \
-         operstate {}, txqlen {}",
+        "{mode}: {D} datagrams of {BIG_PAYLOAD} bytes to a peer with MTU 1000: b0 moved by \
+         {moved:?}"
+    );
+    in_range("tx dropped", moved[5], D, 0);
+    in_range("tx packets", moved[1], 0, BACKGROUND);
+    in_range("rx packets", moved[0], 0, BACKGROUND);
+    h.peer.ip(&["link", "set", "p0", "mtu", "1500"]).unwrap();
+
+    // Queue length and state as `ip -d link` says, after they changed.
+    h.gateway
+        .ip(&["link", "set", "b0", "txqueuelen", "321"])
+        .unwrap();
+    h.peer.ip(&["link", "set", "p0", "down"]).unwrap();
+    h.wait_b0_up(false);
+    let kernel = h.ip_link("b0");
+    let text = h.scrape(&agent);
+    eprintln!(
+        "{mode}: peer down: ip says operstate {}, txqlen {}",
         kernel["operstate"], kernel["txqlen"]
     );
-    in_range("tx dropped", moved[5], D, BACKGROUND);
-    in_range("tx packets", moved[1], 0, BACKGROUND);
     assert_eq!(kernel["txqlen"], 321);
     assert_eq!(
         metric(&text, "edgeplane_interface_tx_queue_length{iface=\"b0\"}"),
