@@ -13,7 +13,10 @@ use edgeplane::{
 };
 use edgeplane_testbed::netns::Netns;
 
-use crate::table::markdown;
+use crate::{
+    report::{Report, Row},
+    table::markdown,
+};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -23,6 +26,9 @@ pub struct Options {
     /// Renders to time.
     #[arg(long, default_value_t = 200)]
     renders: usize,
+    /// Write the result as a JSON row here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -68,5 +74,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             ]]
         )
     );
+    if let Some(path) = &opts.json {
+        let row = Row::micro(
+            format!("/metrics host metrics, {} interfaces", opts.interfaces),
+            mean * 1e6,
+            format!(
+                "mean of {} renders (p99 {p99:.2} ms, {bytes} bytes), one RTM_GETLINK dump each",
+                opts.renders
+            ),
+        );
+        Report { rows: vec![row] }.save(path)?;
+    }
     Ok(())
 }
