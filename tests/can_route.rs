@@ -482,6 +482,7 @@ period_ms = 4
     let opts = agent::Start {
         leave_running: true,
         bpffs: Some(dir.clone()),
+        ..agent::Start::default()
     };
     let mut first = Agent::start_with(&b.ns, config, "info", &opts).unwrap();
     let (tx, rx) = (b.bus("a1"), b.bus("b1"));

@@ -202,6 +202,9 @@ pub struct Views {
     pub udp: Arc<RwLock<UdpView>>,
     pub can: Arc<RwLock<CanView>>,
     pub waiting: Arc<RwLock<Vec<Waiting>>>,
+    /// Interfaces the running config names (kernel and userspace parts), for the host
+    /// metrics; [`crate::planes::Planes::apply`] sets it.
+    pub interfaces: Arc<RwLock<Vec<String>>>,
     /// Rules and routes the userspace engine runs.
     pub userspace: SharedUserspaceView,
 }

@@ -7,6 +7,7 @@ pub mod attach;
 pub mod can;
 pub mod config;
 pub mod dataplane;
+pub mod host_stats;
 pub mod http;
 pub mod latency;
 pub mod link_events;

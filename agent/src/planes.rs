@@ -12,6 +12,7 @@ use crate::{
     can::{router::CanRouterError, stats::UserspaceCanCollector},
     config::{CanMode, Config, Problem, UdpMode},
     dataplane::{Dataplane, Prepared, Views},
+    host_stats::HostCollector,
     state::AgentRecord,
     status::AttachedProgram,
     udp_forward::{UdpForwardError, stats::UdpCollector},
@@ -92,9 +93,10 @@ impl Planes {
     }
 
     /// Collectors for /metrics: the kernel path's (with the userspace rows in their families),
-    /// or the userspace rows alone.
+    /// or the userspace rows alone; and the host metrics of the configured interfaces, which
+    /// need no eBPF.
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
-        match &self.kernel {
+        let mut collectors: Vec<Box<dyn Collector>> = match &self.kernel {
             Some(k) => k.collectors(),
             None => vec![
                 Box::new(UdpCollector {
@@ -106,11 +108,29 @@ impl Planes {
                     userspace: Arc::clone(&self.views.userspace),
                 }),
             ],
-        }
+        };
+        collectors.push(Box::new(HostCollector {
+            interfaces: Arc::clone(&self.views.interfaces),
+        }));
+        collectors
     }
 
     /// Makes `p` the running configuration. On an error the previous one keeps running.
     pub async fn apply(&mut self, p: &Prepared, previous: Option<&Prepared>) -> anyhow::Result<()> {
+        let result = self.apply_falling_back(p, previous).await;
+        // The host metrics cover the interfaces of the configuration that runs now, whichever
+        // engine runs its rules.
+        let running = if result.is_ok() { Some(p) } else { previous };
+        *self.views.interfaces.write().expect("lock") =
+            running.map_or_else(Vec::new, |r| r.config.interfaces());
+        result
+    }
+
+    async fn apply_falling_back(
+        &mut self,
+        p: &Prepared,
+        previous: Option<&Prepared>,
+    ) -> anyhow::Result<()> {
         let mut split = self.split(&p.config);
         loop {
             match self.apply_split(p, previous, split).await {

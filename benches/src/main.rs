@@ -1,5 +1,6 @@
 //! `edgeplane-bench`: measurements that compare in one run. `cargo xtask bench` runs it as root.
 
+mod host_metrics;
 mod merge;
 mod metrics_render;
 mod prog_run;
@@ -23,6 +24,8 @@ enum Suite {
     ProgRun(prog_run::Options),
     /// Time to render /metrics with many rules installed.
     MetricsRender(metrics_render::Options),
+    /// Time to render the host metrics of many interfaces.
+    HostMetrics(host_metrics::Options),
     /// UDP forwarding: XDP, tc, the userspace engines and socat on one veth topology.
     Udp(udp::Options),
     /// Merge the suites' rows (and criterion's estimates) into latest.json and latest.md.
@@ -38,6 +41,7 @@ fn main() -> anyhow::Result<()> {
     match suite {
         Suite::ProgRun(o) => prog_run::run(&o),
         Suite::MetricsRender(o) => metrics_render::run(&o),
+        Suite::HostMetrics(o) => host_metrics::run(&o),
         Suite::Udp(o) => udp::run(&o),
         Suite::Report(o) => merge::run(&o),
     }

@@ -2,8 +2,9 @@
 //! target/bench/latest.md (printed at the end) and target/bench/latest.json.
 //!
 //! Suites, in order: criterion's userspace micro benchmarks; BPF_PROG_TEST_RUN ns/packet of
-//! the eBPF programs; /metrics rendering with 1,000 kernel rules; UDP forwarding with XDP, tc,
-//! both userspace engines and socat on one veth topology; CAN routing inside qemu (TCG).
+//! the eBPF programs; /metrics rendering with 1,000 kernel rules and with the host metrics of
+//! 256 interfaces; UDP forwarding with XDP, tc, both userspace engines and socat on one veth
+//! topology; CAN routing inside qemu (TCG).
 
 use std::{fs, path::Path, process::Command, time::Instant};
 
@@ -73,6 +74,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     bench(&["prog-run", "--json", &path("prog-run.json")])?;
     step("/metrics rendering with 1,000 kernel rules");
     bench(&["metrics-render", "--json", &path("metrics-render.json")])?;
+    step("/metrics host metrics of 256 interfaces (one rtnetlink dump)");
+    bench(&["host-metrics", "--json", &path("host-metrics.json")])?;
     step("UDP forwarding: xdp, tc, tokio, tokio-uring, socat");
     bench(&[
         "udp",
@@ -93,7 +96,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             Err(e) => eprintln!("[bench] the CAN suite failed, reporting without it: {e:#}"),
         }
     }
-    parts.extend([path("prog-run.json"), path("metrics-render.json")]);
+    parts.extend([
+        path("prog-run.json"),
+        path("metrics-render.json"),
+        path("host-metrics.json"),
+    ]);
     step(format_args!(
         "report: {} and {} ({:.0} s in all)",
         out.join("latest.md").display(),

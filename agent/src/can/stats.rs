@@ -94,6 +94,9 @@ pub fn read_ingress(stats: &IngressStats, slot: u32) -> CanIngressStats {
     })
 }
 
+/// Picks one of a watched ID's histograms.
+type HistOf = fn(&CanWatch) -> &Log2Hist;
+
 impl Collector for CanCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let view = self.view.read().expect("view lock").clone();
@@ -169,7 +172,7 @@ impl Collector for CanCollector {
                 })
                 .collect()
         };
-        let hists: [(&str, &str, fn(&CanWatch) -> &Log2Hist); 2] = [
+        let hists: [(&str, &str, HistOf); 2] = [
             (
                 "can_cycle_seconds",
                 "Time between consecutive frames of a watched ID",

@@ -219,7 +219,7 @@ impl<'de> Deserialize<'de> for HexBytes {
             .chars()
             .filter(|c| !matches!(c, '.' | ':' | ' '))
             .collect();
-        if digits.len() % 2 != 0 {
+        if !digits.len().is_multiple_of(2) {
             return Err(serde::de::Error::custom(format!(
                 "`{s}`: an odd number of hex digits"
             )));

@@ -188,6 +188,27 @@ impl Config {
         }
     }
 
+    /// Every interface the config names (UDP ingress and egress, CAN route, watch and receive
+    /// interfaces), sorted, each once: the interfaces the host metrics cover.
+    pub fn interfaces(&self) -> Vec<String> {
+        let udp = self
+            .udp
+            .forward
+            .iter()
+            .flat_map(|r| [&r.ingress, &r.to.iface]);
+        let can_routes = self.can.route.iter().flat_map(|r| {
+            std::iter::once(&r.ingress).chain(r.to.as_ref().and_then(|t| t.iface.as_ref()))
+        });
+        let watches = self.can.watch.iter().map(|w| &w.iface);
+        let receivers = self.can.receive.iter().map(|r| &r.iface);
+        let names: std::collections::BTreeSet<&String> = udp
+            .chain(can_routes)
+            .chain(watches)
+            .chain(receivers)
+            .collect();
+        names.into_iter().cloned().collect()
+    }
+
     fn problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
         self.udp.problems(&mut out);
@@ -358,6 +379,45 @@ mod tests {
     fn families_follow_the_addresses() {
         let c = parse(&ONE_RULE.replace("dst_ip = \"192.0.2.10\", ", "")).unwrap();
         assert_eq!(c.udp.forward[0].families(), vec![Family::V4, Family::V6]);
+    }
+
+    #[test]
+    fn interfaces_are_every_name_the_config_uses_once() {
+        let text = format!(
+            r#"{ONE_RULE}
+            [[udp.forward]]
+            name = "back"
+            ingress = "eth1"
+            to = {{ iface = "eth0" }}
+
+            [[can.route]]
+            name = "r"
+            ingress = "can1"
+            filter = "100:7FF"
+            to = {{ iface = "can0" }}
+
+            [[can.route]]
+            name = "t"
+            ingress = "can1"
+            filter = "200:7FF"
+            to = {{ udp = "192.0.2.1:20000" }}
+
+            [[can.watch]]
+            iface = "can2"
+            id = 0x123
+            period_ms = 10
+
+            [[can.receive]]
+            name = "rx"
+            listen = "0.0.0.0:20000"
+            iface = "can3"
+            "#
+        );
+        assert_eq!(
+            parse(&text).unwrap().interfaces(),
+            ["can0", "can1", "can2", "can3", "eth0", "eth1"]
+        );
+        assert!(parse("").unwrap().interfaces().is_empty());
     }
 
     #[test]

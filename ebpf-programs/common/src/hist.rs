@@ -9,11 +9,7 @@ pub const BUCKETS: usize = 31; // last finite bound 2^36 ns ≈ 68.7 s
 #[inline(always)]
 pub const fn bucket(ns: u64) -> usize {
     let bits = 64 - ns.leading_zeros(); // ns < 2^bits
-    let k = if bits > MIN_SHIFT {
-        bits - MIN_SHIFT
-    } else {
-        0
-    };
+    let k = bits.saturating_sub(MIN_SHIFT);
     if (k as usize) < BUCKETS {
         k as usize
     } else {

@@ -26,6 +26,7 @@ pub const MODULES: &[&str] = &[
     "can-dev",     // CAN device infrastructure
     "vcan",        // virtual CAN interfaces
     "vxcan",       // virtual CAN tunnels between namespaces
+    "kvaser_pci",  // the emulated CAN controllers (SJA1000) the VM has, see qemu.rs
 ];
 
 /// Host programs the tests run, found on the host's PATH (and the sbin directories).

@@ -56,6 +56,14 @@ pub const VM_TESTS: &[VmTest] = &[
         needs: None,
     },
     VmTest {
+        name: "interface_metrics",
+        needs: None,
+    },
+    VmTest {
+        name: "can_controller",
+        needs: None,
+    },
+    VmTest {
         name: "can_userspace",
         needs: None,
     },

@@ -88,6 +88,15 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
         "-no-reboot",
         "-nic",
         "none",
+        // Two real CAN controllers on one emulated bus (qemu's SJA1000 model behind Kvaser
+        // PCIcan cards; Debian's kernels drive them with kvaser_pci): can0 and can1 in the
+        // guest, for the CAN controller metrics.
+        "-object",
+        "can-bus,id=canbus0",
+        "-device",
+        "kvaser_pci,canbus=canbus0",
+        "-device",
+        "kvaser_pci,canbus=canbus0",
     ])
     .arg("-kernel")
     .arg(&kernel.vmlinuz)
