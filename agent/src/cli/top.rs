@@ -45,7 +45,7 @@ struct Series {
 type Scrape = BTreeMap<(String, String), Series>;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if !(args.interval > 0.0) {
+    if args.interval.is_nan() || args.interval <= 0.0 {
         bail!("--interval must be positive");
     }
     let interval = Duration::from_secs_f64(args.interval);

@@ -146,7 +146,7 @@ pub fn tracepoint_field(
     })
 }
 
-/// `field:int to_ifindex;	offset:16;	size:4;	signed:1;` -> 16 for `to_ifindex`.
+/// `field:int to_ifindex; offset:16; size:4; signed:1;` -> 16 for `to_ifindex`.
 fn parse_format_offset(format: &str, field: &str) -> Option<u32> {
     format.lines().find_map(|line| {
         let decl = line.trim().strip_prefix("field:")?.split(';').next()?;
