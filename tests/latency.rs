@@ -236,7 +236,7 @@ fn captures(mode: &str) {
         0.0
     );
     assert!(value(&metrics, "edgeplane_latency_events_total") >= f64::from(EVENTS));
-    promtool_accepts(&metrics);
+    http::promtool_accepts(&metrics);
 
     // `top` shows the rule and the port.
     let top = String::from_utf8_lossy(&top.stdout);
@@ -303,27 +303,4 @@ fn attach_xdp_pass(ns: &Netns, iface: &str) -> aya::Ebpf {
     let p: &mut aya::programs::Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
     p.attach(iface, aya::programs::XdpMode::Driver).unwrap();
     ebpf
-}
-
-fn promtool_accepts(metrics: &str) {
-    use std::io::Write as _;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus, installed by `cargo xtask setup`)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
