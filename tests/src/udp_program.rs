@@ -238,6 +238,23 @@ impl Fixture {
         (ret, out, took)
     }
 
+    /// Switches the programs' forwarding latency capture (what the agent's `[latency] enabled`
+    /// does) on or off.
+    pub fn set_latency_capture(&mut self, on: bool) {
+        use edgeplane_common::latency::{CONFIG_MAP, LatencyConfig, flag};
+        let mut config: aya::maps::Array<_, LatencyConfig> = self
+            .ebpf
+            .map_mut(CONFIG_MAP)
+            .expect("the latency config map")
+            .try_into()
+            .unwrap();
+        let value = LatencyConfig {
+            flags: if on { flag::FORWARDING } else { 0 },
+            ..LatencyConfig::default()
+        };
+        config.set(0, value, 0).unwrap();
+    }
+
     pub fn rule_stats(&self, rule: &str) -> UdpStats {
         let view = self.udp.view();
         let slot = view.rules.iter().find(|r| r.name == rule).unwrap().slot;
