@@ -295,7 +295,8 @@ edgeplane_socket_delivery_latency_seconds_count{proto="udp",port="7000",stage="r
     fn rates_are_differences_between_scrapes() {
         let before = parse(TEXT);
         let now = parse(&TEXT.replace("} 10\n", "} 30\n"));
-        let d = delta(before.values().next(), now.values().next().unwrap());
+        let key = (FAMILIES[0].0.to_owned(), "rule=\"a\"".to_owned());
+        let d = delta(before.get(&key), &now[&key]);
         assert_eq!(d.count, 20.0);
         assert_eq!(max_bound(&d.buckets), Some(0.000004));
     }
