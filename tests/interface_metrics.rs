@@ -179,33 +179,6 @@ fn in_range(what: &str, moved: u64, at_least: u64, slack: u64) {
     );
 }
 
-fn promtool_accepts(metrics: &str) {
-    use std::{
-        io::Write as _,
-        process::{Command, Stdio},
-    };
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus, installed by `cargo xtask setup`)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
     let h = Hosts::new(tag);
     let agent = Agent::start(&h.gateway, &config(mode, "b0", PEER_V4, BOX_V4), "info").unwrap();
@@ -271,7 +244,7 @@ fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
     ] {
         in_range(what, moved[i], 0, 0);
     }
-    promtool_accepts(&text);
+    http::promtool_accepts(&text);
 
     // Drops: the peer's MTU shrinks below the datagrams the gateway sends it, so b0's veth
     // can't hand them over and drops each (counted as b0's tx_dropped on every kernel; a

@@ -183,7 +183,7 @@ fn forwards_and_counts_exactly(mode: &str, v4: bool) {
             format!("edgeplane_udp_forward_passed_total{{rule=\"{rule}\",reason=\"{reason}\"}}");
         assert_eq!(http::metric(&metrics, &series).unwrap(), 0.0, "{series}");
     }
-    promtool_accepts(&metrics);
+    http::promtool_accepts(&metrics);
     let hook = if mode == "xdp" { "xdp" } else { "tc" };
     let attached = format!("edgeplane_udp_forward_attached{{iface=\"g0\",hook=\"{hook}\"}}");
     assert_eq!(http::metric(&metrics, &attached).unwrap(), 1.0);
@@ -236,33 +236,6 @@ fn attach_xdp_pass(ns: &Netns, iface: &str) -> aya::Ebpf {
         .unwrap();
     p.attach(iface, aya::programs::XdpMode::Driver).unwrap();
     ebpf
-}
-
-fn promtool_accepts(metrics: &str) {
-    use std::{
-        io::Write as _,
-        process::{Command, Stdio},
-    };
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus, installed by `cargo xtask setup`)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// With no ARP entry for the receiver, the first datagrams go through the stack (which resolves

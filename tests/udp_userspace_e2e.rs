@@ -187,7 +187,7 @@ fn forwards_and_counts_exactly(engine: &str, v4: bool) {
         0.0
     );
     assert_eq!(value("edgeplane_udp_forward_rules"), 1.0);
-    promtool_accepts(&metrics);
+    http::promtool_accepts(&metrics);
     assert!(log.contains("userspace UDP listener started"), "{log}");
 
     // Agent gone: nothing reaches the receiver.
@@ -304,32 +304,5 @@ fn auto_falls_back_to_userspace_when_ebpf_cannot_load() {
         1.0,
         "{metrics}"
     );
-    promtool_accepts(&metrics);
-}
-
-fn promtool_accepts(metrics: &str) {
-    use std::{
-        io::Write as _,
-        process::{Command, Stdio},
-    };
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus, installed by `cargo xtask setup`)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    http::promtool_accepts(&metrics);
 }

@@ -81,3 +81,32 @@ mod tests {
         assert!(metric(text, "h_bucket{iface=\"a1\",id=\"123\",le=\"0.5\"}").is_err());
     }
 }
+
+/// Asserts that `promtool check metrics` (Debian package prometheus, installed by
+/// `cargo xtask setup`) accepts an exposition.
+pub fn promtool_accepts(metrics: &str) {
+    use std::{
+        io::Write as _,
+        process::{Command, Stdio},
+    };
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus, installed by `cargo xtask setup`)");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(metrics.as_bytes())
+        .expect("writing to promtool");
+    let out = child.wait_with_output().expect("waiting for promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
