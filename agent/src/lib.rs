@@ -9,6 +9,7 @@ pub mod config;
 pub mod dataplane;
 pub mod host_stats;
 pub mod http;
+pub mod link_detach;
 pub mod link_events;
 pub mod loader;
 mod maps;
