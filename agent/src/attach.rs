@@ -286,12 +286,14 @@ pub fn detach(mut a: Attachment) -> Result<(), AttachError> {
     };
     match a.link.take().expect("attached") {
         Held::Xdp { link, pin } => {
-            // The link goes when its last reference does: the pin, then our fd. The pin path
-            // may hold a newer link by now (the interface came back and was attached again).
+            // The pin path may hold a newer link by now (the interface came back and was
+            // attached again); ours is then detached already. Otherwise detach it explicitly:
+            // the link object itself only goes some time after its pin and our fd.
             let pinned = PinnedLink::from_pin(&pin)
                 .ok()
                 .and_then(|p| FdLink::from(p).info().ok());
             if pinned.is_some_and(|p| link.info().is_ok_and(|ours| ours.id() == p.id())) {
+                crate::link_detach::detach_pinned(&pin).map_err(|e| err(e.into()))?;
                 match std::fs::remove_file(&pin) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e.into())),
                     _ => {}

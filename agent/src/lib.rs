@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod host_stats;
 pub mod http;
 pub mod latency;
+pub mod link_detach;
 pub mod link_events;
 pub mod loader;
 mod maps;
