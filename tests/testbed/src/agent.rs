@@ -218,3 +218,42 @@ pub fn down(ns: &str, bpffs: &Path) -> anyhow::Result<String> {
     }
     Ok(text)
 }
+
+/// A CLI child's stdout once it exits successfully; an error with what it printed when it
+/// fails or runs past `limit` (it is killed then).
+pub fn output_within(child: &mut std::process::Child, limit: Duration) -> Result<String, String> {
+    use std::io::Read as _;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    match status {
+        Some(s) if s.success() => Ok(out),
+        Some(_) => Err(format!("the command failed: {err}")),
+        None => Err(format!(
+            "the command still ran after {limit:?}; it printed:\n{out}{err}"
+        )),
+    }
+}

@@ -67,6 +67,14 @@ pub const VM_TESTS: &[VmTest] = &[
         name: "can_userspace",
         needs: None,
     },
+    VmTest {
+        name: "latency",
+        needs: None,
+    },
+    VmTest {
+        name: "can_latency",
+        needs: None,
+    },
 ];
 
 const DEFAULT_TIMEOUT_SECS: u64 = 20 * 60;
