@@ -224,9 +224,10 @@ fn captures(mode: &str) {
             0.0,
             "read before the application's sleep ended\n{metrics}"
         );
+        // The sleep starts at the first datagram; the last ones queued up to a few ms later.
         let mean = d("read", "sum", None) / n;
         assert!(
-            (SLEEP.as_secs_f64()..2.0).contains(&mean),
+            (SLEEP.as_secs_f64() * 0.9..2.0).contains(&mean),
             "mean read latency {mean:.3} s\n{metrics}"
         );
         eprintln!(
@@ -270,7 +271,10 @@ fn captures(mode: &str) {
 /// traces: up to 6.9; later kernels defer most frees to the allocating CPU, without it.
 fn reads_are_traced() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut v = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
     (v.next().unwrap_or(0), v.next().unwrap_or(0)) < (6, 10)
 }
 
