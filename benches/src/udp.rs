@@ -29,7 +29,8 @@ use crate::{
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Engines to measure, in order.
+    /// Engines to measure, in order. `xdp-nocapture` and `tc-nocapture` run with latency
+    /// capture off (`[latency] enabled = false`), to measure what capture costs end to end.
     #[arg(
         long,
         value_delimiter = ',',
@@ -97,19 +98,21 @@ impl Drop for Forwarder {
 }
 
 fn start(engine: &str, line: &Line) -> anyhow::Result<Forwarder> {
+    // `-nocapture`: the same kernel path with latency capture off, to measure its cost.
+    let capture = !engine.ends_with("-nocapture");
     let agent = |mode: &str, engine: &str| {
         let config = format!(
-            "[http]\nlisten = \"127.0.0.1:9464\"\n[udp]\nmode = \"{mode}\"\nengine = \"{engine}\"\n{RULE}"
+            "[http]\nlisten = \"127.0.0.1:9464\"\n[latency]\nenabled = {capture}\n[udp]\nmode = \"{mode}\"\nengine = \"{engine}\"\n{RULE}"
         );
         Agent::start(&line.gateway, &config, "warn")
     };
     Ok(match engine {
-        "xdp" => {
+        "xdp" | "xdp-nocapture" => {
             line.prepare_for_xdp()?;
             let pass = attach_xdp_pass(&line.receiver, "r0")?;
             Forwarder::Agent(agent("xdp", "tokio")?, Some(Box::new(pass)))
         }
-        "tc" => Forwarder::Agent(agent("tc", "tokio")?, None),
+        "tc" | "tc-nocapture" => Forwarder::Agent(agent("tc", "tokio")?, None),
         "tokio" | "tokio-uring" => Forwarder::Agent(agent("userspace", engine)?, None),
         "socat" => {
             let child = line
@@ -136,7 +139,9 @@ fn start(engine: &str, line: &Line) -> anyhow::Result<Forwarder> {
             }
             f
         }
-        other => bail!("unknown engine {other}: choose xdp, tc, tokio, tokio-uring, socat"),
+        other => bail!(
+            "unknown engine {other}: choose xdp, tc, xdp-nocapture, tc-nocapture, tokio, tokio-uring, socat"
+        ),
     })
 }
 
