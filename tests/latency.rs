@@ -78,7 +78,7 @@ fn send(ns: &Netns, to: SocketAddr, n: u32) {
 /// `delay` first (the datagrams wait in the socket meanwhile).
 fn receive(ns: &Netns, addr: SocketAddr, n: u32, delay: Duration, ready: mpsc::Sender<()>) -> u32 {
     let _in = ns.enter().unwrap();
-    let sock = UdpSocket::bind(addr).unwrap();
+    let sock = edgeplane_testbed::bind_udp_receiver(addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     ready.send(()).unwrap();
     let mut got = 0;

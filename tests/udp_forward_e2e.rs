@@ -6,7 +6,6 @@
 use std::{
     collections::BTreeSet,
     net::{SocketAddr, UdpSocket},
-    os::fd::AsRawFd as _,
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -51,18 +50,7 @@ fn receive(
     quiet: Duration,
 ) -> BTreeSet<u32> {
     let _in = ns.enter().unwrap();
-    let sock = UdpSocket::bind(bind).unwrap();
-    let size: libc::c_int = 16 << 20;
-    // SAFETY: plain setsockopt with a valid int. FORCE: root may exceed rmem_max.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&raw const size).cast(),
-            4,
-        );
-    }
+    let sock = edgeplane_testbed::bind_udp_receiver(bind).unwrap();
     sock.set_read_timeout(Some(quiet)).unwrap();
     ready.send(()).unwrap();
     let mut seen = BTreeSet::new();

@@ -7,7 +7,6 @@
 use std::{
     collections::BTreeSet,
     net::{SocketAddr, UdpSocket},
-    os::fd::AsRawFd as _,
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -57,18 +56,7 @@ fn receive(
     ready: mpsc::Sender<()>,
 ) -> (BTreeSet<u32>, BTreeSet<SocketAddr>) {
     let _in = ns.enter().unwrap();
-    let sock = UdpSocket::bind(bind).unwrap();
-    let size: libc::c_int = 16 << 20;
-    // SAFETY: plain setsockopt with a valid int. FORCE: root may exceed rmem_max.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&raw const size).cast(),
-            4,
-        );
-    }
+    let sock = edgeplane_testbed::bind_udp_receiver(bind).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(1500)))
         .unwrap();
     ready.send(()).unwrap();
