@@ -125,7 +125,8 @@ fn exchange(line: &Line, count: u32) -> anyhow::Result<(u32, Duration)> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let receiver = s.spawn(move || -> anyhow::Result<u32> {
             let _in = line.receiver.enter()?;
-            let sock = UdpSocket::bind(bind)?;
+            // A large buffer: a slow machine's receiver may fall behind a burst.
+            let sock = edgeplane_testbed::bind_udp_receiver(bind)?;
             sock.set_read_timeout(Some(Duration::from_millis(1000)))?;
             ready_tx.send(())?;
             let mut got = 0;
