@@ -14,7 +14,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("ethtool", "veth offload settings in tests"),
     ("iputils-ping", "neighbour resolution in tests"),
-    ("prometheus", "promtool check metrics in tests"),
+    (
+        "prometheus",
+        "promtool check metrics, and a real Prometheus server, in tests",
+    ),
     (
         "can-utils",
         "cansend, candump, cangw in the CAN tests (VM only)",
