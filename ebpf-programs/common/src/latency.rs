@@ -9,7 +9,6 @@ use crate::{can, udp_forward};
 /// Map names, as the programs declare them.
 pub const CONFIG_MAP: &str = "LATENCY_CONFIG";
 pub const HANDOFF_MAP: &str = "LATENCY_HANDOFF";
-pub const XDP_PENDING_MAP: &str = "LATENCY_XDP_PENDING";
 pub const UDP_FORWARD_MAP: &str = "UDP_FORWARD_LATENCY";
 pub const CAN_FORWARD_MAP: &str = "CAN_FORWARD_LATENCY";
 pub const DELIVERY_MAP: &str = "DELIVERY_LATENCY";
@@ -35,6 +34,11 @@ pub const STAGE_READ: u32 = 1;
 pub const STAGES: u32 = 2;
 /// Frames XDP hands to one egress between two flushes: the devmap's bulk size.
 pub const XDP_BULK: usize = 16;
+/// Per-CPU bulk-queue notes, indexed by egress ifindex modulo this: an array lookup instead of
+/// a hash one for every redirected frame. Two egresses of one slot share it (the later one
+/// takes it over, so frames of the other go unmeasured); a flush comes at the end of every
+/// driver poll, so that needs both within one poll on one CPU.
+pub const XDP_PENDING_SLOTS: u32 = 64;
 /// A frame's CAN routes to other netdevs that one handoff can carry.
 pub const HANDOFF_ROUTES: usize = can::MAX_RULES_PER_IFACE;
 /// Skbs queued on sockets whose queueing time is kept for the read stage's events.
@@ -119,9 +123,9 @@ pub struct Handoff {
     pub kind: u32,
     /// Number of (egress, slot) pairs in use.
     pub routes: u32,
-    /// Receive timestamp (monotonic) or, without one, the ingress hook's entry.
+    /// Receive timestamp (monotonic) or, without one, `hook_ns`.
     pub start_ns: u64,
-    /// Ingress hook's entry.
+    /// The ingress program's time: a CAN frame's entry, a UDP datagram's rule match.
     pub hook_ns: u64,
     /// UDP: the skb length, which the egress must see unchanged.
     pub len: u32,
@@ -143,12 +147,13 @@ pub struct PendingFrame {
 }
 crate::assert_size!(PendingFrame, 64);
 
-/// Per CPU and egress ifindex: frames redirected since the last flush, in order.
+/// Per CPU, in slot `egress ifindex % XDP_PENDING_SLOTS`: frames redirected to `ifindex`
+/// since its last flush, in order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct XdpPending {
     pub count: u32,
-    pub _pad: u32,
+    pub ifindex: u32,
     pub frames: [PendingFrame; XDP_BULK],
 }
 crate::assert_size!(XdpPending, 8 + 64 * XDP_BULK);
@@ -157,7 +162,7 @@ impl Default for XdpPending {
     fn default() -> Self {
         Self {
             count: 0,
-            _pad: 0,
+            ifindex: 0,
             frames: [PendingFrame::default(); XDP_BULK],
         }
     }

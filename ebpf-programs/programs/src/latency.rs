@@ -3,16 +3,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use edgeplane_common::{
     hist::Log2Hist,
     latency::{
         CAN_FORWARD_SLOTS, FlowKey, HANDOFF_CAN, HANDOFF_ROUTES, HANDOFF_UDP, Handoff,
-        LatencyConfig, LatencyEvent, PendingFrame, UDP_FORWARD_SLOTS, XDP_BULK, XdpPending, event,
-        flag,
+        LatencyConfig, LatencyEvent, PendingFrame, UDP_FORWARD_SLOTS, XDP_BULK, XDP_PENDING_SLOTS,
+        XdpPending, event, flag,
     },
-    udp_forward::MAX_INGRESS,
 };
 
 use crate::{atomic_hist, verifier::opaque};
@@ -22,11 +21,8 @@ pub static LATENCY_CONFIG: Array<LatencyConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static LATENCY_HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
 #[map]
-static LATENCY_XDP_PENDING: PerCpuHashMap<u32, XdpPending> =
-    PerCpuHashMap::with_max_entries(MAX_INGRESS, 0);
-/// All zero: what a new pending entry starts from (too big for the BPF stack).
-#[map]
-static LATENCY_XDP_EMPTY: PerCpuArray<XdpPending> = PerCpuArray::with_max_entries(1, 0);
+static LATENCY_XDP_PENDING: PerCpuArray<XdpPending> =
+    PerCpuArray::with_max_entries(XDP_PENDING_SLOTS, 0);
 #[map]
 pub static UDP_FORWARD_LATENCY: Array<Log2Hist> = Array::with_max_entries(UDP_FORWARD_SLOTS, 0);
 #[map]
@@ -135,15 +131,13 @@ pub fn hand_off_can(
 /// caller writes its flow.
 #[inline(always)]
 pub fn pending_xdp(egress: u32, hook_ns: u64, slot: u32) -> Option<*mut FlowKey> {
-    let mut p = LATENCY_XDP_PENDING.get_ptr_mut(&egress);
-    if p.is_none() {
-        let empty = LATENCY_XDP_EMPTY.get(0)?;
-        LATENCY_XDP_PENDING.insert(&egress, empty, 0).ok()?;
-        p = LATENCY_XDP_PENDING.get_ptr_mut(&egress);
-    }
-    let p = p?;
+    let p = LATENCY_XDP_PENDING.get_ptr_mut(egress % XDP_PENDING_SLOTS)?;
     // SAFETY: per-CPU value of this CPU's bulk queue to `egress`.
     unsafe {
+        if (*p).ifindex != egress {
+            (*p).ifindex = egress;
+            (*p).count = 0;
+        }
         let i = opaque((*p).count as usize);
         let f: *mut PendingFrame = (*p).frames.get_mut(i)?;
         (*f).hook_ns = hook_ns;
@@ -156,7 +150,9 @@ pub fn pending_xdp(egress: u32, hook_ns: u64, slot: u32) -> Option<*mut FlowKey>
 /// The frames of this CPU's bulk queue to `egress`, for the flush to take.
 #[inline(always)]
 pub fn take_pending(egress: u32) -> Option<*mut XdpPending> {
-    LATENCY_XDP_PENDING.get_ptr_mut(&egress)
+    let p = LATENCY_XDP_PENDING.get_ptr_mut(egress % XDP_PENDING_SLOTS)?;
+    // SAFETY: per-CPU value, read only.
+    (unsafe { (*p).ifindex } == egress).then_some(p)
 }
 
 pub const FORWARD_UDP: u32 = event::UDP_FORWARD;

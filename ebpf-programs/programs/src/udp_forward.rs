@@ -101,9 +101,6 @@ struct Packet {
 }
 
 pub fn forward<F: Frame>(frame: &mut F) -> Action {
-    let latency = latency::forwarding();
-    // SAFETY: plain helper call.
-    let hook_ns = latency.map_or(0, |_| unsafe { bpf_ktime_get_ns() });
     let ifindex = frame.ifindex();
     // SAFETY: values are Copy and read at once; userspace replaces them whole.
     let Some(ingress) = (unsafe { UDP_INGRESS.get(&ifindex) }).copied() else {
@@ -120,6 +117,11 @@ pub fn forward<F: Frame>(frame: &mut F) -> Action {
     // SAFETY: a map value stays valid for the whole program run (RCU); userspace replaces
     // values whole, so the copy is consistent.
     let action = unsafe { *action };
+    // Capture starts at the match, so frames no rule takes pay nothing for it; XDP frames
+    // carry no receive timestamp, so their time starts here.
+    let latency = latency::forwarding();
+    // SAFETY: plain helper call.
+    let hook_ns = latency.map_or(0, |_| unsafe { bpf_ktime_get_ns() });
     match unpack(route_and_rewrite(frame, &packet, &action)) {
         Ok(egress) if frame.redirect(egress) => {
             if let Some(stats) = UDP_STATS.get_ptr_mut(action.slot) {
