@@ -135,7 +135,7 @@ fn captures(mode: &str) {
     let line = Line::new(if mode == "xdp" { "lx" } else { "lt" }).unwrap();
     let _peer_xdp = (mode == "xdp").then(|| {
         line.prepare_for_xdp().unwrap();
-        attach_xdp_pass(&line.receiver, "r0")
+        edgeplane_tests::xdp_pass::attach(&line.receiver, "r0").unwrap()
     });
     line.resolve_neighbours().unwrap();
     let mut agent = Agent::start(&line.gateway, &config(mode), "info").unwrap();
@@ -286,14 +286,4 @@ fn tc_mode() {
 #[test]
 fn xdp_mode() {
     captures("xdp");
-}
-
-/// XDP redirects into a veth reach its peer only when the peer runs XDP.
-fn attach_xdp_pass(ns: &Netns, iface: &str) -> aya::Ebpf {
-    let _in = ns.enter().unwrap();
-    let name = edgeplane_common::XDP_PASS_PROGRAM;
-    let mut ebpf = edgeplane::loader::load(&[name]).unwrap();
-    let p: &mut aya::programs::Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
-    p.attach(iface, aya::programs::XdpMode::Driver).unwrap();
-    ebpf
 }

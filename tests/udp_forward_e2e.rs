@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgeplane_common::XDP_PASS_PROGRAM;
 use edgeplane_testbed::{
     agent::{self, Agent},
     http,
@@ -138,7 +137,7 @@ fn forwards_and_counts_exactly(mode: &str, v4: bool) {
     let line = Line::new(if v4 { "e4" } else { "e6" }).unwrap();
     let _peer_xdp = (mode == "xdp").then(|| {
         line.prepare_for_xdp().unwrap();
-        attach_xdp_pass(&line.receiver, "r0")
+        edgeplane_tests::xdp_pass::attach(&line.receiver, "r0").unwrap()
     });
     line.resolve_neighbours().unwrap();
     let rule = if v4 { "lidar" } else { "lidar6" };
@@ -210,20 +209,6 @@ fn xdp_mode_ipv6() {
 #[test]
 fn auto_mode_chooses_tc_on_veth() {
     forwards_and_counts_exactly("auto", true);
-}
-
-/// XDP redirects into a veth reach its peer only when the peer runs XDP (or, from 5.13, has GRO
-/// on): attach the agent's own `xdp_pass` there. The link lives as long as the returned object.
-fn attach_xdp_pass(ns: &Netns, iface: &str) -> aya::Ebpf {
-    let _in = ns.enter().unwrap();
-    let mut ebpf = edgeplane::loader::load(&[XDP_PASS_PROGRAM]).unwrap();
-    let p: &mut aya::programs::Xdp = ebpf
-        .program_mut(XDP_PASS_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    p.attach(iface, aya::programs::XdpMode::Driver).unwrap();
-    ebpf
 }
 
 /// With no ARP entry for the receiver, the first datagrams go through the stack (which resolves
@@ -388,7 +373,7 @@ fn restart_loses_nothing(mode: &str) {
     let line = Line::new(&format!("rs{mode}")).unwrap();
     let _peer_xdp = (mode == "xdp").then(|| {
         line.prepare_for_xdp().unwrap();
-        attach_xdp_pass(&line.receiver, "r0")
+        edgeplane_tests::xdp_pass::attach(&line.receiver, "r0").unwrap()
     });
     line.resolve_neighbours().unwrap();
     let dir = edgeplane_testbed::bpffs::dir_for(&line.gateway.name).unwrap();

@@ -15,12 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use edgeplane_common::XDP_PASS_PROGRAM;
-use edgeplane_testbed::{
-    agent::Agent,
-    netns::{Line, Netns},
-    usage,
-};
+use edgeplane_testbed::{agent::Agent, netns::Line, usage};
 
 use crate::{
     report::Row,
@@ -109,7 +104,7 @@ fn start(engine: &str, line: &Line) -> anyhow::Result<Forwarder> {
     Ok(match engine {
         "xdp" | "xdp-nocapture" => {
             line.prepare_for_xdp()?;
-            let pass = attach_xdp_pass(&line.receiver, "r0")?;
+            let pass = edgeplane_tests::xdp_pass::attach(&line.receiver, "r0")?;
             Forwarder::Agent(agent("xdp", "tokio")?, Some(Box::new(pass)))
         }
         "tc" | "tc-nocapture" => Forwarder::Agent(agent("tc", "tokio")?, None),
@@ -143,18 +138,6 @@ fn start(engine: &str, line: &Line) -> anyhow::Result<Forwarder> {
             "unknown engine {other}: choose xdp, tc, xdp-nocapture, tc-nocapture, tokio, tokio-uring, socat"
         ),
     })
-}
-
-/// XDP redirects into a veth reach its peer only when the peer runs XDP (before 5.13).
-fn attach_xdp_pass(ns: &Netns, iface: &str) -> anyhow::Result<aya::Ebpf> {
-    let _in = ns.enter()?;
-    let mut ebpf = edgeplane::loader::load(&[XDP_PASS_PROGRAM])?;
-    let p: &mut aya::programs::Xdp = ebpf
-        .program_mut(XDP_PASS_PROGRAM)
-        .context("xdp_pass missing")?
-        .try_into()?;
-    p.attach(iface, aya::programs::XdpMode::Driver)?;
-    Ok(ebpf)
 }
 
 pub fn measure(opts: &Options) -> anyhow::Result<Vec<Row>> {

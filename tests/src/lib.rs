@@ -3,3 +3,4 @@
 pub mod can;
 pub mod etcd;
 pub mod udp_program;
+pub mod xdp_pass;
