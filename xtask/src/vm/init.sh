@@ -3,9 +3,10 @@
 # expect, run each test executable, print one result line per executable on the serial console,
 # power off. `cargo xtask vm-test` writes the settings below into /etc/edgeplane-vm.conf:
 #   MODULES        kernel modules to insmod, dependencies first
-#   TESTS          test executables in /opt/edgeplane/tests to run, in order
+#   JOBS           runs to do, in order, each `<test executable in /opt/edgeplane/tests>:<run>`
 #   FILTER         libtest name filter, may be empty
-#   TEST_TIMEOUT   seconds each test executable may take
+#   TEST_TIMEOUT   seconds each run may take; a run over it dumps the kernel's stacks and ends
+#                  the VM (its state is suspect), and the harness boots again for what is left
 # The harness parses the lines starting with EDGEPLANE-VM; everything else is for humans.
 
 export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
@@ -36,7 +37,7 @@ for m in $MODULES; do
         *) must insmod "$m" ;;
     esac
 done
-must ip link set lo up
+must /usr/local/bin/ip link set lo up
 
 echo "EDGEPLANE-VM-BOOTED $(uname -r)"
 
@@ -47,28 +48,51 @@ now_cs() {
     echo "$((${up%.*} * 100 + 1${up#*.} - 100))"
 }
 
+# Every CPU's and every blocked task's stack, for a run that never ended.
+dump_stacks() {
+    echo l >/proc/sysrq-trigger
+    echo w >/proc/sysrq-trigger
+    for task in /proc/"$1"/task/*; do
+        echo "stack of task ${task##*/} ($(cat "$task/comm" 2>/dev/null)):"
+        cat "$task/stack" 2>/dev/null
+    done
+}
+
 if [ "$setup_ok" = 1 ]; then
-    for t in $TESTS; do
-        echo "EDGEPLANE-VM-START: $t"
+    for job in $JOBS; do
+        t=${job%:*}
+        run=${job##*:}
+        echo "EDGEPLANE-VM-START: $t $run"
         start=$(now_cs)
         # One test at a time: under emulation parallel tests only compete for the two vCPUs,
         # and the end-to-end tests' timing assumptions get tighter.
-        timeout "$TEST_TIMEOUT" "/opt/edgeplane/tests/$t" --test-threads=1 --nocapture ${FILTER:+"$FILTER"}
+        "/opt/edgeplane/tests/$t" --test-threads=1 --nocapture ${FILTER:+"$FILTER"} &
+        pid=$!
+        # The time limit ends the VM, not just the run: a task stuck in the kernel survives
+        # SIGKILL, and whatever it holds would poison every later run.
+        (
+            sleep "$TEST_TIMEOUT"
+            echo "EDGEPLANE-VM-STACKS: $t $run is over its ${TEST_TIMEOUT}s limit"
+            dump_stacks "$pid"
+            echo "EDGEPLANE-VM: $t $run TIMEOUT 124 $TEST_TIMEOUT"
+            poweroff -f
+        ) &
+        watchdog=$!
+        wait "$pid"
         rc=$?
+        kill -KILL "$watchdog" 2>/dev/null
         cs=$(($(now_cs) - start))
         secs="$((cs / 100)).$((cs / 10 % 10))"
         if [ "$rc" = 0 ]; then
             result=PASS
-        elif [ "$((cs / 100))" -ge "$TEST_TIMEOUT" ]; then
-            result=TIMEOUT
         else
             result=FAIL
         fi
-        echo "EDGEPLANE-VM: $t $result $rc $secs"
-        # A test killed by the timeout leaves its agents and namespaces behind (no destructors
-        # ran): start the next executable from a clean system. -1 spares PID 1, this shell.
+        echo "EDGEPLANE-VM: $t $run $result $rc $secs"
+        # A failed test may leave agents and namespaces behind (a panic skips destructors):
+        # start the next run from a clean system. -1 spares PID 1, this shell.
         kill -KILL -1 2>/dev/null
-        ip -all netns delete 2>/dev/null
+        /usr/local/bin/ip -all netns delete 2>/dev/null
     done
 fi
 

@@ -52,6 +52,8 @@ pub struct Payload<'a> {
     pub agent: &'a Path,
     /// Test executables by the name /init runs them as.
     pub tests: &'a [(String, PathBuf)],
+    /// The runs to do, in order: a test's name and the run's number.
+    pub jobs: &'a [(String, u32)],
     pub filter: Option<&'a str>,
     pub test_timeout_secs: u64,
 }
@@ -95,11 +97,15 @@ pub fn build(kernel: &Kernel, payload: &Payload, out: &Path) -> anyhow::Result<u
         modules.push(format!("/{guest}"));
     }
 
-    let tests: Vec<&str> = payload.tests.iter().map(|(n, _)| n.as_str()).collect();
+    let jobs: Vec<String> = payload
+        .jobs
+        .iter()
+        .map(|(test, run)| format!("{test}:{run}"))
+        .collect();
     let config = format!(
-        "MODULES={}\nTESTS={}\nFILTER={}\nTEST_TIMEOUT={}\n",
+        "MODULES={}\nJOBS={}\nFILTER={}\nTEST_TIMEOUT={}\n",
         sh_quote(&modules.join(" ")),
-        sh_quote(&tests.join(" ")),
+        sh_quote(&jobs.join(" ")),
         sh_quote(payload.filter.unwrap_or_default()),
         payload.test_timeout_secs,
     );

@@ -12,7 +12,7 @@ mod qemu;
 use std::{
     collections::BTreeMap,
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -101,9 +101,15 @@ pub struct Options {
     /// Seconds one kernel may take from boot to power-off before qemu is killed.
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_SECS)]
     timeout: u64,
-    /// Seconds one test executable may take inside the VM.
+    /// Seconds one run of a test executable may take inside the VM; a run over it dumps the
+    /// kernel's stacks and ends the VM, and the remaining runs go on in a new one.
     #[arg(long, default_value_t = DEFAULT_TEST_TIMEOUT_SECS)]
     test_timeout: u64,
+    /// Run the chosen tests this many times on each kernel (all of them, then all again), and
+    /// report every run. A run that ends the VM (a panic, a lockup) is reported and the
+    /// remaining runs go on in a new VM.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Show the whole serial console, not only test progress (it is always in the log).
     #[arg(long, short)]
     verbose: bool,
@@ -119,6 +125,7 @@ impl Options {
             refresh_kernels: false,
             timeout: DEFAULT_TIMEOUT_SECS,
             test_timeout: DEFAULT_TEST_TIMEOUT_SECS,
+            repeat: 1,
             verbose: false,
         }
     }
@@ -174,46 +181,67 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
                 s.name
             ));
         }
-        let payload = initramfs::Payload {
-            agent: &agent,
-            tests: &runnable,
-            filter: opts.filter.as_deref(),
-            test_timeout_secs: opts.test_timeout,
-        };
-        let initrd = cache.join(format!("initramfs-{}.cpio", s.name));
-        let size = initramfs::build(&kernel, &payload, &initrd)?;
-        let log = logs.join(format!("{}.log", s.name));
-        step(format_args!(
-            "kernel {}: booting {} ({} MB initramfs, {}), console log {}",
-            s.name,
-            kernel.release,
-            size >> 20,
-            if kvm { "KVM" } else { "TCG" },
-            log.display()
-        ));
-        let boot = qemu::boot(
-            &kernel,
-            &qemu::Settings {
-                initrd: &initrd,
-                log: &log,
-                timeout: Duration::from_secs(opts.timeout),
-                kvm,
-                verbose: opts.verbose,
-            },
-        )?;
-        step(format_args!(
-            "kernel {}: finished in {}",
-            s.name,
-            minutes(boot.wall)
-        ));
+        let jobs: Vec<(String, u32)> = (1..=opts.repeat)
+            .flat_map(|run| runnable.iter().map(move |(name, _)| (name.clone(), run)))
+            .collect();
+        let mut boots = Vec::new();
+        let mut left = jobs.as_slice();
+        // Each boot does at least one run, or its trouble is reported and the kernel left.
+        while !left.is_empty() {
+            let number = boots.len() + 1;
+            let payload = initramfs::Payload {
+                agent: &agent,
+                tests: &runnable,
+                jobs: left,
+                filter: opts.filter.as_deref(),
+                test_timeout_secs: opts.test_timeout,
+            };
+            let initrd = cache.join(format!("initramfs-{}.cpio", s.name));
+            let size = initramfs::build(&kernel, &payload, &initrd)?;
+            let log = logs.join(if number == 1 {
+                format!("{}.log", s.name)
+            } else {
+                format!("{}-boot{number}.log", s.name)
+            });
+            step(format_args!(
+                "kernel {}: booting {} ({} MB initramfs, {}, {} run(s) to do), console log {}",
+                s.name,
+                kernel.release,
+                size >> 20,
+                if kvm { "KVM" } else { "TCG" },
+                left.len(),
+                log.display()
+            ));
+            let boot = qemu::boot(
+                &kernel,
+                &qemu::Settings {
+                    initrd: &initrd,
+                    log: &log,
+                    timeout: Duration::from_secs(opts.timeout),
+                    kvm,
+                    verbose: opts.verbose,
+                },
+            )?;
+            step(format_args!(
+                "kernel {}: VM finished in {} after {} run(s)",
+                s.name,
+                minutes(boot.wall),
+                boot.results.len()
+            ));
+            let done = boot.results.len().min(left.len());
+            boots.push(BootReport { log, boot });
+            if done == 0 {
+                break;
+            }
+            left = &left[done..];
+        }
         reports.push(Report {
             kernel,
-            log,
-            boot,
+            boots,
             skipped,
         });
     }
-    summarize(&reports, &wanted)
+    summarize(&reports, &wanted, opts.repeat)
 }
 
 /// The minimum series and the reason, when `test` can't run on `series`.
@@ -313,60 +341,124 @@ fn target_dir() -> anyhow::Result<PathBuf> {
 
 struct Report {
     kernel: kernels::Kernel,
-    log: PathBuf,
-    boot: qemu::Boot,
+    /// One VM per boot: the first, and one more after each run that ended its VM.
+    boots: Vec<BootReport>,
     /// Tests this kernel is too old for.
     skipped: Vec<String>,
 }
 
-/// Prints one row per kernel and test, then every problem; fails if there was one.
-fn summarize(reports: &[Report], wanted: &[&str]) -> anyhow::Result<()> {
+struct BootReport {
+    log: PathBuf,
+    boot: qemu::Boot,
+}
+
+impl Report {
+    /// Every run of `test`, in order, with the log of the VM it ran in.
+    fn runs<'a>(&'a self, test: &'a str) -> impl Iterator<Item = (&'a qemu::TestResult, &'a Path)> {
+        self.boots.iter().flat_map(move |b| {
+            b.boot
+                .results
+                .iter()
+                .filter(move |r| r.test == test)
+                .map(|r| (r, b.log.as_path()))
+        })
+    }
+}
+
+/// Prints one row per kernel and test (with `--repeat`, the passes out of the runs, the mean
+/// time and every run), then every problem; fails if there was one.
+fn summarize(reports: &[Report], wanted: &[&str], repeat: u32) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     let row = |k: &kernels::Kernel, what: &str, result: &str, time: Option<f64>| {
         let time = time.map_or_else(|| "-".to_owned(), |t| format!("{t:.1} s"));
         eprintln!(
-            "{:<7} {:<17} {:<22} {:<8} {:>9}",
+            "{:<7} {:<17} {:<22} {:<12} {:>9}",
             k.series, k.release, what, result, time
         );
     };
+    let mut run_lines = Vec::new();
     eprintln!();
     eprintln!(
-        "{:<7} {:<17} {:<22} {:<8} {:>9}",
+        "{:<7} {:<17} {:<22} {:<12} {:>9}",
         "kernel", "release", "test", "result", "time"
     );
     for r in reports {
-        let (k, b) = (&r.kernel, &r.boot);
-        let boot = b.booted.map(|d| d.as_secs_f64());
-        row(
-            k,
-            "(boot to /init)",
-            if boot.is_some() { "ok" } else { "FAIL" },
-            boot,
-        );
+        let k = &r.kernel;
+        for (i, b) in r.boots.iter().enumerate() {
+            let what = if r.boots.len() == 1 {
+                "(boot to /init)".to_owned()
+            } else {
+                format!("(boot {} to /init)", i + 1)
+            };
+            let booted = b.boot.booted.map(|d| d.as_secs_f64());
+            row(k, &what, if booted.is_some() { "ok" } else { "FAIL" }, booted);
+        }
         for name in wanted {
             if r.skipped.iter().any(|s| s == name) {
                 row(k, name, "SKIP", None);
                 continue;
             }
-            let Some(t) = b.results.iter().find(|t| t.test == *name) else {
+            let runs: Vec<_> = r.runs(name).collect();
+            if runs.is_empty() {
                 row(k, name, "MISSING", None);
                 continue;
+            }
+            let passed = runs
+                .iter()
+                .filter(|(t, _)| t.outcome == qemu::Outcome::Pass)
+                .count();
+            let mean = runs.iter().map(|(t, _)| t.secs).sum::<f64>() / runs.len() as f64;
+            let result = match (repeat, runs.as_slice()) {
+                (1, [(only, _)]) => only.outcome.to_string(),
+                _ => {
+                    let word = if passed == runs.len() { "PASS" } else { "FAIL" };
+                    format!("{word} {passed}/{repeat}")
+                }
             };
-            row(k, name, &t.outcome.to_string(), Some(t.secs));
-            if t.outcome != qemu::Outcome::Pass {
+            row(k, name, &result, Some(mean));
+            if repeat > 1 {
+                let each: Vec<String> = runs
+                    .iter()
+                    .map(|(t, _)| format!("{} {} {:.0}s", t.run, t.outcome, t.secs))
+                    .collect();
+                run_lines.push(format!("{} {name}: {}", k.series, each.join(", ")));
+            }
+            for (t, log) in runs.iter().filter(|(t, _)| t.outcome != qemu::Outcome::Pass) {
+                problems.push(run_problem(k, t, log));
+            }
+        }
+        let wall: Duration = r.boots.iter().map(|b| b.boot.wall).sum();
+        let finished = r.boots.last().is_some_and(|b| b.boot.done);
+        row(
+            k,
+            "(whole VM)",
+            if finished { "ok" } else { "FAIL" },
+            Some(wall.as_secs_f64()),
+        );
+        for b in &r.boots {
+            problems.extend(vm_problems(k, b));
+        }
+        if r.boots.last().is_some_and(|b| b.boot.booted.is_some()) {
+            let missing: Vec<&str> = wanted
+                .iter()
+                .copied()
+                .filter(|n| r.runs(n).next().is_none() && !r.skipped.iter().any(|s| s == n))
+                .collect();
+            if !missing.is_empty() {
                 problems.push(format!(
-                    "{}: {} {} (exit code {}){}",
+                    "{}: no result for {}",
                     k.series,
-                    t.test,
-                    t.outcome,
-                    t.exit_code,
-                    failed_cases(&t.failed)
+                    missing.join(", ")
                 ));
             }
         }
-        let finished = if b.done { "ok" } else { "FAIL" };
-        row(k, "(whole VM)", finished, Some(b.wall.as_secs_f64()));
-        problems.extend(vm_problems(r, wanted));
+    }
+    if !run_lines.is_empty() {
+        eprintln!();
+        eprintln!("every run (number, result, seconds):");
+        for l in &run_lines {
+            eprintln!("  {l}");
+        }
     }
     eprintln!();
     if problems.is_empty() {
@@ -379,9 +471,30 @@ fn summarize(reports: &[Report], wanted: &[&str]) -> anyhow::Result<()> {
     bail!("{} problem(s) in the VM tests", problems.len())
 }
 
-/// What went wrong with a VM as a whole: no boot, set-up failures, timeouts, missing results.
-fn vm_problems(r: &Report, wanted: &[&str]) -> Vec<String> {
-    let (k, b, log) = (&r.kernel, &r.boot, r.log.display());
+/// One run that did not pass: which, how, and where its console is.
+fn run_problem(k: &kernels::Kernel, t: &qemu::TestResult, log: &Path) -> String {
+    let mut p = format!(
+        "{}: {} run {} {} (exit code {}){}",
+        k.series,
+        t.test,
+        t.run,
+        t.outcome,
+        t.exit_code,
+        failed_cases(&t.failed)
+    );
+    if let Some(case) = t.running_case.as_ref().filter(|_| t.outcome != qemu::Outcome::Fail) {
+        p.push_str(&format!(", in {case}"));
+    }
+    if let Some(first) = t.kernel_trouble.first() {
+        p.push_str(&format!("; the kernel said: {first}"));
+    }
+    p.push_str(&format!(" (see {})", log.display()));
+    p
+}
+
+/// What went wrong with a VM as a whole: no boot, set-up failures, qemu's timeout.
+fn vm_problems(k: &kernels::Kernel, b: &BootReport) -> Vec<String> {
+    let (b, log) = (&b.boot, b.log.display());
     let mut problems = Vec::new();
     if b.booted.is_none() {
         let qemu = if b.qemu_stderr.is_empty() {
@@ -406,22 +519,15 @@ fn vm_problems(r: &Report, wanted: &[&str]) -> Vec<String> {
             k.series,
             minutes(b.wall)
         ));
-    } else if b.booted.is_some() && !b.done {
+    } else if b.booted.is_some()
+        && !b.done
+        && !b.results.last().is_some_and(|r| {
+            matches!(r.outcome, qemu::Outcome::Crash | qemu::Outcome::Timeout)
+        })
+    {
         problems.push(format!(
             "{}: /init stopped before the end (see {log})",
             k.series
-        ));
-    }
-    let missing: Vec<&str> = wanted
-        .iter()
-        .copied()
-        .filter(|n| !b.results.iter().any(|t| t.test == *n) && !r.skipped.iter().any(|s| s == n))
-        .collect();
-    if b.booted.is_some() && !missing.is_empty() {
-        problems.push(format!(
-            "{}: no result for {} (see {log})",
-            k.series,
-            missing.join(", ")
         ));
     }
     problems

@@ -38,18 +38,28 @@ pub struct Boot {
 
 pub struct TestResult {
     pub test: String,
+    /// Which run of `test` this was, from 1 (`--repeat`).
+    pub run: u32,
     pub outcome: Outcome,
     pub exit_code: i32,
     pub secs: f64,
     /// libtest's names of the test functions that failed.
     pub failed: Vec<String>,
+    /// The test function that was running when the VM died (a crash), if libtest named one.
+    pub running_case: Option<String>,
+    /// Headlines of kernel trouble (lockups, stalls, oopses, panics) printed during the run.
+    pub kernel_trouble: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Pass,
     Fail,
+    /// Over its time limit: /init dumped the stacks and ended the VM.
     Timeout,
+    /// The VM ended during the run without a result: a kernel panic (a lockup, an RCU stall
+    /// or an oops, which the kernel command line turns into panics) or qemu's own timeout.
+    Crash,
 }
 
 impl std::fmt::Display for Outcome {
@@ -58,6 +68,7 @@ impl std::fmt::Display for Outcome {
             Self::Pass => "PASS",
             Self::Fail => "FAIL",
             Self::Timeout => "TIMEOUT",
+            Self::Crash => "CRASH",
         })
     }
 }
@@ -71,6 +82,19 @@ pub struct Settings<'a> {
     /// Echo every console line, not just the progress lines.
     pub verbose: bool,
 }
+
+/// A lockup, a stall or an oops ends the VM at once with its trace, instead of a guest that
+/// hangs until the harness's timeout:
+/// - `panic=-1`: reboot at once on a panic, which `-no-reboot` turns into qemu exiting;
+/// - `softlockup_panic`, `softlockup_all_cpu_backtrace`: a CPU stuck in the kernel for 20 s
+///   prints every CPU's stack, then panics;
+/// - `panic_on_rcu_stall`: an RCU stall (21 s) panics after its report;
+/// - `hung_task_panic`: a task in uninterruptible sleep for 120 s panics after its stack;
+/// - `oops=panic`: an oops panics instead of leaving a half-dead kernel for the next test;
+/// - `loglevel=7`: the stacks are printed on the console, not just the headlines.
+const KERNEL_COMMAND_LINE: &str = "console=ttyS0 panic=-1 loglevel=7 softlockup_panic=1 \
+     softlockup_all_cpu_backtrace=1 sysctl.kernel.panic_on_rcu_stall=1 hung_task_panic=1 \
+     oops=panic";
 
 pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -102,8 +126,7 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
     .arg(&kernel.vmlinuz)
     .arg("-initrd")
     .arg(s.initrd)
-    // panic=-1: reboot at once on a panic, which -no-reboot turns into qemu exiting.
-    .args(["-append", "console=ttyS0 panic=-1 quiet"])
+    .args(["-append", KERNEL_COMMAND_LINE])
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
@@ -131,8 +154,10 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
         wall: Duration::ZERO,
         qemu_stderr: String::new(),
     };
-    let mut running: Option<String> = None;
-    let mut failed = Vec::new();
+    // The run /init started and has not reported, with what it printed so far.
+    let mut running: Option<TestResult> = None;
+    // Inside libtest's list of failed test functions.
+    let mut in_failures = false;
     let deadline = start + s.timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -153,29 +178,57 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
             progress(kernel, start, &format!("qemu: {line}"));
             continue;
         }
-        match parse(&line) {
+        let parsed = parse(&line);
+        if !matches!(parsed, Some(Line::Indented(_))) {
+            in_failures = matches!(parsed, Some(Line::FailuresList));
+        }
+        let show = s.verbose || is_progress(&line) || matches!(parsed, Some(Line::KernelTrouble(_)));
+        match parsed {
             Some(Line::Booted) => boot.booted = Some(start.elapsed()),
             Some(Line::SetupFailed(what)) => boot.setup_failures.push(what.to_owned()),
-            Some(Line::Start(test)) => {
-                running = Some(test.to_owned());
-                failed.clear();
+            Some(Line::Start { test, run }) => {
+                running = Some(TestResult::started(test, run, start.elapsed()));
             }
             Some(Line::Result(mut result)) => {
-                if running.as_deref() == Some(result.test.as_str()) {
-                    result.failed = std::mem::take(&mut failed);
+                if let Some(r) = running.take_if(|r| r.test == result.test && r.run == result.run)
+                {
+                    result.failed = r.failed;
+                    result.kernel_trouble = r.kernel_trouble;
                 }
-                running = None;
                 boot.results.push(result);
             }
             Some(Line::Done) => boot.done = true,
-            Some(Line::CaseFailed(name)) => failed.push(name.to_owned()),
+            Some(Line::CaseStarted(name)) => {
+                if let Some(r) = &mut running {
+                    r.running_case = Some(name.to_owned());
+                }
+            }
+            Some(Line::FailuresList) => in_failures = true,
+            Some(Line::Indented(name)) => {
+                if let Some(r) = running.as_mut().filter(|_| in_failures)
+                    && !r.failed.iter().any(|f| f == name)
+                {
+                    r.failed.push(name.to_owned());
+                }
+            }
+            Some(Line::KernelTrouble(headline)) => {
+                if let Some(r) = &mut running {
+                    r.kernel_trouble.push(headline.to_owned());
+                }
+            }
             None => {}
         }
-        if s.verbose || is_progress(&line) {
+        if show {
             progress(kernel, start, &line);
         }
     }
     child.0.wait().context("waiting for qemu")?;
+    if let Some(mut r) = running {
+        // The VM ended (panic, or killed) in the middle of this run.
+        r.outcome = Outcome::Crash;
+        r.secs = start.elapsed().as_secs_f64() - r.secs;
+        boot.results.push(r);
+    }
     for r in readers {
         // A reader ends when its pipe closes, which qemu's exit (or kill) does.
         let _ = r.join();
@@ -245,14 +298,59 @@ fn strip_escapes(s: &str) -> String {
     out
 }
 
+impl TestResult {
+    /// A run /init has started; `secs` holds the time since boot until it ends.
+    fn started(test: &str, run: u32, since_boot: Duration) -> Self {
+        Self {
+            test: test.to_owned(),
+            run,
+            outcome: Outcome::Crash,
+            exit_code: -1,
+            secs: since_boot.as_secs_f64(),
+            failed: Vec::new(),
+            running_case: None,
+            kernel_trouble: Vec::new(),
+        }
+    }
+}
+
 enum Line<'a> {
     Booted,
     SetupFailed(&'a str),
-    Start(&'a str),
+    Start { test: &'a str, run: u32 },
     Result(TestResult),
     Done,
-    /// libtest's `test name ... FAILED`.
-    CaseFailed(&'a str),
+    /// libtest's `test name ... ` as a test function starts (with --nocapture its result may
+    /// come lines later).
+    CaseStarted(&'a str),
+    /// libtest's `failures:`, before the names of the test functions that failed.
+    FailuresList,
+    /// A line of four spaces and one word: in libtest's failures list, a failed test function.
+    Indented(&'a str),
+    /// A kernel message that says the kernel is in trouble.
+    KernelTrouble(&'a str),
+}
+
+/// Headlines of the kernel's reports of its own trouble.
+const KERNEL_TROUBLE: &[&str] = &[
+    "BUG: ",
+    "watchdog: BUG: soft lockup",
+    "rcu: INFO:",
+    "INFO: rcu_",
+    "INFO: task ",
+    "WARNING: CPU:",
+    "general protection fault",
+    "Oops:",
+    "Kernel panic",
+];
+
+/// The message of a kernel console line (`[   12.345678] message`), None for other lines.
+fn kernel_message(line: &str) -> Option<&str> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    let (stamp, message) = rest.split_once(']')?;
+    let stamp = stamp.trim();
+    (!stamp.is_empty() && stamp.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .then(|| message.trim_start())
 }
 
 /// Recognises /init's markers anywhere in a line: a kernel message may have been printed on
@@ -273,18 +371,42 @@ fn parse(line: &str) -> Option<Line<'_>> {
             return Some(Line::SetupFailed(rest));
         }
         if let Some(rest) = marker.strip_prefix("EDGEPLANE-VM-START: ") {
-            return Some(Line::Start(rest.trim()));
+            let (test, run) = rest.trim().split_once(' ')?;
+            return Some(Line::Start {
+                test,
+                run: run.parse().ok()?,
+            });
         }
         return None;
     }
-    let name = line.strip_prefix("test ")?.strip_suffix(" ... FAILED")?;
-    Some(Line::CaseFailed(name))
+    if let Some(message) = kernel_message(line) {
+        return KERNEL_TROUBLE
+            .iter()
+            .any(|t| message.contains(t))
+            .then_some(Line::KernelTrouble(message));
+    }
+    if line == "failures:" {
+        return Some(Line::FailuresList);
+    }
+    if let Some(name) = line.strip_prefix("    ")
+        && !name.is_empty()
+        && !name.contains(char::is_whitespace)
+    {
+        return Some(Line::Indented(name));
+    }
+    // "test name ... ", then whatever the test prints on stderr (--nocapture), then its result.
+    let (name, rest) = line.strip_prefix("test ")?.split_once(" ... ")?;
+    match rest.trim() {
+        "ok" | "ignored" => None,
+        _ => Some(Line::CaseStarted(name)),
+    }
 }
 
-/// `<test> PASS|FAIL|TIMEOUT <exit code> <seconds>`
+/// `<test> <run> PASS|FAIL|TIMEOUT <exit code> <seconds>`
 fn parse_result(rest: &str) -> Option<TestResult> {
     let mut fields = rest.split_whitespace();
     let test = fields.next()?.to_owned();
+    let run = fields.next()?.parse().ok()?;
     let outcome = match fields.next()? {
         "PASS" => Outcome::Pass,
         "FAIL" => Outcome::Fail,
@@ -295,21 +417,23 @@ fn parse_result(rest: &str) -> Option<TestResult> {
     let secs = fields.next()?.parse().ok()?;
     Some(TestResult {
         test,
+        run,
         outcome,
         exit_code,
         secs,
         failed: Vec::new(),
+        running_case: None,
+        kernel_trouble: Vec::new(),
     })
 }
 
-/// Lines worth showing while the VM runs: our markers, libtest's per-test lines and summary,
-/// and a kernel's dying words.
+/// Lines worth showing while the VM runs besides the kernel's trouble: our markers, libtest's
+/// per-test lines and summary.
 fn is_progress(line: &str) -> bool {
     line.contains("EDGEPLANE-VM")
         || line.starts_with("test ")
         || line.starts_with("running ")
         || line.starts_with("test result:")
-        || line.contains("Kernel panic")
 }
 
 fn progress(kernel: &Kernel, start: Instant, line: &str) {
