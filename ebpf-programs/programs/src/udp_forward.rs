@@ -58,6 +58,9 @@ pub trait Frame {
     fn ifindex(&self) -> u32;
     /// Bytes of the whole frame, including any part not in the linear data.
     fn len(&self) -> u64;
+    /// Datagrams the frame carries: a tc skb may be a GSO packet (UDP GSO from a local sender,
+    /// GRO), which leaves as that many datagrams, each with its own headers.
+    fn segments(&self) -> u32;
     /// Writes 16-bit words at `offset`. `addr` marks IPv6 addresses, whose change the tc hook
     /// must fold into the skb's CHECKSUM_COMPLETE value itself.
     fn store<const N: usize>(&mut self, offset: usize, words: &[u16; N], addr: bool) -> Option<()>;
@@ -125,10 +128,13 @@ pub fn forward<F: Frame>(frame: &mut F) -> Action {
     match unpack(route_and_rewrite(frame, &packet, &action)) {
         Ok(egress) if frame.redirect(egress) => {
             if let Some(stats) = UDP_STATS.get_ptr_mut(action.slot) {
+                // A GSO packet's datagrams each carry the headers once on the wire.
+                let segments = u64::from(frame.segments());
+                let headers = (packet.l4 + UDP_HLEN) as u64;
                 // SAFETY: per-CPU value, nothing else on this CPU touches it meanwhile.
                 unsafe {
-                    (*stats).packets += 1;
-                    (*stats).bytes += frame.len();
+                    (*stats).packets += segments;
+                    (*stats).bytes += frame.len() + (segments - 1) * headers;
                 }
             }
             if let Some(cfg) = latency {
@@ -180,20 +186,23 @@ fn pass(slot: u32, reason: PassReason) -> Action {
     Action::Pass
 }
 
+/// Reads the headers from the linear data (`data`..`end`, where the attach point made sure they
+/// are) and checks the IP length against `len`, the whole frame's: a tc skb may carry its
+/// payload in page fragments (header split, GRO, UDP GSO), past `end`.
 #[inline(always)]
 fn parse<F: Frame>(f: &F) -> Result<Packet, PassReason> {
-    let (data, end) = (f.data(), f.data_end());
+    let (data, end, len) = (f.data(), f.data_end(), f.len());
     let eth: *const EthHdr = ptr_at(data, end, 0).ok_or(PassReason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
     match u16::from_be(unsafe { (*eth).proto }) {
-        ETH_P_IP => parse_ipv4(data, end),
-        ETH_P_IPV6 => parse_ipv6(data, end),
+        ETH_P_IP => parse_ipv4(data, end, len),
+        ETH_P_IPV6 => parse_ipv6(data, end, len),
         _ => Err(PassReason::NotUdp),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(data: usize, end: usize) -> Result<Packet, PassReason> {
+fn parse_ipv4(data: usize, end: usize, len: u64) -> Result<Packet, PassReason> {
     let ip: *const Ipv4Hdr = ptr_at(data, end, ETH_HLEN).ok_or(PassReason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
@@ -217,7 +226,7 @@ fn parse_ipv4(data: usize, end: usize) -> Result<Packet, PassReason> {
     if ip_len > 0xfff0 {
         return Err(PassReason::Truncated);
     }
-    if (ip_len as usize) < IPV4_HLEN + UDP_HLEN || data + ETH_HLEN + ip_len as usize > end {
+    if (ip_len as usize) < IPV4_HLEN + UDP_HLEN || (ETH_HLEN + ip_len as usize) as u64 > len {
         return Err(PassReason::Truncated);
     }
     // SAFETY: bounds checked by ptr_at.
@@ -241,7 +250,7 @@ fn parse_ipv4(data: usize, end: usize) -> Result<Packet, PassReason> {
 }
 
 #[inline(always)]
-fn parse_ipv6(data: usize, end: usize) -> Result<Packet, PassReason> {
+fn parse_ipv6(data: usize, end: usize, len: u64) -> Result<Packet, PassReason> {
     let ip: *const Ipv6Hdr = ptr_at(data, end, ETH_HLEN).ok_or(PassReason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
@@ -261,7 +270,7 @@ fn parse_ipv6(data: usize, end: usize) -> Result<Packet, PassReason> {
     if payload > 0xffc0 {
         return Err(PassReason::Truncated);
     }
-    if payload < UDP_HLEN || data + ETH_HLEN + IPV6_HLEN + payload > end {
+    if payload < UDP_HLEN || (ETH_HLEN + IPV6_HLEN + payload) as u64 > len {
         return Err(PassReason::Truncated);
     }
     // SAFETY: bounds checked by ptr_at.

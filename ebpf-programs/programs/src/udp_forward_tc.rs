@@ -58,6 +58,10 @@ impl Frame for TcFrame {
     fn len(&self) -> u64 {
         u64::from(self.0.len())
     }
+    fn segments(&self) -> u32 {
+        // SAFETY: the context is the kernel's __sk_buff for this program run.
+        unsafe { (*self.0.skb.skb).gso_segs }.max(1)
+    }
 
     #[inline(always)]
     fn store<const N: usize>(&mut self, offset: usize, words: &[u16; N], addr: bool) -> Option<()> {

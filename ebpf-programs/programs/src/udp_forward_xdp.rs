@@ -51,6 +51,10 @@ impl Frame for XdpFrame {
     fn len(&self) -> u64 {
         (self.0.data_end() - self.0.data()) as u64
     }
+    fn segments(&self) -> u32 {
+        // Programs are loaded without XDP fragments: a frame is one datagram.
+        1
+    }
 
     #[inline(always)]
     fn store<const N: usize>(

@@ -29,6 +29,8 @@ must mount -t bpf bpf /sys/fs/bpf
 must mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # Only for debugging a failure by hand (trace_pipe); not every kernel config has it.
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+# Tests read the kernel's tracepoints (the shape of the skbs they send).
+must mount -t tracefs tracefs /sys/kernel/tracing
 
 for m in $MODULES; do
     case "$m" in
