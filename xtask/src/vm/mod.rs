@@ -110,6 +110,10 @@ pub struct Options {
     /// remaining runs go on in a new VM.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
+    /// Extra kernel command-line argument (repeatable), after the harness's own, e.g.
+    /// `--kernel-arg watchdog_thresh=5` for earlier lockup reports with every CPU's stack.
+    #[arg(long = "kernel-arg", value_name = "ARG")]
+    kernel_args: Vec<String>,
     /// Show the whole serial console, not only test progress (it is always in the log).
     #[arg(long, short)]
     verbose: bool,
@@ -126,6 +130,7 @@ impl Options {
             timeout: DEFAULT_TIMEOUT_SECS,
             test_timeout: DEFAULT_TEST_TIMEOUT_SECS,
             repeat: 1,
+            kernel_args: Vec::new(),
             verbose: false,
         }
     }
@@ -216,6 +221,7 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
                 &kernel,
                 &qemu::Settings {
                     initrd: &initrd,
+                    kernel_args: &opts.kernel_args,
                     log: &log,
                     timeout: Duration::from_secs(opts.timeout),
                     kvm,
@@ -439,7 +445,11 @@ fn summarize(reports: &[Report], wanted: &[&str], repeat: u32) -> anyhow::Result
         let finished = r.boots.last().is_some_and(|b| b.boot.done);
         row(
             k,
-            "(whole VM)",
+            if r.boots.len() == 1 {
+                "(whole VM)"
+            } else {
+                "(all VMs)"
+            },
             if finished { "ok" } else { "FAIL" },
             Some(wall.as_secs_f64()),
         );

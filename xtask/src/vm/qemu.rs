@@ -75,6 +75,8 @@ impl std::fmt::Display for Outcome {
 
 pub struct Settings<'a> {
     pub initrd: &'a Path,
+    /// Appended to [`KERNEL_COMMAND_LINE`] (later arguments win).
+    pub kernel_args: &'a [String],
     pub log: &'a Path,
     pub timeout: Duration,
     /// Hardware virtualisation instead of TCG (nested KVM hung at boot on the CI hosts).
@@ -126,7 +128,14 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
     .arg(&kernel.vmlinuz)
     .arg("-initrd")
     .arg(s.initrd)
-    .args(["-append", KERNEL_COMMAND_LINE])
+    .arg("-append")
+    .arg(
+        [KERNEL_COMMAND_LINE]
+            .into_iter()
+            .chain(s.kernel_args.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
