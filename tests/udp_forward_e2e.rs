@@ -176,8 +176,9 @@ fn forwards_and_counts_exactly(mode: &str, v4: bool) {
     assert_eq!(
         got.len(),
         N as usize,
-        "{mode}: {} of {N} datagrams arrived\nagent log:\n{log}",
-        got.len()
+        "{mode}: {} of {N} datagrams arrived\n{}\n{metrics}\nagent log:\n{log}",
+        got.len(),
+        line.drop_counters()
     );
     let forwarded = http::metric(
         &metrics,
@@ -307,8 +308,9 @@ fn tc_forwards_nonlinear_datagrams(v4: bool) {
     assert_eq!(
         got.len(),
         total,
-        "{} of {total} datagrams arrived\n{metrics}\nagent log:\n{log}",
-        got.len()
+        "{} of {total} datagrams arrived\n{}\n{metrics}\nagent log:\n{log}",
+        got.len(),
+        line.drop_counters()
     );
 
     // What reached the gateway really was nonlinear: the kernel's account of the sender's skbs
@@ -323,10 +325,18 @@ fn tc_forwards_nonlinear_datagrams(v4: bool) {
         .collect();
     let linear = skbs.iter().filter(|s| s.data_len == 0).count();
     let gso = skbs.iter().filter(|s| s.gso_segs == GSO_SEGMENTS).count();
+    // Kernels whose veth does not take UDP GSO (5.10) segment in the sender's stack: then
+    // every datagram is a nonlinear skb of its own.
+    let sent = if gso == 0 {
+        SINGLES + GSO_SENDS * GSO_SEGMENTS
+    } else {
+        SINGLES + GSO_SENDS
+    };
+    assert!(gso == 0 || gso == GSO_SENDS as usize, "{gso} GSO skbs");
     assert_eq!(
-        (skbs.len(), linear, gso),
-        ((SINGLES + GSO_SENDS) as usize, 0, GSO_SENDS as usize),
-        "the sender's skbs (all, linear, GSO); the first: {:?}",
+        (skbs.len(), linear),
+        (sent as usize, 0),
+        "the sender's skbs (all, linear); the first: {:?}",
         skbs.first()
     );
 
@@ -369,7 +379,7 @@ fn tc_forwards_nonlinear_datagrams(v4: bool) {
     }
     assert_eq!(seqs.len(), total, "datagrams captured on r0");
     eprintln!(
-        "{}: {} skbs sent, all nonlinear, {gso} of them GSO ({GSO_SEGMENTS} datagrams); \
+        "{}: {} skbs sent, all nonlinear, {gso} of them GSO ({GSO_SEGMENTS} datagrams each); \
          {total} datagrams forwarded and delivered, {partial} frames with a partial checksum",
         if v4 { "IPv4" } else { "IPv6" },
         skbs.len()
@@ -580,8 +590,9 @@ fn restart_loses_nothing(mode: &str) {
     assert_eq!(
         got.len(),
         N as usize,
-        "{mode}: {} of {N} datagrams arrived across the restart\nsecond agent:\n{}",
+        "{mode}: {} of {N} datagrams arrived across the restart\n{}\nsecond agent:\n{}",
         got.len(),
+        line.drop_counters(),
         second.log_so_far()
     );
     let m = scrape(&line, &second);

@@ -217,6 +217,42 @@ impl Line {
         Ok(())
     }
 
+    /// Where datagrams may have been dropped on their way, for a test that lost some: the
+    /// gateway's veth statistics (an XDP redirect into a full peer ring counts there), the
+    /// receiver's interface drops and its UDP socket errors (a full receive buffer).
+    pub fn drop_counters(&self) -> String {
+        let mut out = String::new();
+        for (ns, iface) in [
+            (&self.gateway, "g0"),
+            (&self.gateway, "g1"),
+            (&self.receiver, "r0"),
+        ] {
+            let stats = ns
+                .exec(&["ethtool", "-S", iface])
+                .unwrap_or_else(|e| e.to_string());
+            let nonzero: Vec<&str> = stats
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.split_once(": ").is_some_and(|(_, v)| v != "0"))
+                .collect();
+            out.push_str(&format!(
+                "{iface} (ethtool -S, non-zero): {}\n",
+                nonzero.join(", ")
+            ));
+        }
+        let link = self
+            .receiver
+            .ip(&["-s", "link", "show", "r0"])
+            .unwrap_or_default();
+        out.push_str(&format!("r0 (ip -s link):\n{link}"));
+        for file in ["/proc/net/snmp", "/proc/net/snmp6"] {
+            let text = self.receiver.exec(&["cat", file]).unwrap_or_default();
+            let udp: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp")).collect();
+            out.push_str(&format!("receiver {file}: {}\n", udp.join(" | ")));
+        }
+        out
+    }
+
     /// XDP on veth: full checksums from the sender, and NAPI (GRO) on the receiving peer so
     /// redirected frames are taken.
     pub fn prepare_for_xdp(&self) -> anyhow::Result<()> {
