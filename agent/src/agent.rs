@@ -9,7 +9,6 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::{oneshot, watch},
 };
@@ -47,8 +46,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
     let registration = registry::Settings::from_config(&current.config)?;
     let notifier = Arc::new(Notifier::from_env());
     let listen = current.config.http.listen;
-    let listener = TcpListener::bind(listen)
-        .await
+    let listener = http::server::bind(listen)
         .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
 
     let bpffs = options
@@ -180,7 +178,10 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
 }
 
 /// The HTTP limits apply on reload (`listen` does not: see [`apply`]).
-fn replace_if_changed(running: &mut crate::config::HttpConfig, new: &crate::config::HttpConfig) -> bool {
+fn replace_if_changed(
+    running: &mut crate::config::HttpConfig,
+    new: &crate::config::HttpConfig,
+) -> bool {
     if running == new {
         return false;
     }

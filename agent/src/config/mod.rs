@@ -517,9 +517,13 @@ mod tests {
         assert_eq!(c.http.header_timeout(), Duration::from_secs(10));
         assert_eq!(c.http.idle_timeout(), Duration::from_secs(60));
         assert_eq!(c.http.write_timeout(), Duration::from_secs(30));
-        assert_eq!((c.http.max_connections, c.http.max_event_streams), (256, 16));
-        let c = parse("[http]\nheader_timeout_ms = 2500\nmax_connections = 4\nmax_event_streams = 0\n")
-            .unwrap();
+        assert_eq!(
+            (c.http.max_connections, c.http.max_event_streams),
+            (256, 16)
+        );
+        let c =
+            parse("[http]\nheader_timeout_ms = 2500\nmax_connections = 4\nmax_event_streams = 0\n")
+                .unwrap();
         assert_eq!(c.http.header_timeout(), Duration::from_millis(2500));
         assert_eq!(c.http.max_event_streams, 0);
 
@@ -537,11 +541,19 @@ mod tests {
             ],
             "{p:?}"
         );
-        assert!(p[0].message.contains("100 to 3600000 ms"), "{}", p[0].message);
+        assert!(
+            p[0].message.contains("100 to 3600000 ms"),
+            "{}",
+            p[0].message
+        );
         let p = problems("[http]\nmax_connections = 8\nmax_event_streams = 8\n");
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].key, "http.max_event_streams");
-        assert!(p[0].message.contains("below http.max_connections (8)"), "{}", p[0].message);
+        assert!(
+            p[0].message.contains("below http.max_connections (8)"),
+            "{}",
+            p[0].message
+        );
         let err = parse("[http]\nmax_connections = -1\n").unwrap_err();
         assert!(err.to_string().contains("max_connections"), "{err}");
     }

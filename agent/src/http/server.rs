@@ -94,6 +94,23 @@ pub fn raise_fd_limit(max_connections: usize) {
     }
 }
 
+/// The listen backlog: a flood's bursts wait in the kernel instead of having their SYNs dropped
+/// (which costs any client, a scraper too, a 1 s retransmission). The kernel caps it at
+/// net.core.somaxconn.
+const BACKLOG: u32 = 4096;
+
+/// Binds the HTTP listener (with `SO_REUSEADDR`, as a restarted agent needs).
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Serves `router` on `listener` until `stop` turns true (or its sender goes), then drains.
 pub async fn run(
     listener: TcpListener,
@@ -125,6 +142,11 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     tracker.metrics.accepted.inc();
+                    // Let the connections accepted so far run before the next accept: during a
+                    // flood, accept is always ready, and without this (tokio's budget allows
+                    // 128 accepts in a row) a scraper whose request is already here could be
+                    // evicted before its task ever parsed it.
+                    tokio::task::yield_now().await;
                     match tracker.admit() {
                         Some(slot) => {
                             let conn = serve_connection(
@@ -373,8 +395,12 @@ impl Conn {
     ) -> Option<(Instant, CloseReason)> {
         let state = self.state();
         let phase = match state.phase {
-            Phase::Header { since } => Some((since + limits.header_timeout(), CloseReason::header_timeout)),
-            Phase::Idle { since } => Some((since + limits.idle_timeout(), CloseReason::idle_timeout)),
+            Phase::Header { since } => {
+                Some((since + limits.header_timeout(), CloseReason::header_timeout))
+            }
+            Phase::Idle { since } => {
+                Some((since + limits.idle_timeout(), CloseReason::idle_timeout))
+            }
             Phase::Busy => None,
         };
         let write = state
@@ -658,9 +684,9 @@ mod tests {
             .route(
                 "/stream",
                 get(|| async {
-                    axum::body::Body::from_stream(tokio_stream::pending::<
-                        Result<Bytes, Infallible>,
-                    >())
+                    axum::body::Body::from_stream(
+                        tokio_stream::pending::<Result<Bytes, Infallible>>(),
+                    )
                 }),
             );
         let metrics = HttpMetrics::default();
@@ -745,13 +771,21 @@ mod tests {
         let mut buf = [0u8; 4096];
         loop {
             let n = s.read(&mut buf).unwrap();
-            assert!(n > 0, "closed mid-response: {:?}", String::from_utf8_lossy(&got));
+            assert!(
+                n > 0,
+                "closed mid-response: {:?}",
+                String::from_utf8_lossy(&got)
+            );
             got.extend_from_slice(&buf[..n]);
             let text = String::from_utf8_lossy(&got).into_owned();
             if let Some((head, body)) = text.split_once("\r\n\r\n") {
                 let len: usize = head
                     .lines()
-                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_owned))
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_owned)
+                    })
                     .and_then(|v| v.trim().parse().ok())
                     .unwrap_or(0);
                 if body.len() >= len {
@@ -762,10 +796,15 @@ mod tests {
     }
 
     fn still_open(s: &mut StdStream) -> bool {
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         match s.read(&mut [0u8; 64]) {
-            Ok(_) => false,
-            Err(e) => matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+            Ok(0) => false,
+            Ok(n) => panic!("{n} bytes on a connection that sent no request"),
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
         }
     }
 
@@ -875,7 +914,10 @@ mod tests {
             server.wait_open(n).await;
         }
         let (mut waiting, answer) = blocking(move || {
-            let mut s = connect(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut s = connect(
+                addr,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            );
             let answer = read_to_close(&mut s, Duration::from_secs(5)).0;
             (waiting, answer)
         })
@@ -898,7 +940,9 @@ mod tests {
         let addr = server.addr;
         let mut streams = Vec::new();
         for n in 1..=2 {
-            streams.push(blocking(move || connect(addr, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")).await);
+            streams.push(
+                blocking(move || connect(addr, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")).await,
+            );
             server.wait_open(n).await;
         }
         // Busy, not waiting: wait until both streams' heads were parsed.
@@ -930,7 +974,10 @@ mod tests {
             huge.extend(std::iter::repeat_n(b'a', 20_000));
             let _ = s.write_all(&huge);
             let big = read_to_close(&mut s, Duration::from_secs(5)).0;
-            (String::from_utf8_lossy(&bad).into_owned(), String::from_utf8_lossy(&big).into_owned())
+            (
+                String::from_utf8_lossy(&bad).into_owned(),
+                String::from_utf8_lossy(&big).into_owned(),
+            )
         })
         .await;
         assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
@@ -956,7 +1003,10 @@ mod tests {
         })
         .await;
         assert!(waited < Duration::from_millis(300), "{waited:?}");
-        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("slow\n"), "{answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("slow\n"),
+            "{answer}"
+        );
         tokio::time::timeout(Duration::from_secs(3), &mut server.task)
             .await
             .expect("the server returns once its connections are done")
