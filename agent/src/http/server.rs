@@ -7,7 +7,8 @@
 //!   is dropped after `write_timeout` without progress. hyper's own header timeout is off: it
 //!   runs one timer for both the header and the idle time, and we want two.
 //! - At `max_connections`, a new connection takes the slot of the one that has waited longest
-//!   for a request (half-open or idle), so a flood of half-open connections can't lock a
+//!   for a request: half-open ones first, then idle ones, then those with nothing read yet
+//!   (a client whose request is on its way), so a flood of half-open connections can't lock a
 //!   scraper out; only when every connection is busy is the newcomer refused (503).
 //! - Every connection is a task in a `JoinSet`: finished ones are reaped (a panic is logged),
 //!   and on shutdown the loop stops accepting, closes waiting connections, lets busy ones
@@ -246,8 +247,21 @@ struct Tracker {
 struct Slots {
     open: usize,
     next_ticket: u64,
-    /// Connections waiting for a request, by ticket: the first has waited longest.
-    waiting: BTreeMap<u64, Arc<Conn>>,
+    /// Connections waiting for a request, per [`Waiting`] class, by ticket: the first of
+    /// each has waited longest.
+    waiting: [BTreeMap<u64, Arc<Conn>>; 3],
+}
+
+/// What a connection waiting for a request is doing, in the order eviction takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// It sent part of a header and stopped: what a flood of half-open connections looks like
+    /// (real clients send a request whole).
+    Partial = 0,
+    /// Kept alive between requests: its client reconnects when it needs to.
+    Idle = 1,
+    /// Accepted, nothing read yet: most likely a client whose request is on its way.
+    Fresh = 2,
 }
 
 impl Tracker {
@@ -258,22 +272,24 @@ impl Tracker {
     }
 
     /// A slot for a new connection, waiting for its first request: a free one, or the one
-    /// of the connection that has waited longest for a request (which is told to go). None
-    /// when every connection is busy.
+    /// of the connection that has waited longest for a request, half-open ones first (it is
+    /// told to go). None when every connection is busy.
     fn admit(self: &Arc<Self>) -> Option<Slot> {
         let max = self.limits.borrow().max_connections;
         let conn = Arc::new(Conn::new(Instant::now()));
         let mut slots = self.slots();
         if slots.open >= max {
-            let (_, victim) = slots.waiting.pop_first()?;
-            // Its slot is now the newcomer's: it must not free it again.
+            let (_, victim) = slots.waiting.iter_mut().find_map(BTreeMap::pop_first)?;
+            // Its slot is now the newcomer's: it must not free it again (nor wait again).
             victim.evicted.store(true, Ordering::Release);
             victim.evict.notify_one();
         } else {
             slots.open += 1;
             self.metrics.connections.set(slots.open as i64);
         }
-        Self::enqueue(&mut slots, &conn, &mut conn.state());
+        let ticket = slots.next_ticket;
+        slots.next_ticket += 1;
+        Self::enqueue(&mut slots, &conn, &mut conn.state(), Waiting::Fresh, ticket);
         Some(Slot {
             tracker: self.clone(),
             conn,
@@ -281,18 +297,60 @@ impl Tracker {
         })
     }
 
-    fn enqueue(slots: &mut Slots, conn: &Arc<Conn>, state: &mut ConnState) {
-        let ticket = slots.next_ticket;
-        slots.next_ticket += 1;
-        slots.waiting.insert(ticket, conn.clone());
-        state.ticket = Some(ticket);
+    /// Under the slots lock, so an eviction can't slip in between the check and the insert.
+    fn enqueue(
+        slots: &mut Slots,
+        conn: &Arc<Conn>,
+        state: &mut ConnState,
+        class: Waiting,
+        ticket: u64,
+    ) {
+        Self::dequeue(slots, state);
+        if !conn.evicted.load(Ordering::Acquire) {
+            slots.waiting[class as usize].insert(ticket, conn.clone());
+            state.queued = Some((class, ticket));
+        }
+    }
+
+    fn dequeue(slots: &mut Slots, state: &mut ConnState) {
+        if let Some((class, ticket)) = state.queued.take() {
+            slots.waiting[class as usize].remove(&ticket);
+        }
+    }
+
+    /// Request bytes arrived.
+    fn read_some(&self, conn: &Arc<Conn>) {
+        let mut state = conn.state();
+        match (state.phase, state.queued) {
+            // A fresh connection's first bytes: its place stays (it has waited since accept).
+            (Phase::Header { .. }, Some((Waiting::Fresh, ticket))) => {
+                Self::enqueue(
+                    &mut self.slots(),
+                    conn,
+                    &mut state,
+                    Waiting::Partial,
+                    ticket,
+                );
+            }
+            // A kept-alive connection's next request begins: its header deadline starts now.
+            (Phase::Idle { .. }, _) => {
+                state.phase = Phase::Header {
+                    since: Instant::now(),
+                };
+                let mut slots = self.slots();
+                let ticket = slots.next_ticket;
+                slots.next_ticket += 1;
+                Self::enqueue(&mut slots, conn, &mut state, Waiting::Partial, ticket);
+            }
+            _ => {}
+        }
     }
 
     fn request_started(&self, conn: &Conn) {
         let mut state = conn.state();
         state.phase = Phase::Busy;
-        if let Some(ticket) = state.ticket.take() {
-            self.slots().waiting.remove(&ticket);
+        if state.queued.is_some() {
+            Self::dequeue(&mut self.slots(), &mut state);
         }
     }
 
@@ -301,17 +359,16 @@ impl Tracker {
         state.phase = Phase::Idle {
             since: Instant::now(),
         };
-        if state.ticket.is_none() && !conn.evicted.load(Ordering::Acquire) {
-            Self::enqueue(&mut self.slots(), conn, &mut state);
-        }
+        let mut slots = self.slots();
+        let ticket = slots.next_ticket;
+        slots.next_ticket += 1;
+        Self::enqueue(&mut slots, conn, &mut state, Waiting::Idle, ticket);
     }
 
     fn release(&self, conn: &Conn, reason: CloseReason) {
         let mut state = conn.state();
         let mut slots = self.slots();
-        if let Some(ticket) = state.ticket.take() {
-            slots.waiting.remove(&ticket);
-        }
+        Self::dequeue(&mut slots, &mut state);
         if !conn.evicted.load(Ordering::Acquire) {
             slots.open -= 1;
             self.metrics.connections.set(slots.open as i64);
@@ -350,7 +407,7 @@ struct Conn {
 struct ConnState {
     phase: Phase,
     /// Its place among the connections waiting for a request.
-    ticket: Option<u64>,
+    queued: Option<(Waiting, u64)>,
     /// Since when a write has been waiting for the client to take data.
     write_blocked_since: Option<Instant>,
 }
@@ -370,7 +427,7 @@ impl Conn {
         Self {
             state: Mutex::new(ConnState {
                 phase: Phase::Header { since: now },
-                ticket: None,
+                queued: None,
                 write_blocked_since: None,
             }),
             evict: Notify::new(),
@@ -413,15 +470,6 @@ impl Conn {
             .min_by_key(|(at, _)| *at)
     }
 
-    fn read_some(&self) {
-        let mut state = self.state();
-        if let Phase::Idle { .. } = state.phase {
-            state.phase = Phase::Header {
-                since: Instant::now(),
-            };
-        }
-    }
-
     fn wrote<T>(&self, result: &Poll<io::Result<T>>) {
         match result {
             Poll::Pending => {
@@ -446,6 +494,7 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(TrackedIo {
         stream,
+        tracker: slot.tracker.clone(),
         conn: slot.conn.clone(),
     });
     let service = TrackedService {
@@ -511,6 +560,7 @@ async fn drive(
 /// The socket, telling its connection when request bytes arrive and when writes stall.
 struct TrackedIo {
     stream: TcpStream,
+    tracker: Arc<Tracker>,
     conn: Arc<Conn>,
 }
 
@@ -524,7 +574,7 @@ impl AsyncRead for TrackedIo {
         let before = buf.filled().len();
         let result = Pin::new(&mut this.stream).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.conn.read_some();
+            this.tracker.read_some(&this.conn);
         }
         result
     }
@@ -932,6 +982,30 @@ mod tests {
         .await;
         assert_eq!(open, (true, true), "only the oldest goes");
         assert_eq!(server.metrics.accepted.get(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn half_open_connections_are_evicted_before_a_fresh_one() {
+        let server = start(config(30_000, 30_000, 10_000, 3)).await;
+        let addr = server.addr;
+        // The oldest sent nothing yet (a client whose request is on its way).
+        let mut fresh = blocking(move || connect(addr, b"")).await;
+        server.wait_open(1).await;
+        let mut half = Vec::new();
+        for n in 2..=3 {
+            half.push(blocking(move || connect(addr, b"GET / HTTP/1.1\r\n")).await);
+            server.wait_open(n).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _newcomer = blocking(move || connect(addr, b"")).await;
+        server.wait_closed(CloseReason::evicted, 1).await;
+        let (fresh_open, first_half) = blocking(move || {
+            let first_half = read_to_close(&mut half[0], Duration::from_secs(2)).1;
+            (still_open(&mut fresh), first_half)
+        })
+        .await;
+        assert!(fresh_open, "the fresh connection was evicted");
+        assert!(first_half < Duration::from_secs(2));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
