@@ -9,7 +9,6 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::{oneshot, watch},
 };
@@ -47,8 +46,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
     let registration = registry::Settings::from_config(&current.config)?;
     let notifier = Arc::new(Notifier::from_env());
     let listen = current.config.http.listen;
-    let listener = TcpListener::bind(listen)
-        .await
+    let listener = http::server::bind(listen)
         .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
 
     let bpffs = options
@@ -79,8 +77,10 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
     collectors.extend(fleet.as_ref().map(Registry::collector));
     let agent_metrics = Arc::new(AgentMetrics::default());
     let registry = Arc::new(metrics::registry(&agent_metrics, collectors));
+    http::server::raise_fd_limit(current.config.http.max_connections);
+    let (http_config, http_config_rx) = watch::channel(current.config.http.clone());
     let (stop_http, http_stopped) = oneshot::channel::<()>();
-    let http = tokio::spawn(http::serve(
+    let mut http = tokio::spawn(http::serve(
         listener,
         HttpState {
             registry,
@@ -88,6 +88,8 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
             fleet: fleet.as_ref().map(Registry::health),
             events: dataplane.events(),
         },
+        http_config_rx,
+        agent_metrics.http.clone(),
         async {
             let _ = http_stopped.await;
         },
@@ -105,6 +107,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut http_failure = None;
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -112,6 +115,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
                 notifier.reloading();
                 let _ = reload(prepare(&config_path), &mut current, &mut dataplane, &agent_metrics).await;
                 programs.send_replace(dataplane.attached_programs());
+                http_config.send_if_modified(|c| replace_if_changed(c, &current.config.http));
                 notifier.ready(&status_line(&current));
             }
             Some(push) = next_push(&mut fleet) => {
@@ -120,6 +124,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
                 let next = push.text().and_then(|text| prepare_text(text, &push.origin));
                 let result = reload(next, &mut current, &mut dataplane, &agent_metrics).await;
                 programs.send_replace(dataplane.attached_programs());
+                http_config.send_if_modified(|c| replace_if_changed(c, &current.config.http));
                 if let Some(f) = &fleet {
                     f.report(&push, result);
                 }
@@ -136,6 +141,16 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
                     Err(e) => error!("{e:#}"),
                 }
                 programs.send_replace(dataplane.attached_programs());
+            }
+            // It only ends when told to: anything else is a bug, and an agent whose
+            // endpoints are gone should be restarted (the data plane stays).
+            ended = &mut http => {
+                error!("the HTTP server stopped unexpectedly: exiting");
+                http_failure = Some(match ended {
+                    Ok(()) => anyhow::anyhow!("the HTTP server stopped unexpectedly"),
+                    Err(e) => anyhow::Error::new(e).context("the HTTP server task failed"),
+                });
+                break;
             }
             _ = term.recv() => { info!("SIGTERM: exiting"); break; }
             _ = int.recv() => { info!("SIGINT: exiting"); break; }
@@ -155,12 +170,23 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
     } else {
         dataplane.leave_running();
     }
-    let _ = stop_http.send(());
-    match http.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e).context("HTTP server failed"),
-        Err(e) => Err(e).context("HTTP server task failed"),
+    if let Some(e) = http_failure {
+        return Err(e);
     }
+    let _ = stop_http.send(());
+    http.await.context("the HTTP server task failed")
+}
+
+/// The HTTP limits apply on reload (`listen` does not: see [`apply`]).
+fn replace_if_changed(
+    running: &mut crate::config::HttpConfig,
+    new: &crate::config::HttpConfig,
+) -> bool {
+    if running == new {
+        return false;
+    }
+    running.clone_from(new);
+    true
 }
 
 /// Compiles the running config again for the interfaces there are now and applies it if that

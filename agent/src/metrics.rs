@@ -35,11 +35,122 @@ pub enum ReloadResult {
     failure,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub reason: CloseReason,
+}
+
+/// Why the HTTP server closed a connection (or refused it).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CloseReason {
+    /// The client closed between requests, or the exchange ended with `Connection: close`.
+    completed,
+    /// A request hyper rejected (bad syntax, a header too large): it answered 4xx.
+    malformed,
+    /// The client went away mid-request or mid-response, or the socket failed.
+    aborted,
+    header_timeout,
+    idle_timeout,
+    write_timeout,
+    /// Its slot went to a new connection while it waited for a request.
+    evicted,
+    /// Accepted at the cap with no connection waiting to evict: answered 503 and closed.
+    refused,
+    /// The agent stopped.
+    shutdown,
+    /// Its task panicked (a bug; logged).
+    internal_error,
+}
+
+impl CloseReason {
+    pub const ALL: [Self; 10] = [
+        Self::completed,
+        Self::malformed,
+        Self::aborted,
+        Self::header_timeout,
+        Self::idle_timeout,
+        Self::write_timeout,
+        Self::evicted,
+        Self::refused,
+        Self::shutdown,
+        Self::internal_error,
+    ];
+}
+
+/// The HTTP server's own metrics.
+#[derive(Debug, Clone)]
+pub struct HttpMetrics {
+    pub connections: Gauge<i64, AtomicI64>,
+    pub accepted: Counter<u64, AtomicU64>,
+    pub closed: Family<CloseLabels, Counter<u64, AtomicU64>>,
+    pub accept_errors: Counter<u64, AtomicU64>,
+    pub event_streams: Gauge<i64, AtomicI64>,
+    pub event_streams_refused: Counter<u64, AtomicU64>,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        let m = Self {
+            connections: Gauge::default(),
+            accepted: Counter::default(),
+            closed: Family::default(),
+            accept_errors: Counter::default(),
+            event_streams: Gauge::default(),
+            event_streams_refused: Counter::default(),
+        };
+        for reason in CloseReason::ALL {
+            let _ = m.closed.get_or_create(&CloseLabels { reason });
+        }
+        m
+    }
+}
+
+impl HttpMetrics {
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed.get_or_create(&CloseLabels { reason }).inc();
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "http_connections",
+            "Open HTTP connections",
+            self.connections.clone(),
+        );
+        r.register(
+            "http_connections_accepted",
+            "HTTP connections accepted (including those refused at the cap)",
+            self.accepted.clone(),
+        );
+        r.register(
+            "http_connections_closed",
+            "HTTP connections closed, by reason",
+            self.closed.clone(),
+        );
+        r.register(
+            "http_accept_errors",
+            "Failed accepts on the HTTP listener (e.g. out of file descriptors)",
+            self.accept_errors.clone(),
+        );
+        r.register(
+            "http_event_streams",
+            "Open GET /events streams",
+            self.event_streams.clone(),
+        );
+        r.register(
+            "http_event_streams_refused",
+            "GET /events requests answered 503 because http.max_event_streams were open",
+            self.event_streams_refused.clone(),
+        );
+    }
+}
+
 /// Metrics the agent updates itself (the data plane's are read from maps at scrape time).
 #[derive(Debug)]
 pub struct AgentMetrics {
     pub config_reloads: Family<ReloadLabels, Counter<u64, AtomicU64>>,
     pub config_last_reload_successful: Gauge<i64, AtomicI64>,
+    pub http: HttpMetrics,
 }
 
 impl Default for AgentMetrics {
@@ -47,6 +158,7 @@ impl Default for AgentMetrics {
         let m = Self {
             config_reloads: Family::default(),
             config_last_reload_successful: Gauge::default(),
+            http: HttpMetrics::default(),
         };
         // Series exist from the start, so rate() and alerts see the first reload.
         for result in [ReloadResult::success, ReloadResult::failure] {
@@ -90,6 +202,7 @@ pub fn registry(agent: &AgentMetrics, collectors: Vec<Box<dyn Collector>>) -> Re
         "1 if the last configuration reload succeeded (or none happened), 0 if it was rejected",
         agent.config_last_reload_successful.clone(),
     );
+    agent.http.register(ours);
     for c in collectors {
         ours.register_collector(c);
     }
@@ -283,6 +396,8 @@ mod tests {
             "process_start_time_seconds",
             "edgeplane_build_info{version=\"",
             "edgeplane_config_reloads_total",
+            "edgeplane_http_connections_closed_total{reason=\"header_timeout\"} 0",
+            "edgeplane_http_connections 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -12,6 +12,7 @@ use std::{
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -72,11 +73,95 @@ pub struct HttpConfig {
     /// Address of the metrics and health endpoints.
     #[serde(default = "HttpConfig::default_listen")]
     pub listen: SocketAddr,
+    /// A request header must be complete this long (ms) after the connection opened, or after
+    /// its first byte on a kept-alive connection.
+    #[serde(default = "HttpConfig::default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// A kept-alive connection with no request for this long (ms) is closed.
+    #[serde(default = "HttpConfig::default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// A connection whose client takes none of the response for this long (ms) is closed.
+    #[serde(default = "HttpConfig::default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Open connections at most; at the cap, the one waiting longest for a request goes.
+    #[serde(default = "HttpConfig::default_max_connections")]
+    pub max_connections: usize,
+    /// `GET /events` streams at most; more are answered 503.
+    #[serde(default = "HttpConfig::default_max_event_streams")]
+    pub max_event_streams: usize,
 }
+
+/// Timeouts shorter than this cut off real clients on a slow link; longer ones than the
+/// maximum let a dead client hold its connection for hours.
+const MIN_HTTP_TIMEOUT_MS: u64 = 100;
+const MAX_HTTP_TIMEOUT_MS: u64 = 3_600_000;
+/// Each connection costs a file descriptor and a few KiB; far beyond any real use of an
+/// agent's endpoints.
+pub const MAX_HTTP_CONNECTIONS: usize = 65_536;
 
 impl HttpConfig {
     fn default_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 9464))
+    }
+    fn default_header_timeout_ms() -> u64 {
+        10_000
+    }
+    fn default_idle_timeout_ms() -> u64 {
+        60_000
+    }
+    fn default_write_timeout_ms() -> u64 {
+        30_000
+    }
+    fn default_max_connections() -> usize {
+        256
+    }
+    fn default_max_event_streams() -> usize {
+        16
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    fn problems(&self, out: &mut Vec<Problem>) {
+        for (key, value) in [
+            ("http.header_timeout_ms", self.header_timeout_ms),
+            ("http.idle_timeout_ms", self.idle_timeout_ms),
+            ("http.write_timeout_ms", self.write_timeout_ms),
+        ] {
+            if !(MIN_HTTP_TIMEOUT_MS..=MAX_HTTP_TIMEOUT_MS).contains(&value) {
+                out.push(Problem {
+                    key: key.into(),
+                    message: format!(
+                        "{value} ms is out of range: {MIN_HTTP_TIMEOUT_MS} to {MAX_HTTP_TIMEOUT_MS} ms"
+                    ),
+                });
+            }
+        }
+        if !(2..=MAX_HTTP_CONNECTIONS).contains(&self.max_connections) {
+            out.push(Problem {
+                key: "http.max_connections".into(),
+                message: format!(
+                    "{} is out of range: 2 to {MAX_HTTP_CONNECTIONS}",
+                    self.max_connections
+                ),
+            });
+        } else if self.max_event_streams >= self.max_connections {
+            // Streams last and are never evicted: they must leave a connection for a scraper.
+            out.push(Problem {
+                key: "http.max_event_streams".into(),
+                message: format!(
+                    "{} must be below http.max_connections ({}), so that streams leave room for /metrics",
+                    self.max_event_streams, self.max_connections
+                ),
+            });
+        }
     }
 }
 
@@ -84,6 +169,11 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: Self::default_listen(),
+            header_timeout_ms: Self::default_header_timeout_ms(),
+            idle_timeout_ms: Self::default_idle_timeout_ms(),
+            write_timeout_ms: Self::default_write_timeout_ms(),
+            max_connections: Self::default_max_connections(),
+            max_event_streams: Self::default_max_event_streams(),
         }
     }
 }
@@ -211,6 +301,7 @@ impl Config {
 
     fn problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
+        self.http.problems(&mut out);
         self.udp.problems(&mut out);
         self.can.problems(&mut out);
         self.latency.problems(&mut out);
@@ -418,6 +509,53 @@ mod tests {
             ["can0", "can1", "can2", "can3", "eth0", "eth1"]
         );
         assert!(parse("").unwrap().interfaces().is_empty());
+    }
+
+    #[test]
+    fn http_limits_default_and_are_checked_by_key() {
+        let c = parse("").unwrap();
+        assert_eq!(c.http.header_timeout(), Duration::from_secs(10));
+        assert_eq!(c.http.idle_timeout(), Duration::from_secs(60));
+        assert_eq!(c.http.write_timeout(), Duration::from_secs(30));
+        assert_eq!(
+            (c.http.max_connections, c.http.max_event_streams),
+            (256, 16)
+        );
+        let c =
+            parse("[http]\nheader_timeout_ms = 2500\nmax_connections = 4\nmax_event_streams = 0\n")
+                .unwrap();
+        assert_eq!(c.http.header_timeout(), Duration::from_millis(2500));
+        assert_eq!(c.http.max_event_streams, 0);
+
+        let p = problems(
+            "[http]\nheader_timeout_ms = 0\nidle_timeout_ms = 3600001\nwrite_timeout_ms = 99\nmax_connections = 1\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "http.header_timeout_ms",
+                "http.idle_timeout_ms",
+                "http.write_timeout_ms",
+                "http.max_connections"
+            ],
+            "{p:?}"
+        );
+        assert!(
+            p[0].message.contains("100 to 3600000 ms"),
+            "{}",
+            p[0].message
+        );
+        let p = problems("[http]\nmax_connections = 8\nmax_event_streams = 8\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "http.max_event_streams");
+        assert!(
+            p[0].message.contains("below http.max_connections (8)"),
+            "{}",
+            p[0].message
+        );
+        let err = parse("[http]\nmax_connections = -1\n").unwrap_err();
+        assert!(err.to_string().contains("max_connections"), "{err}");
     }
 
     #[test]
