@@ -110,6 +110,9 @@ pub struct Options {
     /// remaining runs go on in a new VM.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
+    /// How qemu runs the guest's CPUs (`EDGEPLANE_VM_KVM=1` means `kvm`).
+    #[arg(long, value_enum, default_value_t = qemu::Accel::Tcg)]
+    accel: qemu::Accel,
     /// Extra kernel command-line argument (repeatable), after the harness's own, e.g.
     /// `--kernel-arg watchdog_thresh=5` for earlier lockup reports with every CPU's stack.
     #[arg(long = "kernel-arg", value_name = "ARG")]
@@ -130,6 +133,7 @@ impl Options {
             timeout: DEFAULT_TIMEOUT_SECS,
             test_timeout: DEFAULT_TEST_TIMEOUT_SECS,
             repeat: 1,
+            accel: qemu::Accel::Tcg,
             kernel_args: Vec::new(),
             verbose: false,
         }
@@ -169,7 +173,11 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
     let cache = target.join("vm-cache");
     let logs = target.join("vm-logs");
     fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let kvm = std::env::var_os("EDGEPLANE_VM_KVM").is_some_and(|v| v == "1");
+    let accel = if std::env::var_os("EDGEPLANE_VM_KVM").is_some_and(|v| v == "1") {
+        qemu::Accel::Kvm
+    } else {
+        opts.accel
+    };
 
     let mut reports = Vec::new();
     for s in series {
@@ -213,7 +221,7 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
                 s.name,
                 kernel.release,
                 size >> 20,
-                if kvm { "KVM" } else { "TCG" },
+                accel,
                 left.len(),
                 log.display()
             ));
@@ -224,7 +232,7 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
                     kernel_args: &opts.kernel_args,
                     log: &log,
                     timeout: Duration::from_secs(opts.timeout),
-                    kvm,
+                    accel,
                     verbose: opts.verbose,
                 },
             )?;

@@ -73,14 +73,34 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// How qemu runs the guest's CPUs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Accel {
+    /// Software emulation, one host thread per vCPU (MTTCG).
+    Tcg,
+    /// Software emulation, every vCPU on one host thread in turn.
+    TcgSingle,
+    /// Hardware virtualisation (nested KVM hung at boot on the CI hosts).
+    Kvm,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcg => "TCG",
+            Self::TcgSingle => "TCG, one thread",
+            Self::Kvm => "KVM",
+        })
+    }
+}
+
 pub struct Settings<'a> {
     pub initrd: &'a Path,
     /// Appended to [`KERNEL_COMMAND_LINE`] (later arguments win).
     pub kernel_args: &'a [String],
     pub log: &'a Path,
     pub timeout: Duration,
-    /// Hardware virtualisation instead of TCG (nested KVM hung at boot on the CI hosts).
-    pub kvm: bool,
+    pub accel: Accel,
     /// Echo every console line, not just the progress lines.
     pub verbose: bool,
 }
@@ -100,11 +120,11 @@ const KERNEL_COMMAND_LINE: &str = "console=ttyS0 panic=-1 loglevel=7 softlockup_
 
 pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
     let mut cmd = Command::new("qemu-system-x86_64");
-    if s.kvm {
-        cmd.args(["-accel", "kvm", "-cpu", "host"]);
-    } else {
-        cmd.args(["-accel", "tcg,thread=multi"]);
-    }
+    match s.accel {
+        Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => cmd.args(["-accel", "tcg,thread=multi"]),
+        Accel::TcgSingle => cmd.args(["-accel", "tcg,thread=single"]),
+    };
     cmd.args([
         "-smp",
         "2",
