@@ -2,5 +2,6 @@
 
 pub mod can;
 pub mod etcd;
+pub mod state_record;
 pub mod udp_program;
 pub mod xdp_pass;
