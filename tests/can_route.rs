@@ -11,7 +11,10 @@ use edgeplane_testbed::{
     netns::Netns,
     require_root,
 };
-use edgeplane_tests::can::{Bus, Frame, assert_same_frames_in_id_order, vcan, vxcan_pair};
+use edgeplane_tests::{
+    can::{Bus, Frame, assert_same_frames_in_id_order, vcan, vxcan_pair},
+    state_record::{Damage, damage as damage_record},
+};
 
 /// A namespace with bus A (agent side `a0`, test side `a1`), bus B (`b0`/`b1`), both CAN FD,
 /// and a classic-only bus C (`c0`/`c1`).
@@ -406,6 +409,15 @@ tolerance = 1.5
     );
 }
 
+/// can-gw's jobs in `ns` as the kernel lists them, in a stable order.
+fn can_gw_jobs(ns: &Netns) -> Vec<edgeplane::can::gateway::Job> {
+    let _in = ns.enter().unwrap();
+    let mut gw = edgeplane::can::gateway::Gateway::open().unwrap();
+    let mut jobs: Vec<_> = gw.dump().unwrap().into_iter().map(|(_, j)| j).collect();
+    jobs.sort_by_key(|j| (j.src_ifindex, j.dst_ifindex, j.flags, j.filter_id, j.uid));
+    jobs
+}
+
 /// The agent's can-gw client against the real kernel: add a job, route a frame, read its
 /// counters from a dump, remove the job.
 #[test]
@@ -449,7 +461,25 @@ fn gateway_client_adds_dumps_and_removes_jobs() {
 /// removes it all.
 #[test]
 fn restart_keeps_routing_and_counting() {
-    let b = Buses::new("canr");
+    restart_keeps_routing_and_counting_with(None);
+}
+
+/// The same restart with the state record truncated, garbled or of another version in
+/// between: the new agent recovers from what runs, so can-gw's jobs are adopted (none is
+/// removed or added again) and every counter carries on.
+#[test]
+fn restart_with_a_damaged_state_record_keeps_the_jobs() {
+    for how in Damage::ALL {
+        restart_keeps_routing_and_counting_with(Some(how));
+    }
+}
+
+fn restart_keeps_routing_and_counting_with(damage: Option<Damage>) {
+    let tag = match damage {
+        None => "canr".to_owned(),
+        Some(d) => format!("cand{}", Damage::ALL.iter().position(|x| *x == d).unwrap()),
+    };
+    let b = Buses::new(&tag);
     let dir = edgeplane_testbed::bpffs::dir_for(&b.ns.name).unwrap();
     struct LeftRunning<'a>(&'a str, &'a std::path::Path);
     impl Drop for LeftRunning<'_> {
@@ -494,8 +524,15 @@ period_ms = 4
             std::thread::sleep(Duration::from_millis(500));
             let log = first.stop_and_log().unwrap();
             assert!(log.contains("the data plane keeps running"), "{log}");
+            let jobs_before = can_gw_jobs(&b.ns);
+            if let Some(how) = damage {
+                damage_record(&dir, how).unwrap();
+            }
             std::thread::sleep(Duration::from_millis(100));
-            Agent::start_with(&b.ns, config, "info", &opts).unwrap()
+            let second = Agent::start_with(&b.ns, config, "info", &opts).unwrap();
+            // The very jobs that ran before: none removed, none added.
+            assert_eq!(can_gw_jobs(&b.ns), jobs_before, "{}", second.log_so_far());
+            second
         });
         let start = std::time::Instant::now();
         for i in 0..n {
@@ -523,7 +560,18 @@ period_ms = 4
 
     let m = b.metrics(&second);
     let log = second.log_so_far();
-    assert!(log.contains("taking over the data plane"), "{log}");
+    if damage.is_some() {
+        assert!(
+            log.contains("is unreadable") && log.contains("taking over what the kernel runs"),
+            "{log}"
+        );
+        assert!(
+            log.contains("found=2") && !log.contains("removing a can-gw job"),
+            "{log}"
+        );
+    } else {
+        assert!(log.contains("taking over the data plane"), "{log}");
+    }
     let half = f64::from(n / 2);
     for rule in ["plain", "mod"] {
         assert_eq!(
@@ -558,7 +606,8 @@ period_ms = 4
         "the watch kept measuring across the restart\n{m}"
     );
     eprintln!(
-        "CAN restart: {n} frames sent, {} received; frames and routed counters {half} per rule after the restart",
+        "CAN restart{}: {n} frames sent, {} received; frames and routed counters {half} per rule after the restart",
+        damage.map_or(String::new(), |d| format!(" ({d:?} record)")),
         got.len()
     );
 

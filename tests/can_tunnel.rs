@@ -292,3 +292,152 @@ fn malformed_datagrams_change_nothing_on_the_bus() {
         vec![Frame::classic(0x123, &[0xab, 0xcd])]
     );
 }
+
+/// A tunnel peer given by a name the resolver can't give an address for: first no DNS server
+/// at all (refused at once), then one that never answers (the 5 s limit). The route waits
+/// and says why in /readyz, the other routes run, interfaces are still followed, and once the
+/// name resolves (here: added to the hosts file) the tunnel runs without a reload.
+#[test]
+fn a_peer_that_does_not_resolve_waits_and_nothing_else_does() {
+    require_root();
+    let ns = Netns::new("tunres").unwrap();
+    vxcan_pair(&ns, "a0", "a1", true).unwrap();
+    vxcan_pair(&ns, "b0", "b1", true).unwrap();
+    ns.set_etc(
+        "resolv.conf",
+        "nameserver 127.0.0.1\noptions timeout:30 attempts:1\n",
+    )
+    .unwrap();
+    ns.set_etc("hosts", "127.0.0.1 localhost\n").unwrap();
+    ns.set_etc("nsswitch.conf", "hosts: files dns\n").unwrap();
+    let config = r#"[http]
+listen = "127.0.0.1:9464"
+
+[[can.route]]
+name = "body"
+ingress = "a0"
+filter = "100:700"
+to = { iface = "b0" }
+
+[[can.route]]
+name = "tunnel"
+ingress = "a0"
+filter = "200:700"
+to = { udp = "peer.test:20000" }
+"#;
+    let opts = Start {
+        not_ready_ok: true,
+        ..Start::default()
+    };
+    let agent = Agent::start_with(&ns, config, "info", &opts).unwrap();
+    let readyz = || {
+        let _in = ns.enter().unwrap();
+        let (code, body) = http::get(agent.metrics, "/readyz").unwrap();
+        (code, body)
+    };
+    let wait_for_detail = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (code, body) = readyz();
+            if body.contains(needle) {
+                assert_eq!(code, 503, "{body}");
+                assert!(
+                    body.contains(r#""name":"can_tunnel/tunnel","state":"peer_unresolved""#),
+                    "{body}"
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` in /readyz: {body}\n{}",
+                agent.log_so_far()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let (tx, rx) = (Bus::open(&ns, "a1").unwrap(), Bus::open(&ns, "b1").unwrap());
+    let body_frames = |first: u32| -> Vec<Frame> {
+        (first..first + 5)
+            .map(|i| Frame::classic(0x100 + i, &[i as u8]))
+            .collect()
+    };
+
+    // No DNS server: the lookup is refused at once. The route to b0 runs meanwhile.
+    wait_for_detail("does not resolve");
+    for f in body_frames(0) {
+        tx.send(&f).unwrap();
+    }
+    tx.send(&Frame::classic(0x200, &[9])).unwrap();
+    assert_eq!(rx.collect(QUIET, LIMIT), body_frames(0));
+
+    // A DNS server that reads the queries and never answers: each try takes the 5 s limit.
+    let server = {
+        let _in = ns.enter().unwrap();
+        UdpSocket::bind("127.0.0.1:53").unwrap()
+    };
+    wait_for_detail("did not resolve within 5 s");
+    server.set_nonblocking(true).unwrap();
+    assert!(
+        server.recv_from(&mut [0u8; 512]).is_ok(),
+        "the agent did not ask the server"
+    );
+
+    // Interfaces are still followed: b0 goes and comes back (a new index); the route to it
+    // waits and is installed again.
+    ns.ip(&["link", "del", "b0"]).unwrap();
+    vxcan_pair(&ns, "b0", "b1", true).unwrap();
+    let rx = Bus::open(&ns, "b1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        tx.send(&Frame::classic(0x10f, &[0])).unwrap();
+        if !rx.collect(Duration::from_millis(300), LIMIT).is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the route to b0 was not installed again:\n{}",
+            agent.log_so_far()
+        );
+    }
+    for f in body_frames(5) {
+        tx.send(&f).unwrap();
+    }
+    assert_eq!(rx.collect(QUIET, LIMIT), body_frames(5));
+
+    // The name resolves now: the next try finds it, and frames go into the tunnel.
+    let peer = {
+        let _in = ns.enter().unwrap();
+        UdpSocket::bind("127.0.0.1:20000").unwrap()
+    };
+    peer.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    ns.set_etc("hosts", "127.0.0.1 localhost\n127.0.0.1 peer.test\n")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !agent.log_so_far().contains("tunnel peer resolved") {
+        assert!(
+            Instant::now() < deadline,
+            "the peer was not resolved again:\n{}",
+            agent.log_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, body) = readyz();
+    assert_eq!(code, 200, "{body}");
+    let mut got = 0;
+    for i in 0..5u8 {
+        tx.send(&Frame::classic(0x201, &[i])).unwrap();
+    }
+    let mut buf = [0u8; 2048];
+    let until = Instant::now() + Duration::from_secs(10);
+    while got < 5 && Instant::now() < until {
+        if let Ok(n) = peer.recv(&mut buf) {
+            // cannelloni: 5-byte header, then frames of 5 bytes (id, len) + data.
+            got += usize::from(u16::from_be_bytes([buf[3], buf[4]])) * usize::from(n > 5);
+        }
+    }
+    assert_eq!(got, 5, "frames through the tunnel\n{}", agent.log_so_far());
+    let log = agent.log_so_far();
+    assert!(log.contains("tunnel route waits for its peer"), "{log}");
+    drop(server);
+}

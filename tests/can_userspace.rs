@@ -185,3 +185,85 @@ modify = [ { op = "or", len = 0x40 } ]
         2.0
     );
 }
+
+#[test]
+fn a_reader_comes_back_when_its_interface_does() {
+    let ns = buses("cuu");
+    let mut agent = agent(
+        &ns,
+        r#"[[can.route]]
+name = "body"
+ingress = "a0"
+filter = "100:700"
+to = { iface = "b0" }
+
+[[can.route]]
+name = "side"
+ingress = "c0"
+filter = "200:700"
+to = { iface = "b0" }
+"#,
+    );
+    let (a, c) = (Bus::open(&ns, "a1").unwrap(), Bus::open(&ns, "c1").unwrap());
+    let rx = Bus::open(&ns, "b1").unwrap();
+    let body = |i: u32| Frame::classic(0x100 + i, &[i as u8; 4]);
+    let side = |i: u32| Frame::classic(0x200 + i, &[i as u8; 2]);
+    a.send(&body(0)).unwrap();
+    c.send(&side(0)).unwrap();
+    // Two readers: their frames may arrive in either order.
+    let by_id = |mut frames: Vec<Frame>| {
+        frames.sort_by_key(|f| f.can_id);
+        frames
+    };
+    assert_eq!(by_id(rx.collect(QUIET, LIMIT)), vec![body(0), side(0)]);
+
+    // The ingress goes down: the reader's socket fails a read (ENETDOWN). The other route
+    // keeps routing meanwhile.
+    ns.ip(&["link", "set", "a0", "down"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.send(&side(1)).unwrap();
+    assert_eq!(rx.collect(QUIET, LIMIT), vec![side(1)]);
+    ns.ip(&["link", "set", "a0", "up"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Up again: frames flow on the same route, with its counters.
+    let again: Vec<Frame> = (1..=8).map(body).collect();
+    for f in &again {
+        a.send(f).unwrap();
+    }
+    c.send(&side(2)).unwrap();
+    let mut want = again.clone();
+    want.push(side(2));
+    assert_eq!(by_id(rx.collect(QUIET, LIMIT)), want);
+    let m = metrics(&ns, &agent);
+    assert_eq!(
+        metric(&m, "edgeplane_can_routed_total{rule=\"body\"}"),
+        9.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "edgeplane_can_routed_total{rule=\"side\"}"),
+        3.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "edgeplane_can_userspace_read_errors_total{rule=\"body\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "edgeplane_can_userspace_read_errors_total{rule=\"side\"}"
+        ),
+        0.0,
+        "{m}"
+    );
+    let log = agent.stop_and_log().unwrap();
+    assert!(
+        log.contains("userspace CAN reader") && log.contains("a0"),
+        "{log}"
+    );
+}

@@ -9,7 +9,11 @@ use std::{
 };
 
 use edgeplane::registry::record::AgentRecord;
-use edgeplane_testbed::{agent::Agent, http, netns::Netns};
+use edgeplane_testbed::{
+    agent::{self, Agent},
+    http,
+    netns::Netns,
+};
 use edgeplane_tests::etcd::{Etcd, PLAIN_URL, Pki, Security, TLS_URL};
 use prost::Message as _;
 
@@ -516,4 +520,61 @@ fn pushed_rule_sets_are_applied_or_rejected() {
         "{text}"
     );
     assert_eq!(r.programs.len(), 1);
+}
+
+#[test]
+fn command_line_identity_survives_sighup() {
+    let host = Host::new("regover");
+    let etcd = Etcd::start(&host.ns, &host.dir, Security::Plain, None).unwrap();
+    // The file names no identity: [registry] requires one, so it must come from the flags, at
+    // start and on every reload.
+    let file = |rule: &str| {
+        format!(
+            "{}\n[registry]\nlease_ttl = {LEASE_TTL}\n{}\n",
+            rules(rule, "a0"),
+            plain()
+        )
+    };
+    let opts = agent::Start {
+        args: [
+            "--service-name",
+            "gw",
+            "--vin",
+            VIN,
+            "--spiffe-id",
+            SPIFFE_ID,
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..agent::Start::default()
+    };
+    let mut agent = Agent::start_with(&host.ns, &file("lidar"), "info", &opts).unwrap();
+    let first = wait_for("the record", Duration::from_secs(10), || {
+        record(&etcd, &host.ns)
+    });
+    assert_eq!(
+        (first.service_name.as_str(), first.vin.as_str()),
+        ("gw", VIN)
+    );
+
+    std::fs::write(&agent.config, file("radar")).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the reload", Duration::from_secs(10), || {
+        let m = host.scrape(&agent, "/metrics").1;
+        http::metric(&m, r#"edgeplane_udp_forward_packets_total{rule="radar"}"#)
+            .is_ok()
+            .then_some(())
+    });
+    assert_eq!(
+        host.metric(&agent, "edgeplane_config_last_reload_successful"),
+        1.0
+    );
+    // Still registered under the flags' identity, by the same agent.
+    let r = record(&etcd, &host.ns).expect("the record");
+    assert_eq!((r.service_name.as_str(), r.vin.as_str()), ("gw", VIN));
+    assert_eq!(r.spiffe_id, SPIFFE_ID);
+    assert_eq!(r.start_time_unix_ms, first.start_time_unix_ms);
+    let log = agent.stop_and_log().unwrap();
+    assert!(!log.contains("reload rejected"), "{log}");
+    assert!(!log.contains("[agent] or [registry] changed"), "{log}");
 }

@@ -17,6 +17,7 @@ use edgeplane_testbed::{
 };
 use edgeplane_tests::{
     capture::{self, Capture},
+    state_record::{Damage, damage as damage_record},
     udp_program,
     xmit_trace::XmitTrace,
 };
@@ -551,11 +552,19 @@ impl Drop for LeftRunning<'_> {
 }
 
 /// Datagrams flow at about 1 per ms while the agent exits (leaving the data plane running),
-/// nothing runs for a while, and a new agent takes over: none is lost, the counters continue,
-/// and `edgeplane down` then removes the data plane.
-fn restart_loses_nothing(mode: &str) {
+/// nothing runs for a while (its state record `damage`d, if asked), and a new agent takes
+/// over: none is lost, the counters continue, and `edgeplane down` then removes the data
+/// plane.
+fn restart_loses_nothing(mode: &str, damage: Option<Damage>) {
     edgeplane_testbed::require_root();
-    let line = Line::new(&format!("rs{mode}")).unwrap();
+    let tag = match damage {
+        None => format!("rs{mode}"),
+        Some(d) => format!(
+            "rd{mode}{}",
+            Damage::ALL.iter().position(|x| *x == d).unwrap()
+        ),
+    };
+    let line = Line::new(&tag).unwrap();
     let _peer_xdp = (mode == "xdp").then(|| {
         line.prepare_for_xdp().unwrap();
         edgeplane_tests::xdp_pass::attach(&line.receiver, "r0").unwrap()
@@ -581,6 +590,9 @@ fn restart_loses_nothing(mode: &str) {
         let log = first.stop_and_log().unwrap();
         assert!(log.contains("the data plane keeps running"), "{log}");
         let stopped = Instant::now();
+        if let Some(how) = damage {
+            damage_record(&dir, how).unwrap();
+        }
         // No agent at all for a while: the kernel forwards on its own.
         std::thread::sleep(Duration::from_millis(200));
         second = Some(Agent::start_with(&line.gateway, &cfg, "info", &opts).unwrap());
@@ -598,12 +610,26 @@ fn restart_loses_nothing(mode: &str) {
     let m = scrape(&line, &second);
     let counted = http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"lidar\"}").unwrap();
     assert!(counted_by_first > 0.0);
-    assert_eq!(counted, f64::from(N), "{mode}: counters continue\n{m}");
+    assert_eq!(
+        counted,
+        f64::from(N),
+        "{mode}: counters continue\n{m}\nsecond agent:\n{}",
+        second.log_so_far()
+    );
     let log = second.log_so_far();
-    assert!(log.contains("taking over the data plane"), "{log}");
+    if damage.is_some() {
+        assert!(
+            log.contains("is unreadable") && log.contains("taking over what the kernel runs"),
+            "{log}"
+        );
+        assert!(log.contains("found=1"), "{log}");
+    } else {
+        assert!(log.contains("taking over the data plane"), "{log}");
+    }
     eprintln!(
-        "{mode}: {N} sent, {} received; {counted_by_first} counted before the restart, {counted} after; \
+        "{mode}{}: {N} sent, {} received; {counted_by_first} counted before the restart, {counted} after; \
          {:.0} ms without a ready agent",
+        damage.map_or(String::new(), |d| format!(" ({d:?} record)")),
         got.len(),
         gap.as_secs_f64() * 1e3
     );
@@ -643,12 +669,28 @@ fn restart_loses_nothing(mode: &str) {
 
 #[test]
 fn restart_loses_nothing_tc() {
-    restart_loses_nothing("tc");
+    restart_loses_nothing("tc", None);
 }
 
 #[test]
 fn restart_loses_nothing_xdp() {
-    restart_loses_nothing("xdp");
+    restart_loses_nothing("xdp", None);
+}
+
+/// A state record left truncated, garbled or of another version is recovered from what the
+/// kernel runs: no datagram lost, the counters continue.
+#[test]
+fn restart_with_a_damaged_state_record_loses_nothing_tc() {
+    for how in Damage::ALL {
+        restart_loses_nothing("tc", Some(how));
+    }
+}
+
+#[test]
+fn restart_with_a_damaged_state_record_loses_nothing_xdp() {
+    for how in Damage::ALL {
+        restart_loses_nothing("xdp", Some(how));
+    }
 }
 
 /// A second ingress `g9` (sender `s9`, 198.18.9.0/24) with rule `radar` to port 6001.

@@ -2,7 +2,10 @@
 //! on SIGHUP, and on SIGTERM exit leaving the data plane running (or removing it).
 
 use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
     path::PathBuf,
+    pin::Pin,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -11,6 +14,8 @@ use anyhow::Context as _;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{oneshot, watch},
+    task::JoinHandle,
+    time::Sleep,
 };
 use tracing::{error, info, warn};
 
@@ -22,6 +27,7 @@ use crate::{
     metrics::{self, AgentMetrics},
     planes::Planes,
     registry::{self, Registry},
+    resolve::{Backoff, Peers, RESOLVE_TIMEOUT, ResolveError, resolve_all},
     state::AgentRecord,
     systemd::Notifier,
 };
@@ -39,10 +45,10 @@ pub struct RunOptions {
 
 pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()> {
     // Everything that can be checked is checked before the data plane is touched.
-    let mut current = prepare(&config_path)?;
-    current
-        .config
-        .apply_overrides(&options.overrides, &config_path)?;
+    // The overrides apply to every config this agent runs: at start, on SIGHUP, and to rule
+    // sets pushed through the registry.
+    let overrides = &options.overrides;
+    let mut current = prepare(&config_path, overrides, &Peers::new()).await?;
     let registration = registry::Settings::from_config(&current.config)?;
     let notifier = Arc::new(Notifier::from_env());
     let listen = current.config.http.listen;
@@ -103,6 +109,12 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
     notifier.ready(&status_line(&current));
     let watchdog = notifier.spawn_watchdog();
 
+    // Tunnel peers that did not resolve are tried again, with backoff, until they do.
+    let mut backoff = Backoff::default();
+    let mut retry_at: Option<Pin<Box<Sleep>>> = None;
+    let mut resolving: Option<JoinHandle<BTreeMap<String, Result<SocketAddr, ResolveError>>>> =
+        None;
+    schedule_resolution(&current, &mut retry_at, &mut backoff);
     let mut links = LinkEvents::open().context("subscribing to interface events (rtnetlink)")?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -113,7 +125,8 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
             _ = hup.recv() => {
                 info!(config = %config_path.display(), "SIGHUP: reloading");
                 notifier.reloading();
-                let _ = reload(prepare(&config_path), &mut current, &mut dataplane, &agent_metrics).await;
+                let next = prepare(&config_path, overrides, current.peers()).await;
+                let _ = reload(next, &mut current, &mut dataplane, &agent_metrics).await;
                 programs.send_replace(dataplane.attached_programs());
                 http_config.send_if_modified(|c| replace_if_changed(c, &current.config.http));
                 notifier.ready(&status_line(&current));
@@ -121,7 +134,16 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
             Some(push) = next_push(&mut fleet) => {
                 info!(origin = %push.origin.display(), "rule set pushed: reloading");
                 notifier.reloading();
-                let next = push.text().and_then(|text| prepare_text(text, &push.origin));
+                let next = match push.text() {
+                    Ok(text) => prepare_text(text, &push.origin, overrides, current.peers()).await,
+                    Err(e) => Err(e),
+                };
+                // A pushed rule set says nothing of who this agent is: that stays.
+                let next = next.map(|mut p| {
+                    p.config.agent.clone_from(&current.config.agent);
+                    p.config.registry.clone_from(&current.config.registry);
+                    p
+                });
                 let result = reload(next, &mut current, &mut dataplane, &agent_metrics).await;
                 programs.send_replace(dataplane.attached_programs());
                 http_config.send_if_modified(|c| replace_if_changed(c, &current.config.http));
@@ -135,9 +157,12 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
                     warn!("interface events: {e}");
                     continue;
                 }
-                match follow_interfaces(&current, &mut dataplane).await {
-                    Ok(Some(next)) => current = next,
-                    Ok(None) => {}
+                match prepare_for_present(&current) {
+                    Ok(next) => match follow(next, &current, &mut dataplane).await {
+                        Ok(Some(next)) => current = next,
+                        Ok(None) => {}
+                        Err(e) => error!("{e:#}"),
+                    },
                     Err(e) => error!("{e:#}"),
                 }
                 programs.send_replace(dataplane.attached_programs());
@@ -152,9 +177,36 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
                 });
                 break;
             }
+            _ = sleep_opt(&mut retry_at) => {
+                retry_at = None;
+                let peers: Vec<String> =
+                    current.unresolved_peers().into_iter().map(str::to_owned).collect();
+                // On a task: the loop goes on following interfaces and signals meanwhile.
+                resolving = Some(tokio::spawn(async move {
+                    resolve_all(peers.iter().map(String::as_str), RESOLVE_TIMEOUT).await
+                }));
+            }
+            r = join_opt(&mut resolving) => {
+                resolving = None;
+                match r.map_err(anyhow::Error::from).and_then(|resolved| current.with_resolved(resolved)) {
+                    Ok(next) => match follow(next, &current, &mut dataplane).await {
+                        Ok(Some(next)) => current = next,
+                        Ok(None) => {}
+                        Err(e) => error!("{e:#}"),
+                    },
+                    Err(e) => error!("resolving tunnel peers: {e:#}"),
+                }
+                programs.send_replace(dataplane.attached_programs());
+            }
             _ = term.recv() => { info!("SIGTERM: exiting"); break; }
             _ = int.recv() => { info!("SIGINT: exiting"); break; }
         }
+        if resolving.is_none() {
+            schedule_resolution(&current, &mut retry_at, &mut backoff);
+        }
+    }
+    if let Some(r) = resolving {
+        r.abort();
     }
     // No keep-alives while stopping: TimeoutStopSec= bounds the rest.
     if let Some(w) = watchdog {
@@ -189,14 +241,15 @@ fn replace_if_changed(
     true
 }
 
-/// Compiles the running config again for the interfaces there are now and applies it if that
-/// changes anything: rules whose interface went wait for it, the others keep running; rules
-/// whose interface came back (with a new index) are attached again.
-async fn follow_interfaces(
+/// Applies `next`, the running config compiled again (for the interfaces there are now, or
+/// with fresh peer addresses), if that changes anything: rules whose interface went wait for
+/// it, the others keep running; rules whose interface came back (with a new index), or whose
+/// tunnel peer resolved, are installed.
+async fn follow(
+    next: Prepared,
     current: &Prepared,
     dataplane: &mut Planes,
 ) -> anyhow::Result<Option<Prepared>> {
-    let next = prepare_for_present(current.config.clone())?;
     if next == *current {
         return Ok(None);
     }
@@ -220,11 +273,61 @@ async fn follow_interfaces(
             );
         }
     }
+    for u in &current.unresolved {
+        if !next.unresolved.iter().any(|n| n.route == u.route) {
+            info!(
+                route = u.route,
+                peer = u.peer,
+                "tunnel peer resolved: the route runs"
+            );
+        }
+    }
     dataplane
         .apply(&next, Some(current))
         .await
         .context("following interface changes")?;
     Ok(Some(next))
+}
+
+/// Arms the retry of the tunnel peers that did not resolve (logging them), or disarms it when
+/// every peer has.
+fn schedule_resolution(
+    current: &Prepared,
+    retry_at: &mut Option<Pin<Box<Sleep>>>,
+    backoff: &mut Backoff,
+) {
+    if current.unresolved.is_empty() {
+        *retry_at = None;
+        *backoff = Backoff::default();
+        return;
+    }
+    if retry_at.is_some() {
+        return;
+    }
+    let pause = backoff.next_pause();
+    for u in &current.unresolved {
+        warn!(
+            route = u.route,
+            "tunnel route waits for its peer: {}; resolving again in {} s, the other rules run",
+            u.error,
+            pause.as_secs()
+        );
+    }
+    *retry_at = Some(Box::pin(tokio::time::sleep(pause)));
+}
+
+async fn sleep_opt(s: &mut Option<Pin<Box<Sleep>>>) {
+    match s {
+        Some(s) => s.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn join_opt<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match h {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Applies a new configuration (the file again on SIGHUP, or a rule set pushed through the
@@ -261,6 +364,11 @@ async fn apply(
             "http.listen changed to {}: that takes effect on restart",
             next.config.http.listen
         );
+    }
+    if (&next.config.agent, &next.config.registry)
+        != (&current.config.agent, &current.config.registry)
+    {
+        warn!("[agent] or [registry] changed: that takes effect on restart");
     }
     dataplane.apply(&next, Some(current)).await?;
     info!(

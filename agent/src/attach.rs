@@ -266,6 +266,48 @@ pub fn recorded(pins: &PinDir, r: &AttachmentRecord) -> Option<Attachment> {
     })
 }
 
+/// Our attachments as the kernel has them, for when the state record is unreadable: the XDP
+/// links pinned under `links/`, and the tc filters with our priority and handle at ingress
+/// (`can_route` on CAN netdevs, `udp_forward_tc` elsewhere). `latency_egress` is not recorded
+/// anyway: latency capture attaches it afresh (replacing ours in place).
+pub fn find_ours(pins: &PinDir) -> Vec<AttachmentRecord> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(pins.root().join("links")) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((program, iface)) = name.split_once('@') else {
+                continue;
+            };
+            let Some(ifindex) = crate::netdev::index(iface) else {
+                continue;
+            };
+            found.push(AttachmentRecord {
+                program: program.to_owned(),
+                iface: iface.to_owned(),
+                ifindex,
+                hook: Hook::Xdp,
+            });
+        }
+    }
+    for (ifindex, iface) in crate::netdev::all() {
+        if has_our_tc_filter(ifindex, Hook::Tc).unwrap_or(false) {
+            let program = if crate::netdev::is_can(&iface) {
+                edgeplane_common::can::PROGRAM
+            } else {
+                edgeplane_common::udp_forward::TC_PROGRAM
+            };
+            found.push(AttachmentRecord {
+                program: program.to_owned(),
+                iface,
+                ifindex,
+                hook: Hook::Tc,
+            });
+        }
+    }
+    found.sort_by(|a, b| (&a.iface, a.hook as u8).cmp(&(&b.iface, b.hook as u8)));
+    found
+}
+
 impl Attachment {
     pub fn record(&self) -> AttachmentRecord {
         AttachmentRecord {
@@ -317,6 +359,62 @@ pub fn detach(mut a: Attachment) -> Result<(), AttachError> {
             other => other.map_err(|e| err(e.into())),
         },
     }
+}
+
+/// Whether `ifindex`'s clsact ingress (or egress) has a filter at our priority and handle:
+/// one RTM_GETTFILTER request, answered with the filter or an error (no qdisc, no such
+/// filter).
+fn has_our_tc_filter(ifindex: u32, hook: Hook) -> io::Result<bool> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const RTM_NEWTFILTER: u16 = 44;
+    const RTM_GETTFILTER: u16 = 46;
+    // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS).
+    let parent: u32 = if hook == Hook::TcEgress {
+        0xffff_fff3
+    } else {
+        0xffff_fff2
+    };
+    // Priority in the upper half, protocol ETH_P_ALL (network order) in the lower: as attached.
+    let info = (u32::from(TC_PRIORITY) << 16) | u32::from((libc::ETH_P_ALL as u16).to_be());
+    let handle = u32::from(TC_HANDLE);
+    let mut req = [0u8; 36];
+    req[0..4].copy_from_slice(&36u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETTFILTER.to_ne_bytes());
+    req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // tcmsg: family, padding, ifindex, handle, parent, info.
+    req[20..24].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    req[24..28].copy_from_slice(&handle.to_ne_bytes());
+    req[28..32].copy_from_slice(&parent.to_ne_bytes());
+    req[32..36].copy_from_slice(&info.to_ne_bytes());
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sends `req`, a buffer of its length, to the kernel (the default address).
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut reply = [0u8; 8192];
+    // SAFETY: receives into `reply`, at most its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n < 16 {
+        return Err(io::Error::other("short netlink reply"));
+    }
+    let kind = u16::from_ne_bytes([reply[4], reply[5]]);
+    Ok(kind == RTM_NEWTFILTER)
 }
 
 /// A handle on our filter in `iface`'s clsact ingress or egress.

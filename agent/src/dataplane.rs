@@ -1,7 +1,8 @@
 //! Everything the agent runs in the kernel and beside it, applied from one prepared config.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     path::Path,
     sync::{Arc, RwLock},
 };
@@ -17,7 +18,7 @@ use tokio::{io::unix::AsyncFd, sync::broadcast};
 use tracing::{info, warn};
 
 use crate::{
-    attach::Hook,
+    attach::{self, Hook},
     can::{
         CanRouter, CanView,
         router::WantedWatch,
@@ -25,10 +26,11 @@ use crate::{
         stats::CanCollector,
         tunnel::Tunnels,
     },
-    config::{Config, UdpForwardRule},
+    config::{Config, Overrides, UdpForwardRule},
     latency::{self, Latency},
     loader, netdev,
     pins::{DirLock, PinDir},
+    resolve::{self, Peers, RESOLVE_TIMEOUT, ResolveError},
     state::{AgentRecord, AgentState, StateStore},
     status::{AttachedProgram, Readiness},
     udp_forward::{
@@ -54,6 +56,20 @@ pub struct Prepared {
     )>,
     /// Rules left out because an interface they need is missing.
     pub waiting: Vec<Waiting>,
+    /// Tunnel peers resolved (by their `host:port`), and why the others are not.
+    peers: Peers,
+    peer_errors: BTreeMap<String, ResolveError>,
+    /// Tunnel routes left out because their peer did not resolve: retried.
+    pub unresolved: Vec<Unresolved>,
+}
+
+/// A tunnel route waiting for its peer's name to resolve.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Unresolved {
+    pub route: String,
+    /// The configured `host:port`.
+    pub peer: String,
+    pub error: String,
 }
 
 /// A rule waiting for its interface to (re)appear.
@@ -65,43 +81,133 @@ pub struct Waiting {
     pub iface: String,
 }
 
-struct HostFacts;
+struct HostFacts<'a> {
+    peers: &'a Peers,
+}
 
-impl can_rules::Host for HostFacts {
+impl can_rules::Host for HostFacts<'_> {
     fn ifindex(&self, iface: &str) -> Option<u32> {
         netdev::index(iface)
     }
     fn is_fd(&self, iface: &str) -> bool {
         netdev::mtu(iface).is_ok_and(|m| m == can::CANFD_MTU as u32)
     }
+    fn peer(&self, target: &str) -> Option<SocketAddr> {
+        self.peers.get(target).copied()
+    }
 }
 
-/// Reads, validates and host-checks a config, and compiles its rules: every interface must
-/// exist.
-pub fn prepare(path: &Path) -> anyhow::Result<Prepared> {
+/// Reads, validates and host-checks a config with the command line's `overrides` applied,
+/// resolves its tunnel peers and compiles its rules: every interface must exist. A peer that
+/// does not resolve now keeps the address in `known` (the running config's), or leaves its
+/// route waiting (see [`Prepared::unresolved`]).
+pub async fn prepare(
+    path: &Path,
+    overrides: &Overrides,
+    known: &Peers,
+) -> anyhow::Result<Prepared> {
     let text =
         std::fs::read_to_string(path).map_err(|source| crate::config::ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-    prepare_text(&text, path)
+    prepare_text(&text, path, overrides, known).await
 }
 
 /// [`prepare`] for config text from elsewhere (a rule set pushed through the registry);
 /// `origin` names it in errors.
-pub fn prepare_text(text: &str, origin: &Path) -> anyhow::Result<Prepared> {
-    let config = Config::parse(text, origin)?;
+pub async fn prepare_text(
+    text: &str,
+    origin: &Path,
+    overrides: &Overrides,
+    known: &Peers,
+) -> anyhow::Result<Prepared> {
+    let config = Config::parse_with(text, origin, overrides)?;
     config.check_host(origin)?;
-    compile(config, true)
+    let resolved = resolve::resolve_all(tunnel_peers(&config), RESOLVE_TIMEOUT).await;
+    let (peers, peer_errors) = merge_peers(resolved, known);
+    compile(config, true, peers, peer_errors)
+}
+
+/// The configured `host:port` of every tunnel route.
+pub fn tunnel_peers(config: &Config) -> BTreeSet<&str> {
+    (config.can.route.iter())
+        .filter_map(|r| r.to.as_ref()?.udp.as_deref())
+        .collect()
+}
+
+/// Fresh resolutions, falling back to a `known` address where one failed: a peer that
+/// resolved once keeps its route running through a resolver outage.
+fn merge_peers(
+    resolved: BTreeMap<String, Result<SocketAddr, ResolveError>>,
+    known: &Peers,
+) -> (Peers, BTreeMap<String, ResolveError>) {
+    let mut peers = Peers::new();
+    let mut errors = BTreeMap::new();
+    for (peer, r) in resolved {
+        match (r, known.get(&peer)) {
+            (Ok(a), _) => {
+                peers.insert(peer, a);
+            }
+            (Err(e), Some(&a)) => {
+                warn!("{e}; the tunnel keeps sending to {a}, its last address");
+                peers.insert(peer, a);
+            }
+            (Err(e), None) => {
+                errors.insert(peer, e);
+            }
+        }
+    }
+    (peers, errors)
 }
 
 /// Compiles an accepted config again for the interfaces there are now: rules whose interface
-/// is missing wait for it (see [`Prepared::waiting`]) while the others run.
-pub fn prepare_for_present(config: Config) -> anyhow::Result<Prepared> {
-    compile(config, false)
+/// is missing wait for it (see [`Prepared::waiting`]) while the others run. Tunnel peers are
+/// not resolved again.
+pub fn prepare_for_present(current: &Prepared) -> anyhow::Result<Prepared> {
+    compile(
+        current.config.clone(),
+        false,
+        current.peers.clone(),
+        current.peer_errors.clone(),
+    )
 }
 
-fn compile(config: Config, strict: bool) -> anyhow::Result<Prepared> {
+impl Prepared {
+    /// The tunnel peers resolved so far.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    /// The tunnel peers still waiting to resolve.
+    pub fn unresolved_peers(&self) -> BTreeSet<&str> {
+        self.unresolved.iter().map(|u| u.peer.as_str()).collect()
+    }
+
+    /// This config with fresh resolutions of (some of) its peers: [`prepare_for_present`]
+    /// with the new addresses and errors.
+    pub fn with_resolved(
+        &self,
+        resolved: BTreeMap<String, Result<SocketAddr, ResolveError>>,
+    ) -> anyhow::Result<Self> {
+        let mut peers = self.peers.clone();
+        let mut errors = self.peer_errors.clone();
+        let (fresh, failed) = merge_peers(resolved, &self.peers);
+        for (peer, a) in fresh {
+            errors.remove(&peer);
+            peers.insert(peer, a);
+        }
+        errors.extend(failed);
+        compile(self.config.clone(), false, peers, errors)
+    }
+}
+
+fn compile(
+    config: Config,
+    strict: bool,
+    peers: Peers,
+    peer_errors: BTreeMap<String, ResolveError>,
+) -> anyhow::Result<Prepared> {
     let mut waiting = Vec::new();
     let mut wait = |kind, name: &str, iface: &str| {
         waiting.push(Waiting {
@@ -119,11 +225,23 @@ fn compile(config: Config, strict: bool) -> anyhow::Result<Prepared> {
         }
     }
     let mut can_routes = Vec::new();
+    let mut unresolved = Vec::new();
     for r in &config.can.route {
-        match can_rules::compile(r, &HostFacts) {
+        match can_rules::compile(r, &HostFacts { peers: &peers }) {
             Ok(c) => can_routes.push(c),
             Err(can_rules::CompileError::UnknownInterface { iface, .. }) if !strict => {
                 wait("can_route", &r.name, &iface)
+            }
+            Err(can_rules::CompileError::Peer { peer, .. }) => {
+                let error = peer_errors.get(&peer).map_or_else(
+                    || format!("`{peer}` is not resolved yet"),
+                    |e| e.to_string(),
+                );
+                unresolved.push(Unresolved {
+                    route: r.name.clone(),
+                    peer,
+                    error,
+                });
             }
             Err(e) => return Err(e.into()),
         }
@@ -150,6 +268,9 @@ fn compile(config: Config, strict: bool) -> anyhow::Result<Prepared> {
         can_routes,
         can_watches,
         waiting,
+        peers,
+        peer_errors,
+        unresolved,
     })
 }
 
@@ -202,6 +323,8 @@ pub struct Views {
     pub udp: Arc<RwLock<UdpView>>,
     pub can: Arc<RwLock<CanView>>,
     pub waiting: Arc<RwLock<Vec<Waiting>>>,
+    /// Tunnel routes waiting for their peer's name to resolve.
+    pub unresolved: Arc<RwLock<Vec<Unresolved>>>,
     /// Interfaces the running config names (kernel and userspace parts), for the host
     /// metrics; [`crate::planes::Planes::apply`] sets it.
     pub interfaces: Arc<RwLock<Vec<String>>>,
@@ -216,6 +339,7 @@ impl Views {
             &self.can.read().expect("lock"),
             &self.waiting.read().expect("lock"),
         )
+        .with_unresolved(&self.unresolved.read().expect("lock"))
         .with_userspace(&self.userspace.read().expect("lock"))
     }
 }
@@ -232,6 +356,10 @@ pub struct Dataplane {
     views: Views,
     pins: PinDir,
     state: StateStore,
+    /// The record was unreadable and what it should say is being recovered: it is not
+    /// overwritten until a config has been applied (so an agent that dies before that leaves
+    /// the next one the same recovery, not a record that knows less than the kernel).
+    recovering: bool,
     agent: AgentRecord,
     _lock: DirLock,
 }
@@ -248,10 +376,26 @@ impl Dataplane {
         let pins = PinDir::create(bpffs)?;
         let state = StateStore::open_or_create(&pins)?;
         let lock = pins.lock(|| state.load().ok()?.agent.map(|a| a.pid))?;
-        let previous = state.load().unwrap_or_else(|e| {
-            warn!("{e}");
-            AgentState::default()
-        });
+        // An unreadable record is not a reason to drop anything that runs: what it would have
+        // said is recovered from the kernel (our attachments here; rule slots and can-gw jobs
+        // from the pinned maps and can-gw when the config is applied).
+        let (previous, recovering) = match state.load() {
+            Ok(s) => (s, false),
+            Err(e) => {
+                let attachments = attach::find_ours(&pins);
+                warn!(
+                    attachments = attachments.len(),
+                    "{e}; taking over what the kernel runs instead: our attachments, the rules \
+                     in the pinned maps and our can-gw jobs (counters continue for the rules \
+                     found there)"
+                );
+                let recovered = AgentState {
+                    attachments,
+                    ..AgentState::default()
+                };
+                (recovered, true)
+            }
+        };
         if let Some(p) = &previous.agent {
             info!(
                 pid = p.pid,
@@ -286,10 +430,10 @@ impl Dataplane {
             None => broadcast::channel(1).0,
         };
         let mut udp = UdpForwarder::new(&mut ebpf, &pins, udp_latency)?;
-        udp.adopt(&previous.udp, &previous.attachments)
+        udp.adopt(&previous.udp, &previous.attachments, recovering)
             .context("reading the pinned UDP maps")?;
         let mut can = CanRouter::new(&mut ebpf, &pins, can_latency)?;
-        can.adopt(&previous.can, &previous.attachments)
+        can.adopt(&previous.can, &previous.attachments, recovering)
             .context("taking over the CAN routes")?;
         let (ring, sockets) = can
             .take_tunnel_maps()
@@ -305,6 +449,7 @@ impl Dataplane {
             views,
             pins,
             state,
+            recovering,
             agent,
             _lock: lock,
         };
@@ -377,6 +522,9 @@ impl Dataplane {
     /// as it had been applied) and keeps running.
     pub async fn apply(&mut self, p: &Prepared, previous: Option<&Prepared>) -> anyhow::Result<()> {
         let result = self.apply_parts(p).await;
+        if result.is_ok() {
+            self.recovering = false;
+        }
         let mut running = p;
         if let Err(e) = &result
             && let Some(prev) = previous
@@ -387,6 +535,7 @@ impl Dataplane {
             }
         }
         *self.views.waiting.write().expect("lock") = running.waiting.clone();
+        *self.views.unresolved.write().expect("lock") = running.unresolved.clone();
         self.publish();
         result
     }
@@ -397,6 +546,10 @@ impl Dataplane {
             for x in p.waiting.iter().filter(|x| kinds.contains(&x.kind)) {
                 w.rules.insert(x.name.clone());
                 w.ifaces.insert(x.iface.clone());
+            }
+            // Tunnel routes waiting for their peer keep their counters too.
+            if kinds.contains(&"can_route") {
+                w.rules.extend(p.unresolved.iter().map(|u| u.route.clone()));
             }
             w
         };
@@ -448,6 +601,9 @@ impl Dataplane {
 
     /// Records what a next agent needs to take over.
     fn save_state(&mut self) {
+        if self.recovering {
+            return;
+        }
         let (udp, mut attachments) = self.udp.state();
         let (can, can_attachments) = self.can.state();
         attachments.extend(can_attachments);

@@ -29,6 +29,29 @@ pub fn index(name: &str) -> Option<u32> {
 }
 
 /// The name of the interface with index `ifindex`, or `None` when there is none.
+/// Every interface of this network namespace: (ifindex, name).
+pub fn all() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array ended by a zero entry, or null; freed below.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return out;
+    }
+    let mut p = list;
+    // SAFETY: p walks the array up to its zero entry; names are NUL-terminated.
+    unsafe {
+        while (*p).if_index != 0 {
+            let name = std::ffi::CStr::from_ptr((*p).if_name)
+                .to_string_lossy()
+                .into_owned();
+            out.push(((*p).if_index, name));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
 pub fn name(ifindex: u32) -> Option<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.

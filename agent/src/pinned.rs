@@ -323,7 +323,11 @@ pub fn down(
         Err(e) => return Err(e.into()),
     };
     // The agent may have changed things on its way out.
-    let (state, _) = read_state(&pins);
+    let (mut state, unreadable) = read_state(&pins);
+    if unreadable.is_some() {
+        // What the kernel shows is ours, then (plain can-gw jobs can't be told from others').
+        state.attachments = attach::find_ours(&pins);
+    }
     for r in &state.attachments {
         if let Some(a) = attach::recorded(&pins, r) {
             attach::detach(a)?;

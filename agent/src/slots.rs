@@ -65,6 +65,16 @@ impl Slots {
         Ok(fresh)
     }
 
+    /// Gives `name` the free `slot`, if it has none: the slot the kernel's maps show it in
+    /// when the record of owners is lost. Returns whether it did.
+    pub fn claim(&mut self, name: &str, slot: u32) -> bool {
+        if self.by_name.contains_key(name) || !self.free.remove(&slot) {
+            return false;
+        }
+        self.by_name.insert(name.to_owned(), slot);
+        true
+    }
+
     /// Frees the slots of names not in `keep`.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         let free = &mut self.free;

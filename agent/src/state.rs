@@ -4,6 +4,10 @@
 //!
 //! It is JSON in a pinned array map rather than a file: it lives exactly as long as the pins
 //! (a file in /run could outlive or predate them), and `edgeplane down` removes it with them.
+//! Each save fills a new map, pins it beside the record and renames it over the record, so a
+//! reader sees the old record or the new one, never a mix. A record that is unreadable anyway
+//! (another version's, or damaged) is not trusted: the agent recovers what it needs from what
+//! the kernel runs (see [`crate::dataplane::Dataplane::load`]).
 
 use std::{
     collections::BTreeMap,
@@ -37,11 +41,14 @@ pub enum StateError {
         #[source]
         source: aya::pin::PinError,
     },
-    #[error(
-        "the agent state in {path} is unreadable ({reason}); the pinned data plane is taken over \
-         as if new (counters restart)"
-    )]
+    #[error("the agent state in {path} is unreadable ({reason})")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("replacing the agent state {path}: {source}")]
+    Replace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the agent state is {0} bytes, more than the {max} the state map holds", max = CHUNK * CHUNKS as usize - HEADER)]
     TooLarge(usize),
 }
@@ -166,8 +173,35 @@ impl StateStore {
         serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))
     }
 
-    /// Stores `state`. The header goes last, so a write cut short fails the checksum.
+    /// Stores `state`: fills a new map, pins it beside the record and renames it over the
+    /// record (atomic on bpffs as on any file system).
     pub fn save(&mut self, state: &AgentState) -> Result<(), StateError> {
+        let map = Array::<MapData, Chunk>::create(CHUNKS, 0).map_err(|e| map_err(&self.path, e))?;
+        let mut fresh = Self {
+            map,
+            path: self.path.clone(),
+        };
+        fresh.write(state)?;
+        let pending = pending(&self.path);
+        // Left by a save cut short (the record is then the previous one): replaced.
+        let _ = std::fs::remove_file(&pending);
+        fresh.map.pin(&pending).map_err(|source| StateError::Pin {
+            path: pending.clone(),
+            source,
+        })?;
+        std::fs::rename(&pending, &self.path).map_err(|source| {
+            let _ = std::fs::remove_file(&pending);
+            StateError::Replace {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        *self = Self::open(&self.path)?;
+        Ok(())
+    }
+
+    /// Writes `state` into this map, the header last.
+    fn write(&mut self, state: &AgentState) -> Result<(), StateError> {
         let json = serde_json::to_vec(state).expect("the state serializes");
         if json.len() > CHUNK * CHUNKS as usize - HEADER {
             return Err(StateError::TooLarge(json.len()));
@@ -189,6 +223,12 @@ impl StateStore {
             .set(0, first, 0)
             .map_err(|e| map_err(&self.path, e))
     }
+}
+
+/// Where a save pins its new map before the rename.
+fn pending(path: &Path) -> PathBuf {
+    // No dot: bpffs refuses names with one (reserved for its own files).
+    path.with_file_name("state-new")
 }
 
 fn map_err(path: &Path, source: MapError) -> StateError {

@@ -3,7 +3,11 @@
 use serde::Serialize;
 
 use crate::{
-    attach::Hook, can::CanView, dataplane::Waiting, udp_forward::UdpView, userspace::UserspaceView,
+    attach::Hook,
+    can::CanView,
+    dataplane::{Unresolved, Waiting},
+    udp_forward::UdpView,
+    userspace::UserspaceView,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -17,6 +21,8 @@ pub enum State {
     Degraded,
     /// Its interface does not exist (now): it is attached again when it appears.
     InterfaceMissing,
+    /// A tunnel route whose peer's name did not resolve: resolved again, with backoff.
+    PeerUnresolved,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -107,6 +113,18 @@ impl Readiness {
             ready: components.iter().all(|c| c.state == State::Attached),
             components,
         }
+    }
+
+    /// Adds the tunnel routes waiting for their peer's name to resolve.
+    pub fn with_unresolved(mut self, unresolved: &[Unresolved]) -> Self {
+        self.components.extend(unresolved.iter().map(|u| Component {
+            name: format!("can_tunnel/{}", u.route),
+            state: State::PeerUnresolved,
+            hook: None,
+            detail: Some(format!("{}; resolving again", u.error)),
+        }));
+        self.ready &= unresolved.is_empty();
+        self
     }
 
     /// Adds the userspace engine's rules and routes: they run once their sockets are bound,

@@ -237,6 +237,11 @@ pub struct CanRouter {
     inherited: std::collections::BTreeSet<String>,
     view: CanView,
     pins: PinDir,
+    /// The state record was unreadable: route slots are found in the maps and in can-gw by
+    /// the next apply, and `orphans`, our jobs with modifications whose owner is unknown,
+    /// wait for it to claim them (those no route claims are removed then).
+    recovering: bool,
+    orphans: Vec<Job>,
 }
 
 impl CanRouter {
@@ -269,17 +274,23 @@ impl CanRouter {
             inherited: Default::default(),
             view: CanView::default(),
             pins: pins.clone(),
+            recovering: false,
+            orphans: Vec::new(),
         })
     }
 
     /// Takes over what a previous agent left: slot owners, the pinned maps' contents, its
     /// can-gw jobs and its attachments (which keep running until [`Self::apply`] swaps this
     /// agent's program in). Jobs with our user id that no route owns are removed.
+    /// `recovering`: `state` is not a record but what was found in the kernel; nothing is
+    /// removed before [`Self::apply`] has seen the config.
     pub fn adopt(
         &mut self,
         state: &CanState,
         attachments: &[AttachmentRecord],
+        recovering: bool,
     ) -> Result<(), CanRouterError> {
+        self.recovering = recovering;
         self.rule_slots = Slots::with_owners(0, MAX_RULES, &state.routes);
         self.ingress_slots = Slots::with_owners(0, MAX_INGRESS, &state.ingress);
         for entry in self.ingress_map.iter() {
@@ -302,6 +313,10 @@ impl CanRouter {
         for (_, job) in jobs {
             let owner = if job.uid & UID_PREFIX_MASK == UID_PREFIX {
                 let owner = owner_of_slot.get(&((job.uid & !UID_PREFIX_MASK) >> 1));
+                if owner.is_none() && recovering {
+                    self.orphans.push(job);
+                    continue;
+                }
                 if owner.is_none() {
                     info!(
                         uid = format_args!("{:#x}", job.uid),
@@ -438,7 +453,11 @@ impl CanRouter {
             }
         }
 
-        // 2. Slots; new ones start with cleared counters.
+        // 2. Slots; new ones start with cleared counters. After an unreadable state record,
+        // routes get the slots the kernel shows them in first.
+        if std::mem::take(&mut self.recovering) {
+            self.claim_running_slots(&routes, &ifaces)?;
+        }
         let fresh_rules = self
             .rule_slots
             .assign(routes.iter().map(|r| r.name.as_str()))
@@ -699,6 +718,93 @@ impl CanRouter {
                 warn!("{e}");
             }
         }
+    }
+}
+
+impl CanRouter {
+    /// Finds the slots of routes and interfaces that have no owner record: a route with
+    /// modifications in the user id of its running can-gw job, any other in the rule its
+    /// ingress interface lists. Claimed jobs become the route's (kept as they run); our jobs
+    /// no route claims are removed.
+    fn claim_running_slots(
+        &mut self,
+        routes: &[CompiledRoute],
+        ifaces: &BTreeMap<String, u32>,
+    ) -> Result<(), CanRouterError> {
+        let slot_of_uid = |uid: u32| (uid & !UID_PREFIX_MASK) >> 1;
+        let mut claimed = 0;
+        for r in routes {
+            let running = self.orphans.iter().find(|o| {
+                r.jobs.iter().any(|j| {
+                    Job {
+                        uid: o.uid,
+                        ..j.clone()
+                    }
+                    .as_kernel_keeps_it()
+                        == o.as_kernel_keeps_it()
+                })
+            });
+            if let Some(slot) = running.map(|o| slot_of_uid(o.uid))
+                && self.rule_slots.claim(&r.name, slot)
+            {
+                let (mine, others) = std::mem::take(&mut self.orphans)
+                    .into_iter()
+                    .partition(|o| slot_of_uid(o.uid) == slot);
+                self.orphans = others;
+                self.installed_jobs.insert(r.name.clone(), mine);
+                claimed += 1;
+                continue;
+            }
+            let listed = self
+                .installed_ingress
+                .get(&r.ingress_ifindex)
+                .map(|i| i.rules[..usize::from(i.count).min(i.rules.len())].to_vec())
+                .unwrap_or_default();
+            for slot in listed.into_iter().map(u32::from) {
+                let Ok(k) = self.rules.get(&slot, 0) else {
+                    continue;
+                };
+                let w = &r.rule;
+                let same = (
+                    k.filter_id,
+                    k.filter_mask,
+                    k.action,
+                    k.flags,
+                    k.hops,
+                    k.egress,
+                ) == (
+                    w.filter_id,
+                    w.filter_mask,
+                    w.action,
+                    w.flags,
+                    w.hops,
+                    w.egress,
+                );
+                if same && self.rule_slots.claim(&r.name, slot) {
+                    claimed += 1;
+                    break;
+                }
+            }
+        }
+        for (iface, ifindex) in ifaces {
+            if let Some(i) = self.installed_ingress.get(ifindex) {
+                self.ingress_slots.claim(iface, i.slot);
+            }
+        }
+        info!(
+            routes = routes.len(),
+            found = claimed,
+            "CAN routes found running keep their can-gw jobs and counters"
+        );
+        let mut gw = self.gateway.lock().expect("lock");
+        for job in std::mem::take(&mut self.orphans) {
+            info!(
+                uid = format_args!("{:#x}", job.uid),
+                "removing a can-gw job of ours that no route owns"
+            );
+            gw.gw()?.remove(&job)?;
+        }
+        Ok(())
     }
 }
 

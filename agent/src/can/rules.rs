@@ -28,15 +28,20 @@ pub struct CompiledRoute {
 pub enum CompileError {
     #[error("route `{route}`: interface `{iface}` does not exist on this host (see `ip link`)")]
     UnknownInterface { route: String, iface: String },
-    #[error("route `{route}`: tunnel peer {why}")]
-    Peer { route: String, why: String },
+    #[error("route `{route}`: tunnel peer `{peer}` is not resolved")]
+    Peer { route: String, peer: String },
 }
 
-/// Facts about interfaces the compiler needs from the host.
+/// Facts about interfaces and tunnel peers the compiler needs from the host.
 pub trait Host {
     fn ifindex(&self, iface: &str) -> Option<u32>;
     /// Whether the interface carries CAN FD (MTU 72).
     fn is_fd(&self, iface: &str) -> bool;
+    /// The address of a tunnel peer (`host:port`), if resolved; by default only address
+    /// literals are.
+    fn peer(&self, target: &str) -> Option<SocketAddr> {
+        target.parse().ok()
+    }
 }
 
 pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileError> {
@@ -123,11 +128,11 @@ pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileEr
                         }),
                     });
                 }
-            } else if let Some(res) = r.udp_peer() {
+            } else if let Some(target) = &t.udp {
                 rule.action = action::TUNNEL;
-                peer = Some(res.map_err(|why| CompileError::Peer {
+                peer = Some(host.peer(target).ok_or_else(|| CompileError::Peer {
                     route: r.name.clone(),
-                    why,
+                    peer: target.clone(),
                 })?);
             }
         }

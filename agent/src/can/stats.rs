@@ -44,8 +44,33 @@ impl Collector for UserspaceCanCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let user = self.userspace.read().expect("view lock").clone();
         let rows: Vec<_> = user.can.iter().map(userspace_row).collect();
-        encode_routes(&mut encoder, &rows)
+        encode_routes(&mut encoder, &rows)?;
+        encode_read_errors(&mut encoder, &user.can)
     }
+}
+
+/// Failed reads of the userspace routes' ingress sockets (the interface went down, ...): the
+/// reader counts them and reads on.
+fn encode_read_errors(
+    encoder: &mut DescriptorEncoder,
+    routes: &[CanRouteView],
+) -> Result<(), std::fmt::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if routes.is_empty() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(
+        "can_userspace_read_errors",
+        "Failed reads of a userspace route's ingress socket (e.g. the interface went down); \
+         the route reads on",
+        None,
+        MetricType::Counter,
+    )?;
+    for r in routes {
+        ConstCounter::new(r.counters.read_errors.load(Relaxed))
+            .encode(family.encode_family(&[("rule", r.route.as_str())])?)?;
+    }
+    Ok(())
 }
 
 /// A userspace route's counters in the kernel path's terms: its writes are what can-gw's
@@ -126,6 +151,7 @@ impl Collector for CanCollector {
             .chain(user.can.iter().map(userspace_row))
             .collect();
         encode_routes(&mut encoder, &rules)?;
+        encode_read_errors(&mut encoder, &user.can)?;
 
         let mut family = encoder.encode_descriptor(
             "can_ingress_frames",

@@ -15,7 +15,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let config = if args.offline {
         Config::load(&args.file)?
     } else {
-        dataplane::prepare(&args.file)?.config
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let prepared = runtime.block_on(dataplane::prepare(
+            &args.file,
+            &Default::default(),
+            &Default::default(),
+        ));
+        // Not waiting for a lookup that timed out (getaddrinfo can't be cancelled).
+        runtime.shutdown_background();
+        let prepared = prepared?;
+        // The agent runs such a config, the route waiting for its peer; a check says so.
+        if !prepared.unresolved.is_empty() {
+            let lines: Vec<String> = (prepared.unresolved.iter())
+                .map(|u| format!("  - can.route `{}`.to.udp: {}", u.route, u.error))
+                .collect();
+            anyhow::bail!(
+                "{}: {} tunnel peer(s) do not resolve on this host:\n{}",
+                args.file.display(),
+                lines.len(),
+                lines.join("\n")
+            );
+        }
+        prepared.config
     };
     let ingress: BTreeSet<&str> = config
         .udp

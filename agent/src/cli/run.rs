@@ -35,16 +35,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         spiffe_id: args.spiffe_id,
         etcd_endpoints: args.etcd_endpoints,
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(edgeplane::agent::run(
-            args.config,
-            RunOptions {
-                bpffs: args.bpffs,
-                detach_on_exit: args.detach_on_exit,
-                overrides,
-            },
-        ))
+    edgeplane::supervise::install_panic_hook();
+    let runtime = edgeplane::supervise::runtime()?;
+    let result = runtime.block_on(edgeplane::agent::run(
+        args.config,
+        RunOptions {
+            bpffs: args.bpffs,
+            detach_on_exit: args.detach_on_exit,
+            overrides,
+        },
+    ));
+    // A name lookup can't be cancelled: one still waiting on its DNS server (on the blocking
+    // pool) must not hold up the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    result
 }

@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    net::{IpAddr, SocketAddr, ToSocketAddrs as _},
+    net::{IpAddr, SocketAddr},
     str::FromStr,
 };
 
@@ -338,25 +338,6 @@ pub struct CanReceive {
     pub peer: Option<IpAddr>,
 }
 
-impl CanRoute {
-    /// The tunnel peer, resolved.
-    pub fn udp_peer(&self) -> Option<Result<SocketAddr, String>> {
-        let udp = self.to.as_ref()?.udp.as_ref()?;
-        Some(resolve(udp))
-    }
-}
-
-fn resolve(hostport: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = hostport.parse() {
-        return Ok(a);
-    }
-    hostport
-        .to_socket_addrs()
-        .map_err(|e| format!("`{hostport}`: {e}"))?
-        .next()
-        .ok_or_else(|| format!("`{hostport}` resolves to no address"))
-}
-
 impl CanConfig {
     /// Whether anything here needs the kernel path (eBPF) in this mode.
     pub fn wants_kernel(&self) -> bool {
@@ -648,7 +629,8 @@ impl CanConfig {
         }
     }
 
-    /// Host checks: interfaces exist and are CAN netdevs, tunnel peers resolve.
+    /// Host checks: interfaces exist and are CAN netdevs. (Tunnel peers are resolved when the
+    /// config is prepared, see [`crate::resolve`].)
     pub(super) fn host_problems(&self, out: &mut Vec<Problem>) {
         let mut check_can = |key: String, iface: &str| {
             if netdev::index(iface).is_none() {
@@ -676,14 +658,6 @@ impl CanConfig {
         }
         for (i, r) in self.receive.iter().enumerate() {
             check_can(format!("can.receive[{i}].iface"), &r.iface);
-        }
-        for (i, r) in self.route.iter().enumerate() {
-            if let Some(Err(why)) = r.udp_peer() {
-                out.push(Problem {
-                    key: format!("can.route[{i}].to.udp"),
-                    message: why,
-                });
-            }
         }
     }
 }

@@ -246,10 +246,18 @@ impl Config {
 
     /// Parses and statically validates config text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        Self::parse_with(text, path, &Overrides::default())
+    }
+
+    /// [`Self::parse`] with the command line's overrides applied before validation, so that
+    /// a value required by the file may come from the command line (at start and on every
+    /// reload alike).
+    pub fn parse_with(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config: Self = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
             source: Box::new(e),
         })?;
+        config.override_with(overrides);
         let problems = config.problems();
         if problems.is_empty() {
             Ok(config)

@@ -89,6 +89,20 @@ impl Config {
         o: &Overrides,
         origin: &std::path::Path,
     ) -> Result<(), ConfigError> {
+        self.override_with(o);
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Replaces what the overrides give, without validating.
+    pub(super) fn override_with(&mut self, o: &Overrides) {
         let agent = &mut self.agent;
         for (field, value) in [
             (&mut agent.service_name, &o.service_name),
@@ -104,15 +118,6 @@ impl Config {
                 Some(r) => r.endpoints.clone_from(endpoints),
                 None => self.registry = Some(RegistryConfig::with_endpoints(endpoints.clone())),
             }
-        }
-        let problems = self.problems();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid {
-                path: origin.to_owned(),
-                problems,
-            })
         }
     }
 

@@ -105,6 +105,9 @@ pub struct UdpForwarder {
     inherited: BTreeSet<String>,
     rules: Vec<CompiledRule>,
     pins: PinDir,
+    /// The slot owners were lost (an unreadable state record): the next apply finds them
+    /// in the maps.
+    recovering: bool,
 }
 
 impl UdpForwarder {
@@ -125,17 +128,22 @@ impl UdpForwarder {
             inherited: BTreeSet::new(),
             rules: Vec::new(),
             pins: pins.clone(),
+            recovering: false,
         })
     }
 
     /// Takes over what a previous agent left: its slot owners, what its maps hold (they are
     /// the pinned ones), and its attachments, which keep running until [`Self::apply`] puts
     /// this agent's program in their place.
+    /// `recovering`: `state` is not a record but what was found in the kernel, so the slot
+    /// owners are found in the maps by the first [`Self::apply`].
     pub fn adopt(
         &mut self,
         state: &UdpState,
         attachments: &[AttachmentRecord],
+        recovering: bool,
     ) -> Result<(), UdpForwardError> {
+        self.recovering = recovering;
         self.rule_slots = Slots::with_owners(0, MAX_RULES, &state.rules);
         self.ingress_slots = Slots::with_owners(MAX_RULES, MAX_INGRESS, &state.ingress);
         for entry in self.rules_map.iter() {
@@ -288,7 +296,11 @@ impl UdpForwarder {
             }
         }
 
-        // 3. Slots: new names get slots with cleared counters.
+        // 3. Slots: new names get slots with cleared counters. After an unreadable state
+        // record, a rule whose key is in the map keeps the slot it counts in there.
+        if std::mem::take(&mut self.recovering) {
+            self.claim_installed_slots(&rules);
+        }
         let fresh_slots = self
             .rule_slots
             .assign(rules.iter().map(|r| r.name.as_str()))
@@ -409,6 +421,28 @@ impl UdpForwarder {
         warn_if_not_forwarding(&rules);
         self.rules = rules;
         Ok(())
+    }
+
+    /// Gives rules and ingress interfaces without an owner record the slots the installed
+    /// map entries count in.
+    fn claim_installed_slots(&mut self, rules: &[CompiledRule]) {
+        let mut claimed = 0;
+        for r in rules {
+            let installed = r.keys.iter().find_map(|k| self.installed.rules.get(k));
+            if let Some(action) = installed
+                && self.rule_slots.claim(&r.name, action.slot)
+            {
+                claimed += 1;
+            }
+            if let Some(ingress) = self.installed.ingress.get(&r.ingress_ifindex) {
+                self.ingress_slots.claim(&r.ingress, ingress.slot);
+            }
+        }
+        info!(
+            rules = rules.len(),
+            found = claimed,
+            "UDP rules found in the pinned maps keep their counters"
+        );
     }
 
     /// Detaches every program.

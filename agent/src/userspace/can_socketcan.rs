@@ -15,6 +15,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
+    time::Duration,
 };
 
 use edgeplane_common::can::{CAN_MTU, CANFD_MTU, CanFrame, rule_flag};
@@ -37,7 +38,15 @@ pub struct CanCounters {
     pub deleted: AtomicU64,
     /// Frames the egress refused (can-gw's `dropped`).
     pub dropped: AtomicU64,
+    /// Failed reads of the ingress socket; the reader reads on.
+    pub read_errors: AtomicU64,
 }
+
+/// Pauses of a reader after failed reads, doubling while they fail: the first is short, so
+/// frames flow again soon after an interface comes back up; the last keeps a lasting error
+/// from filling the log.
+const READ_RETRY_FIRST: Duration = Duration::from_millis(50);
+const READ_RETRY_MAX: Duration = Duration::from_secs(5);
 
 type Sock = Arc<AsyncFd<CanFdSocket>>;
 
@@ -105,7 +114,14 @@ impl CanUserspace {
         }
         let readers = per_ingress
             .into_iter()
-            .map(|(ifindex, live)| Reader(tokio::spawn(read(Arc::clone(&sockets[&ifindex]), live))))
+            .map(|(ifindex, live)| {
+                let iface = live[0].route.ingress.clone();
+                Reader(tokio::spawn(read(
+                    Arc::clone(&sockets[&ifindex]),
+                    iface,
+                    live,
+                )))
+            })
             .collect();
         self.readers = readers;
         self.routes = routes.to_vec();
@@ -178,13 +194,30 @@ impl Live {
     }
 }
 
-async fn read(sock: Sock, routes: Vec<Live>) {
+/// Reads `iface` for its routes until dropped. A failed read (ENETDOWN when the interface goes
+/// down) is logged and counted, and reading goes on: CAN_RAW reports the error once and the
+/// socket stays bound, so frames come again when the interface is up. An interface that is
+/// removed is followed by link events, which restart its routes on the new one.
+async fn read(sock: Sock, iface: String, routes: Vec<Live>) {
+    let mut pause = READ_RETRY_FIRST;
     loop {
         let (frame, fd) = match next_frame(&sock).await {
-            Ok(f) => f,
+            Ok(f) => {
+                pause = READ_RETRY_FIRST;
+                f
+            }
             Err(e) => {
-                warn!("userspace CAN reader stopped: {e}");
-                return;
+                for live in &routes {
+                    live.counters.read_errors.fetch_add(1, Relaxed);
+                }
+                warn!(
+                    iface,
+                    "userspace CAN reader: {e}; reading on in {pause:?} (frames come again when \
+                     the interface is up)"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(READ_RETRY_MAX);
+                continue;
             }
         };
         // Every matching route acts, in config order, as on the kernel path.

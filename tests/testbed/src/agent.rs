@@ -53,6 +53,10 @@ pub struct Start {
     pub bpffs: Option<PathBuf>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Extra `edgeplane run` arguments (`--vin`, ...).
+    pub args: Vec<String>,
+    /// Return once /readyz answers at all, 503 included (a rule is meant to wait).
+    pub not_ready_ok: bool,
 }
 
 static STARTED: AtomicU32 = AtomicU32::new(0);
@@ -120,6 +124,7 @@ impl Agent {
             .arg(&path)
             .arg("--bpffs")
             .arg(&bpffs)
+            .args(&opts.args)
             .envs(opts.env.iter().map(|(k, v)| (k, v)));
         if !opts.leave_running {
             cmd.arg("--detach-on-exit");
@@ -140,8 +145,10 @@ impl Agent {
         let _in_ns = ns.enter()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((200, _)) = http::get(listen, "/readyz") {
-                return Ok(agent);
+            match http::get(listen, "/readyz") {
+                Ok((200, _)) => return Ok(agent),
+                Ok((503, _)) if opts.not_ready_ok => return Ok(agent),
+                _ => {}
             }
             if let Some(status) = agent.child.as_mut().expect("running").try_wait()? {
                 let log = agent.stop_and_log()?;

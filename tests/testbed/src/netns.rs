@@ -85,11 +85,39 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Gives processes started in the namespace (through `ip netns exec`, as [`Self::command`]
+    /// does) their own `/etc/<file>`: iproute2 bind-mounts `/etc/netns/<ns>/<file>` over it in
+    /// their mount namespace. The host's file is not changed (one is created, empty, where
+    /// there is none: in the test VM). Rewriting it later shows in processes that run.
+    pub fn set_etc(&self, file: &str, contents: &str) -> anyhow::Result<()> {
+        let target = std::path::Path::new("/etc").join(file);
+        if !target.exists() {
+            std::fs::write(&target, "")?;
+        }
+        let dir = self.etc_dir();
+        std::fs::create_dir_all(&dir)?;
+        // In place, so that a bind mount of it sees the new contents.
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(dir.join(file))?;
+        std::io::Write::write_all(&mut f, contents.as_bytes())?;
+        Ok(())
+    }
+
+    fn etc_dir(&self) -> std::path::PathBuf {
+        std::path::Path::new("/etc/netns").join(&self.name)
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
+        let _ = std::fs::remove_dir_all(self.etc_dir());
     }
 }
 
