@@ -22,11 +22,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::run(&setup::Options::default())?;
     let root = toolchain::workspace_root();
     step("building the agent and the tests (release)");
-    run_checked(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--all-targets",
-    ]))?;
+    run_checked(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(vm::release_build_args()),
+    )?;
     step("unit, eBPF program and end-to-end tests");
     let mut test = Command::new("cargo");
     test.current_dir(&root)

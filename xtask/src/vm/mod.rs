@@ -113,6 +113,11 @@ pub struct Options {
     /// How qemu runs the guest's CPUs (`EDGEPLANE_VM_KVM=1` means `kvm`).
     #[arg(long, value_enum, default_value_t = qemu::Accel::Tcg)]
     accel: qemu::Accel,
+    /// Start qemu's gdb server on this port (loopback), to inspect a hung guest with
+    /// `gdb -ex 'target remote :PORT'`; pair it with `--kernel-arg softlockup_panic=0
+    /// --kernel-arg sysctl.kernel.panic_on_rcu_stall=0` to keep a stuck guest alive.
+    #[arg(long, value_name = "PORT")]
+    gdb: Option<u16>,
     /// Extra kernel command-line argument (repeatable), after the harness's own, e.g.
     /// `--kernel-arg watchdog_thresh=5` for earlier lockup reports with every CPU's stack.
     #[arg(long = "kernel-arg", value_name = "ARG")]
@@ -134,6 +139,7 @@ impl Options {
             test_timeout: DEFAULT_TEST_TIMEOUT_SECS,
             repeat: 1,
             accel: qemu::Accel::Tcg,
+            gdb: None,
             kernel_args: Vec::new(),
             verbose: false,
         }
@@ -166,8 +172,7 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
     };
 
     step("building the agent and the test executables (release)");
-    let agent = build_agent()?;
-    let tests = build_tests(&wanted)?;
+    let (agent, tests) = build(&wanted)?;
 
     let target = target_dir()?;
     let cache = target.join("vm-cache");
@@ -233,6 +238,7 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
                     log: &log,
                     timeout: Duration::from_secs(opts.timeout),
                     accel,
+                    gdb_port: opts.gdb,
                     verbose: opts.verbose,
                 },
             )?;
@@ -277,41 +283,51 @@ fn select_series(names: &[String]) -> Vec<&'static kernels::Series> {
         .collect()
 }
 
-/// `cargo build --release -p edgeplane`, returning the agent's path as cargo reports it.
-fn build_agent() -> anyhow::Result<PathBuf> {
-    let artifacts = cargo_artifacts(&["build", "--release", "-p", "edgeplane"], "bin")?;
-    artifacts
-        .get("edgeplane")
-        .cloned()
-        .context("cargo built no edgeplane binary")
-}
-
-/// Builds the integration tests and returns the executables of `wanted`, by name.
-fn build_tests(wanted: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    // Named explicitly: the CAN tests have `test = false` (the host can't run them), so a
-    // plain `cargo test --no-run` would not build them.
-    let mut args = vec!["test", "--release", "--no-run", "-p", "edgeplane-tests"];
+/// Builds the agent and the integration tests in one `cargo build --release --all-targets`,
+/// the command `cargo xtask test` builds the host tests with: the same packages and targets
+/// resolve the same dependency features, so nothing is built twice (building the agent alone
+/// resolved others and rebuilt rustls, tonic and the agent, minutes each time). Returns the
+/// agent's path and the executables of `wanted`, by name.
+fn build(wanted: &[&str]) -> anyhow::Result<(PathBuf, Vec<(String, PathBuf)>)> {
+    let mut args = release_build_args();
+    // Named explicitly: the CAN tests have `test = false` (the host can't run them), so
+    // `--all-targets` alone would not build them.
     for name in wanted {
         args.extend(["--test", name]);
     }
-    let artifacts = cargo_artifacts(&args, "test")?;
-    wanted
+    let artifacts = cargo_artifacts(&args)?;
+    let agent = artifacts
+        .get(&("bin", "edgeplane".to_owned()))
+        .cloned()
+        .context("cargo built no edgeplane binary")?;
+    let tests = wanted
         .iter()
-        .map(|name| match artifacts.get(*name) {
+        .map(|name| match artifacts.get(&("test", (*name).to_owned())) {
             Some(path) => Ok((name.to_string(), path.clone())),
             None => {
-                let known: Vec<_> = artifacts.keys().map(String::as_str).collect();
+                let known: Vec<_> = artifacts
+                    .keys()
+                    .filter(|(kind, _)| *kind == "test")
+                    .map(|(_, n)| n.as_str())
+                    .collect();
                 bail!(
                     "no test executable {name} in edgeplane-tests: choose from {}",
                     known.join(", ")
                 )
             }
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    Ok((agent, tests))
 }
 
-/// Runs cargo with JSON messages and returns the executables of the targets of `kind`.
-fn cargo_artifacts(args: &[&str], kind: &str) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+/// `cargo build --release --all-targets`: what `cargo xtask test` builds too.
+pub fn release_build_args() -> Vec<&'static str> {
+    vec!["build", "--release", "--all-targets"]
+}
+
+/// Runs cargo with JSON messages and returns the executables it built, by target kind
+/// (`bin`, `test`) and name.
+fn cargo_artifacts(args: &[&str]) -> anyhow::Result<BTreeMap<(&'static str, String), PathBuf>> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
         .args(args)
@@ -327,13 +343,15 @@ fn cargo_artifacts(args: &[&str], kind: &str) -> anyhow::Result<BTreeMap<String,
             continue;
         }
         let target = &msg["target"];
-        let is_kind = target["kind"]
-            .as_array()
-            .is_some_and(|k| k.iter().any(|k| k == kind));
-        if let (true, Some(name), Some(exe)) =
-            (is_kind, target["name"].as_str(), msg["executable"].as_str())
-        {
-            found.insert(name.to_owned(), PathBuf::from(exe));
+        let Some(kind) = ["bin", "test"].into_iter().find(|kind| {
+            target["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == kind))
+        }) else {
+            continue;
+        };
+        if let (Some(name), Some(exe)) = (target["name"].as_str(), msg["executable"].as_str()) {
+            found.insert((kind, name.to_owned()), PathBuf::from(exe));
         }
     }
     Ok(found)

@@ -101,6 +101,8 @@ pub struct Settings<'a> {
     pub log: &'a Path,
     pub timeout: Duration,
     pub accel: Accel,
+    /// qemu's gdb server on this TCP port, to inspect a hung guest (`target remote :PORT`).
+    pub gdb_port: Option<u16>,
     /// Echo every console line, not just the progress lines.
     pub verbose: bool,
 }
@@ -125,6 +127,9 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
         Accel::Tcg => cmd.args(["-accel", "tcg,thread=multi"]),
         Accel::TcgSingle => cmd.args(["-accel", "tcg,thread=single"]),
     };
+    if let Some(port) = s.gdb_port {
+        cmd.arg("-gdb").arg(format!("tcp:127.0.0.1:{port}"));
+    }
     cmd.args([
         "-smp",
         "2",
