@@ -391,7 +391,12 @@ fn summarize(reports: &[Report], wanted: &[&str], repeat: u32) -> anyhow::Result
                 format!("(boot {} to /init)", i + 1)
             };
             let booted = b.boot.booted.map(|d| d.as_secs_f64());
-            row(k, &what, if booted.is_some() { "ok" } else { "FAIL" }, booted);
+            row(
+                k,
+                &what,
+                if booted.is_some() { "ok" } else { "FAIL" },
+                booted,
+            );
         }
         for name in wanted {
             if r.skipped.iter().any(|s| s == name) {
@@ -423,7 +428,10 @@ fn summarize(reports: &[Report], wanted: &[&str], repeat: u32) -> anyhow::Result
                     .collect();
                 run_lines.push(format!("{} {name}: {}", k.series, each.join(", ")));
             }
-            for (t, log) in runs.iter().filter(|(t, _)| t.outcome != qemu::Outcome::Pass) {
+            for (t, log) in runs
+                .iter()
+                .filter(|(t, _)| t.outcome != qemu::Outcome::Pass)
+            {
                 problems.push(run_problem(k, t, log));
             }
         }
@@ -482,7 +490,11 @@ fn run_problem(k: &kernels::Kernel, t: &qemu::TestResult, log: &Path) -> String 
         t.exit_code,
         failed_cases(&t.failed)
     );
-    if let Some(case) = t.running_case.as_ref().filter(|_| t.outcome != qemu::Outcome::Fail) {
+    if let Some(case) = t
+        .running_case
+        .as_ref()
+        .filter(|_| t.outcome != qemu::Outcome::Fail)
+    {
         p.push_str(&format!(", in {case}"));
     }
     if let Some(first) = t.kernel_trouble.first() {
@@ -521,9 +533,10 @@ fn vm_problems(k: &kernels::Kernel, b: &BootReport) -> Vec<String> {
         ));
     } else if b.booted.is_some()
         && !b.done
-        && !b.results.last().is_some_and(|r| {
-            matches!(r.outcome, qemu::Outcome::Crash | qemu::Outcome::Timeout)
-        })
+        && !b
+            .results
+            .last()
+            .is_some_and(|r| matches!(r.outcome, qemu::Outcome::Crash | qemu::Outcome::Timeout))
     {
         problems.push(format!(
             "{}: /init stopped before the end (see {log})",

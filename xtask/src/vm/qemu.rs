@@ -182,7 +182,8 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
         if !matches!(parsed, Some(Line::Indented(_))) {
             in_failures = matches!(parsed, Some(Line::FailuresList));
         }
-        let show = s.verbose || is_progress(&line) || matches!(parsed, Some(Line::KernelTrouble(_)));
+        let show =
+            s.verbose || is_progress(&line) || matches!(parsed, Some(Line::KernelTrouble(_)));
         match parsed {
             Some(Line::Booted) => boot.booted = Some(start.elapsed()),
             Some(Line::SetupFailed(what)) => boot.setup_failures.push(what.to_owned()),
@@ -190,8 +191,7 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
                 running = Some(TestResult::started(test, run, start.elapsed()));
             }
             Some(Line::Result(mut result)) => {
-                if let Some(r) = running.take_if(|r| r.test == result.test && r.run == result.run)
-                {
+                if let Some(r) = running.take_if(|r| r.test == result.test && r.run == result.run) {
                     result.failed = r.failed;
                     result.kernel_trouble = r.kernel_trouble;
                 }
@@ -317,7 +317,10 @@ impl TestResult {
 enum Line<'a> {
     Booted,
     SetupFailed(&'a str),
-    Start { test: &'a str, run: u32 },
+    Start {
+        test: &'a str,
+        run: u32,
+    },
     Result(TestResult),
     Done,
     /// libtest's `test name ... ` as a test function starts (with --nocapture its result may
