@@ -23,6 +23,7 @@ pub mod registry;
 pub mod slots;
 pub mod state;
 pub mod status;
+mod sys;
 pub mod systemd;
 pub mod udp_forward;
 pub mod userspace;
