@@ -18,9 +18,7 @@ use prometheus_client::{
 };
 use tracing::warn;
 
-use crate::sys::netlink::{
-    self, Attrs, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkError, RecvError,
-};
+use crate::sys::netlink::{self, Attrs, NLM_F_DUMP, NLM_F_REQUEST, NetlinkError, RecvError};
 
 use libc::{
     IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_INFO_XSTATS, IFLA_LINKINFO, IFLA_OPERSTATE,
@@ -187,24 +185,13 @@ pub(crate) fn parse_batch(
     wanted: &impl Fn(&str) -> bool,
     out: &mut Vec<Link>,
 ) -> Result<bool, HostStatsError> {
-    for msg in netlink::messages(batch) {
-        let msg = msg?;
-        match msg.ty {
-            NLMSG_DONE => return Ok(true),
-            NLMSG_ERROR => {
-                let errno = msg.errno()?;
-                return Err(HostStatsError::Refused(io::Error::from_raw_os_error(errno)));
-            }
-            RTM_NEWLINK => {
-                let (_, attrs) = msg.split::<IFINFOMSG_LEN>("RTM_NEWLINK's struct ifinfomsg")?;
-                if let Some(link) = parse_link(attrs, wanted)? {
-                    out.push(link);
-                }
-            }
-            _ => {}
+    netlink::read_dump(batch, HostStatsError::Refused, |msg| {
+        if msg.ty == RTM_NEWLINK {
+            let (_, attrs) = msg.split::<IFINFOMSG_LEN>("RTM_NEWLINK's struct ifinfomsg")?;
+            out.extend(parse_link(attrs, wanted)?);
         }
-    }
-    Ok(false)
+        Ok(())
+    })
 }
 
 /// Parses an RTM_NEWLINK message's attributes; None when the interface is not wanted.
@@ -503,7 +490,7 @@ mod tests {
     use super::*;
     use crate::{
         metrics::{self, AgentMetrics},
-        sys::netlink::NLA_F_NESTED,
+        sys::netlink::{NLA_F_NESTED, NLMSG_DONE, NLMSG_ERROR},
     };
 
     fn sysfs(iface: &str, attr: &str) -> String {

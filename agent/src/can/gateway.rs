@@ -18,8 +18,7 @@ use edgeplane_common::can::{CAN_MTU, CANFD_MTU, CanFrame};
 use libc::{RTM_DELROUTE, RTM_GETROUTE, RTM_NEWROUTE};
 
 use crate::sys::netlink::{
-    self, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkError, RecvError,
-    Request,
+    self, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ERROR, NetlinkError, RecvError, Request,
 };
 
 /// Top byte of the user ids of edgeplane's jobs.
@@ -319,23 +318,19 @@ pub(crate) fn parse_dump(
     batch: &[u8],
     out: &mut Vec<(JobCounters, Job)>,
 ) -> Result<bool, GatewayError> {
-    for msg in netlink::messages(batch) {
-        let msg = msg?;
-        match msg.ty {
-            NLMSG_DONE => return Ok(true),
-            NLMSG_ERROR => {
-                let e = io::Error::from_raw_os_error(msg.errno()?);
-                return Err(if not_loaded(&e) {
-                    GatewayError::NotLoaded(e)
-                } else {
-                    GatewayError::Io(e)
-                });
-            }
-            RTM_NEWROUTE => out.push(parse_job(&msg)?),
-            _ => {}
+    let refused = |e| {
+        if not_loaded(&e) {
+            GatewayError::NotLoaded(e)
+        } else {
+            GatewayError::Io(e)
         }
-    }
-    Ok(false)
+    };
+    netlink::read_dump(batch, refused, |msg| {
+        if msg.ty == RTM_NEWROUTE {
+            out.push(parse_job(msg)?);
+        }
+        Ok(())
+    })
 }
 
 fn frame_bytes(f: &CanFrame, size: usize) -> Vec<u8> {
@@ -436,6 +431,7 @@ fn parse_job(msg: &netlink::Message<'_>) -> Result<(JobCounters, Job), NetlinkEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::netlink::NLMSG_DONE;
 
     #[test]
     fn a_job_encodes_and_decodes_the_way_the_kernel_dumps_it() {

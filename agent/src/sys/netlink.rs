@@ -110,6 +110,25 @@ pub fn messages(datagram: &[u8]) -> Messages<'_> {
     Messages(datagram)
 }
 
+/// Reads one datagram of a dump's reply: each message other than NLMSG_DONE and NLMSG_ERROR
+/// goes to `each`. True once NLMSG_DONE ends the dump; an NLMSG_ERROR is `refused` with its
+/// errno.
+pub fn read_dump<E: From<NetlinkError>>(
+    datagram: &[u8],
+    refused: impl FnOnce(io::Error) -> E,
+    mut each: impl FnMut(&Message<'_>) -> Result<(), E>,
+) -> Result<bool, E> {
+    for msg in messages(datagram) {
+        let msg = msg?;
+        match msg.ty {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => return Err(refused(io::Error::from_raw_os_error(msg.errno()?))),
+            _ => each(&msg)?,
+        }
+    }
+    Ok(false)
+}
+
 /// Yields each message, or the error that ends the datagram.
 pub struct Messages<'a>(&'a [u8]);
 
