@@ -26,6 +26,7 @@ use crate::{
         tunnel::Tunnels,
     },
     config::{Config, UdpForwardRule},
+    host::{Host, ThisHost},
     latency::{self, Latency},
     loader, netdev,
     pins::{DirLock, PinDir},
@@ -65,17 +66,6 @@ pub struct Waiting {
     pub iface: String,
 }
 
-struct HostFacts;
-
-impl can_rules::Host for HostFacts {
-    fn ifindex(&self, iface: &str) -> Option<u32> {
-        netdev::index(iface)
-    }
-    fn is_fd(&self, iface: &str) -> bool {
-        netdev::mtu(iface).is_ok_and(|m| m == can::CANFD_MTU as u32)
-    }
-}
-
 /// Reads, validates and host-checks a config, and compiles its rules: every interface must
 /// exist.
 pub fn prepare(path: &Path) -> anyhow::Result<Prepared> {
@@ -90,18 +80,28 @@ pub fn prepare(path: &Path) -> anyhow::Result<Prepared> {
 /// [`prepare`] for config text from elsewhere (a rule set pushed through the registry);
 /// `origin` names it in errors.
 pub fn prepare_text(text: &str, origin: &Path) -> anyhow::Result<Prepared> {
+    prepare_text_on(text, origin, &ThisHost)
+}
+
+/// [`prepare_text`] with what `host` tells about interfaces, addresses and names.
+pub fn prepare_text_on(text: &str, origin: &Path, host: &dyn Host) -> anyhow::Result<Prepared> {
     let config = Config::parse(text, origin)?;
-    config.check_host(origin)?;
-    compile(config, true)
+    config.check_host_on(origin, host)?;
+    compile(config, true, host)
 }
 
 /// Compiles an accepted config again for the interfaces there are now: rules whose interface
 /// is missing wait for it (see [`Prepared::waiting`]) while the others run.
 pub fn prepare_for_present(config: Config) -> anyhow::Result<Prepared> {
-    compile(config, false)
+    prepare_for_present_on(config, &ThisHost)
 }
 
-fn compile(config: Config, strict: bool) -> anyhow::Result<Prepared> {
+/// [`prepare_for_present`] for the interfaces `host` has.
+pub fn prepare_for_present_on(config: Config, host: &dyn Host) -> anyhow::Result<Prepared> {
+    compile(config, false, host)
+}
+
+fn compile(config: Config, strict: bool, host: &dyn Host) -> anyhow::Result<Prepared> {
     let mut waiting = Vec::new();
     let mut wait = |kind, name: &str, iface: &str| {
         waiting.push(Waiting {
@@ -112,7 +112,7 @@ fn compile(config: Config, strict: bool) -> anyhow::Result<Prepared> {
     };
     let mut udp = Vec::new();
     for r in &config.udp.forward {
-        match udp_rules::compile(r, &netdev::index) {
+        match udp_rules::compile(r, &|iface| host.ifindex(iface)) {
             Ok(c) => udp.push(c),
             Err(e) if !strict => wait("udp_forward", &r.name, &e.iface),
             Err(e) => return Err(e.into()),
@@ -120,7 +120,7 @@ fn compile(config: Config, strict: bool) -> anyhow::Result<Prepared> {
     }
     let mut can_routes = Vec::new();
     for r in &config.can.route {
-        match can_rules::compile(r, &HostFacts) {
+        match can_rules::compile(r, host) {
             Ok(c) => can_routes.push(c),
             Err(can_rules::CompileError::UnknownInterface { iface, .. }) if !strict => {
                 wait("can_route", &r.name, &iface)
@@ -130,7 +130,7 @@ fn compile(config: Config, strict: bool) -> anyhow::Result<Prepared> {
     }
     let mut can_watches = Vec::new();
     for w in &config.can.watch {
-        let Some(ifindex) = netdev::index(&w.iface) else {
+        let Some(ifindex) = host.ifindex(&w.iface) else {
             anyhow::ensure!(!strict, "interface {} vanished", w.iface);
             wait("can_watch", &format!("{:X}", w.id), &w.iface);
             continue;
@@ -139,7 +139,7 @@ fn compile(config: Config, strict: bool) -> anyhow::Result<Prepared> {
         can_watches.push((w.iface.clone(), ifindex, key, value));
     }
     for r in &config.can.receive {
-        if netdev::index(&r.iface).is_none() {
+        if host.ifindex(&r.iface).is_none() {
             anyhow::ensure!(!strict, "interface {} vanished", r.iface);
             wait("can_receive", &r.name, &r.iface);
         }

@@ -236,41 +236,7 @@ impl Gateway {
 
     fn message(&mut self, ty: u16, flags: u16, job: &Job) -> Vec<u8> {
         self.seq = self.seq.wrapping_add(1);
-        let mut fixed = vec![AF_CAN, CGW_TYPE_CAN_CAN];
-        fixed.extend_from_slice(&job.flags.to_ne_bytes());
-        let mut m = Request::new(ty, flags, self.seq).fixed(&fixed);
-        let fd = job.flags & CGW_FLAGS_CAN_FD != 0;
-        for md in &job.mods {
-            // One attribute per operation: the frame of values, then the fields byte (packed).
-            let base = if fd { CGW_FDMOD_AND } else { CGW_MOD_AND };
-            let mut payload = frame_bytes(&md.values, if fd { CANFD_MTU } else { CAN_MTU });
-            payload.push(md.fields);
-            m = m.attr(base + md.op as u16, &payload);
-        }
-        if let Some(x) = &job.xor {
-            m = m.attr(CGW_CS_XOR, x);
-        }
-        if let Some(c) = &job.crc8 {
-            let mut p = vec![
-                c.from as u8,
-                c.to as u8,
-                c.result as u8,
-                c.init,
-                c.final_xor,
-            ];
-            p.extend_from_slice(&c.table);
-            p.push(c.profile);
-            p.extend_from_slice(&c.profile_data);
-            m = m.attr(CGW_CS_CRC8, &p);
-        }
-        let mut filter = job.filter_id.to_ne_bytes().to_vec();
-        filter.extend_from_slice(&job.filter_mask.to_ne_bytes());
-        m.attr(CGW_MOD_UID, &job.uid.to_ne_bytes())
-            .attr(CGW_SRC_IF, &job.src_ifindex.to_ne_bytes())
-            .attr(CGW_DST_IF, &job.dst_ifindex.to_ne_bytes())
-            .attr(CGW_FILTER, &filter)
-            .attr(CGW_LIM_HOPS, &[job.hops])
-            .finish()
+        job_message(ty, flags, self.seq, job)
     }
 
     fn send(&self, msg: &[u8]) -> Result<(), GatewayError> {
@@ -295,6 +261,46 @@ impl Gateway {
         })?;
         parse_ack(answer)
     }
+}
+
+/// A request about `job` (RTM_NEWROUTE to add it, RTM_DELROUTE to remove it), laid out as
+/// can-gw also dumps it.
+pub(crate) fn job_message(ty: u16, flags: u16, seq: u32, job: &Job) -> Vec<u8> {
+    let mut fixed = vec![AF_CAN, CGW_TYPE_CAN_CAN];
+    fixed.extend_from_slice(&job.flags.to_ne_bytes());
+    let mut m = Request::new(ty, flags, seq).fixed(&fixed);
+    let fd = job.flags & CGW_FLAGS_CAN_FD != 0;
+    for md in &job.mods {
+        // One attribute per operation: the frame of values, then the fields byte (packed).
+        let base = if fd { CGW_FDMOD_AND } else { CGW_MOD_AND };
+        let mut payload = frame_bytes(&md.values, if fd { CANFD_MTU } else { CAN_MTU });
+        payload.push(md.fields);
+        m = m.attr(base + md.op as u16, &payload);
+    }
+    if let Some(x) = &job.xor {
+        m = m.attr(CGW_CS_XOR, x);
+    }
+    if let Some(c) = &job.crc8 {
+        let mut p = vec![
+            c.from as u8,
+            c.to as u8,
+            c.result as u8,
+            c.init,
+            c.final_xor,
+        ];
+        p.extend_from_slice(&c.table);
+        p.push(c.profile);
+        p.extend_from_slice(&c.profile_data);
+        m = m.attr(CGW_CS_CRC8, &p);
+    }
+    let mut filter = job.filter_id.to_ne_bytes().to_vec();
+    filter.extend_from_slice(&job.filter_mask.to_ne_bytes());
+    m.attr(CGW_MOD_UID, &job.uid.to_ne_bytes())
+        .attr(CGW_SRC_IF, &job.src_ifindex.to_ne_bytes())
+        .attr(CGW_DST_IF, &job.dst_ifindex.to_ne_bytes())
+        .attr(CGW_FILTER, &filter)
+        .attr(CGW_LIM_HOPS, &[job.hops])
+        .finish()
 }
 
 /// The outcome an acknowledgement (NLMSG_ERROR) reports.
@@ -466,8 +472,7 @@ mod tests {
                 profile_data: [9; 20],
             }),
         };
-        let mut gw = Gateway::open().unwrap();
-        let msg = gw.message(RTM_NEWROUTE, NLM_F_REQUEST, &job);
+        let msg = job_message(RTM_NEWROUTE, NLM_F_REQUEST, 1, &job);
         assert_eq!(
             u32::from_ne_bytes(msg[..4].try_into().unwrap()) as usize,
             msg.len()

@@ -8,7 +8,10 @@ use edgeplane_common::can::{CanFrame, CanRule, CanWatch, CanWatchKey, action, ru
 use super::gateway::{
     self, CAN_INV_FILTER, CGW_FLAGS_CAN_ECHO, CGW_FLAGS_CAN_FD, Crc8, Job, Modification, Op,
 };
-use crate::config::{CanAction, CanModifyOp, CanRoute, CanWatchConfig, Crc8Profile, ModOp};
+use crate::{
+    config::{CanAction, CanModifyOp, CanRoute, CanWatchConfig, Crc8Profile, ModOp},
+    host::Host,
+};
 
 /// A route as the kernel sees it, before it has a slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,13 +33,6 @@ pub enum CompileError {
     UnknownInterface { route: String, iface: String },
     #[error("route `{route}`: tunnel peer {why}")]
     Peer { route: String, why: String },
-}
-
-/// Facts about interfaces the compiler needs from the host.
-pub trait Host {
-    fn ifindex(&self, iface: &str) -> Option<u32>;
-    /// Whether the interface carries CAN FD (MTU 72).
-    fn is_fd(&self, iface: &str) -> bool;
 }
 
 pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileError> {
@@ -72,7 +68,7 @@ pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileEr
                 rule.action = action::ROUTE;
                 let egress = ifindex(iface)?;
                 rule.egress = egress;
-                let fd = host.is_fd(iface);
+                let fd = host.is_can_fd(iface);
                 if fd {
                     rule.flags |= rule_flag::EGRESS_FD;
                 }
@@ -123,7 +119,7 @@ pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileEr
                         }),
                     });
                 }
-            } else if let Some(res) = r.udp_peer() {
+            } else if let Some(res) = r.udp_peer(host) {
                 rule.action = action::TUNNEL;
                 peer = Some(res.map_err(|why| CompileError::Peer {
                     route: r.name.clone(),
@@ -219,26 +215,25 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::config::Config;
+    use crate::{
+        config::Config,
+        host::{FakeHost, FakeKind},
+    };
 
-    struct FakeHost;
-    impl Host for FakeHost {
-        fn ifindex(&self, iface: &str) -> Option<u32> {
-            match iface {
-                "can0" => Some(5),
-                "can1" => Some(6),
-                "vcan9" => Some(7),
-                _ => None,
-            }
-        }
-        fn is_fd(&self, iface: &str) -> bool {
-            iface == "can1"
+    fn host() -> FakeHost {
+        FakeHost {
+            interfaces: vec![
+                ("can0", 5, FakeKind::Can),
+                ("can1", 6, FakeKind::CanFd),
+                ("vcan9", 7, FakeKind::Can),
+            ],
+            addresses: Vec::new(),
         }
     }
 
     fn route(text: &str) -> CompiledRoute {
         let c = Config::parse(text, Path::new("t.toml")).unwrap();
-        compile(&c.can.route[0], &FakeHost).unwrap()
+        compile(&c.can.route[0], &host()).unwrap()
     }
 
     #[test]

@@ -14,7 +14,7 @@ use edgeplane_common::can::{
 use serde::{Deserialize, Deserializer};
 
 use super::{Problem, check_rule_name};
-use crate::netdev;
+use crate::{host::Host, netdev};
 
 pub const MAX_CAN_ROUTES: usize = edgeplane_common::can::MAX_RULES as usize;
 pub const MAX_CAN_WATCHES: usize = edgeplane_common::can::MAX_WATCHES as usize;
@@ -340,13 +340,13 @@ pub struct CanReceive {
 
 impl CanRoute {
     /// The tunnel peer, resolved.
-    pub fn udp_peer(&self) -> Option<Result<SocketAddr, String>> {
+    pub fn udp_peer(&self, host: &dyn Host) -> Option<Result<SocketAddr, String>> {
         let udp = self.to.as_ref()?.udp.as_ref()?;
-        Some(resolve(udp))
+        Some(host.resolve(udp))
     }
 }
 
-fn resolve(hostport: &str) -> Result<SocketAddr, String> {
+pub(crate) fn resolve(hostport: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = hostport.parse() {
         return Ok(a);
     }
@@ -649,16 +649,16 @@ impl CanConfig {
     }
 
     /// Host checks: interfaces exist and are CAN netdevs, tunnel peers resolve.
-    pub(super) fn host_problems(&self, out: &mut Vec<Problem>) {
+    pub(super) fn host_problems(&self, host: &dyn Host, out: &mut Vec<Problem>) {
         let mut check_can = |key: String, iface: &str| {
-            if netdev::index(iface).is_none() {
+            if host.ifindex(iface).is_none() {
                 out.push(Problem {
                     key,
                     message: format!(
                         "interface `{iface}` does not exist on this host (see `ip link`)"
                     ),
                 });
-            } else if !netdev::is_can(iface) {
+            } else if !host.is_can(iface) {
                 out.push(Problem {
                     key,
                     message: format!("`{iface}` is not a CAN interface"),
@@ -678,7 +678,7 @@ impl CanConfig {
             check_can(format!("can.receive[{i}].iface"), &r.iface);
         }
         for (i, r) in self.route.iter().enumerate() {
-            if let Some(Err(why)) = r.udp_peer() {
+            if let Some(Err(why)) = r.udp_peer(host) {
                 out.push(Problem {
                     key: format!("can.route[{i}].to.udp"),
                     message: why,
