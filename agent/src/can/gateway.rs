@@ -332,7 +332,9 @@ pub(crate) fn parse_dump(
         }
     };
     netlink::read_dump(batch, refused, |msg| {
-        if msg.ty == RTM_NEWROUTE {
+        // Without can-gw the kernel answers the AF_CAN dump with every other family's routes
+        // (rtnetlink falls back to dumping all): those are not jobs.
+        if msg.ty == RTM_NEWROUTE && msg.body.first() == Some(&AF_CAN) {
             out.push(parse_job(msg)?);
         }
         Ok(())
@@ -594,6 +596,26 @@ mod tests {
                 .kind(),
             io::ErrorKind::InvalidData
         );
+    }
+
+    /// Regression (found by tests/interface_metrics.rs on a host without CAN): without can-gw,
+    /// the kernel answers the dump with IPv4 and IPv6 routes (struct rtmsg), which read as
+    /// malformed jobs and stopped the agent from starting.
+    #[test]
+    fn other_families_routes_in_the_dump_are_not_jobs() {
+        // RTM_NEWROUTE of AF_INET: struct rtmsg (family, dst_len, src_len, tos, table,
+        // protocol, scope, type, flags), RTA_TABLE, RTA_DST, RTA_OIF.
+        let rtmsg = [libc::AF_INET as u8, 8, 0, 0, 254, 2, 253, 1, 0, 0, 0, 0];
+        let mut d = Request::new(RTM_NEWROUTE, 0x2, 1)
+            .fixed(&rtmsg)
+            .attr(15, &254u32.to_ne_bytes())
+            .attr(1, &[10, 0, 0, 0])
+            .attr(4, &2u32.to_ne_bytes())
+            .finish();
+        d.extend(kernel_dump());
+        let mut out = Vec::new();
+        assert!(parse_dump(&d, &mut out).unwrap());
+        assert_eq!(out.len(), 1);
     }
 
     #[test]
