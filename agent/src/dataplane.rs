@@ -27,6 +27,7 @@ use crate::{
         tunnel::Tunnels,
     },
     config::{Config, Overrides, UdpForwardRule},
+    host::{Host, ThisHost},
     latency::{self, Latency},
     loader, netdev,
     pins::{DirLock, PinDir},
@@ -81,22 +82,6 @@ pub struct Waiting {
     pub iface: String,
 }
 
-struct HostFacts<'a> {
-    peers: &'a Peers,
-}
-
-impl can_rules::Host for HostFacts<'_> {
-    fn ifindex(&self, iface: &str) -> Option<u32> {
-        netdev::index(iface)
-    }
-    fn is_fd(&self, iface: &str) -> bool {
-        netdev::mtu(iface).is_ok_and(|m| m == can::CANFD_MTU as u32)
-    }
-    fn peer(&self, target: &str) -> Option<SocketAddr> {
-        self.peers.get(target).copied()
-    }
-}
-
 /// Reads, validates and host-checks a config with the command line's `overrides` applied,
 /// resolves its tunnel peers and compiles its rules: every interface must exist. A peer that
 /// does not resolve now keeps the address in `known` (the running config's), or leaves its
@@ -126,7 +111,19 @@ pub async fn prepare_text(
     config.check_host(origin)?;
     let resolved = resolve::resolve_all(tunnel_peers(&config), RESOLVE_TIMEOUT).await;
     let (peers, peer_errors) = merge_peers(resolved, known);
-    compile(config, true, peers, peer_errors)
+    compile(config, true, &ThisHost, peers, peer_errors)
+}
+
+/// [`prepare_text`] with what `host` tells about interfaces, addresses and files, and no
+/// name service: tunnel peers must be address literals (tests and fuzz targets).
+pub fn prepare_text_on(text: &str, origin: &Path, host: &dyn Host) -> anyhow::Result<Prepared> {
+    let config = Config::parse(text, origin)?;
+    config.check_host_on(origin, host)?;
+    let resolved = (tunnel_peers(&config).into_iter())
+        .map(|p| (p.to_owned(), resolve::literal(p)))
+        .collect();
+    let (peers, peer_errors) = merge_peers(resolved, &Peers::new());
+    compile(config, true, host, peers, peer_errors)
 }
 
 /// The configured `host:port` of every tunnel route.
@@ -165,9 +162,15 @@ fn merge_peers(
 /// is missing wait for it (see [`Prepared::waiting`]) while the others run. Tunnel peers are
 /// not resolved again.
 pub fn prepare_for_present(current: &Prepared) -> anyhow::Result<Prepared> {
+    prepare_for_present_on(current, &ThisHost)
+}
+
+/// [`prepare_for_present`] for the interfaces `host` has.
+pub fn prepare_for_present_on(current: &Prepared, host: &dyn Host) -> anyhow::Result<Prepared> {
     compile(
         current.config.clone(),
         false,
+        host,
         current.peers.clone(),
         current.peer_errors.clone(),
     )
@@ -198,13 +201,14 @@ impl Prepared {
             peers.insert(peer, a);
         }
         errors.extend(failed);
-        compile(self.config.clone(), false, peers, errors)
+        compile(self.config.clone(), false, &ThisHost, peers, errors)
     }
 }
 
 fn compile(
     config: Config,
     strict: bool,
+    host: &dyn Host,
     peers: Peers,
     peer_errors: BTreeMap<String, ResolveError>,
 ) -> anyhow::Result<Prepared> {
@@ -218,7 +222,7 @@ fn compile(
     };
     let mut udp = Vec::new();
     for r in &config.udp.forward {
-        match udp_rules::compile(r, &netdev::index) {
+        match udp_rules::compile(r, &|iface| host.ifindex(iface)) {
             Ok(c) => udp.push(c),
             Err(e) if !strict => wait("udp_forward", &r.name, &e.iface),
             Err(e) => return Err(e.into()),
@@ -227,7 +231,7 @@ fn compile(
     let mut can_routes = Vec::new();
     let mut unresolved = Vec::new();
     for r in &config.can.route {
-        match can_rules::compile(r, &HostFacts { peers: &peers }) {
+        match can_rules::compile(r, host, &peers) {
             Ok(c) => can_routes.push(c),
             Err(can_rules::CompileError::UnknownInterface { iface, .. }) if !strict => {
                 wait("can_route", &r.name, &iface)
@@ -248,7 +252,7 @@ fn compile(
     }
     let mut can_watches = Vec::new();
     for w in &config.can.watch {
-        let Some(ifindex) = netdev::index(&w.iface) else {
+        let Some(ifindex) = host.ifindex(&w.iface) else {
             anyhow::ensure!(!strict, "interface {} vanished", w.iface);
             wait("can_watch", &format!("{:X}", w.id), &w.iface);
             continue;
@@ -257,7 +261,7 @@ fn compile(
         can_watches.push((w.iface.clone(), ifindex, key, value));
     }
     for r in &config.can.receive {
-        if netdev::index(&r.iface).is_none() {
+        if host.ifindex(&r.iface).is_none() {
             anyhow::ensure!(!strict, "interface {} vanished", r.iface);
             wait("can_receive", &r.name, &r.iface);
         }

@@ -8,7 +8,6 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{Arc, RwLock},
 };
 
@@ -19,40 +18,24 @@ use prometheus_client::{
 };
 use tracing::warn;
 
-// linux/netlink.h
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
-/// Attribute type bits below the NLA_F_NESTED and NLA_F_NET_BYTEORDER flags.
-const NLA_TYPE_MASK: u16 = 0x3fff;
+use crate::sys::netlink::{self, Attrs, NLM_F_DUMP, NLM_F_REQUEST, NetlinkError, RecvError};
 
-// linux/rtnetlink.h
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
+use libc::{
+    IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_INFO_XSTATS, IFLA_LINKINFO, IFLA_OPERSTATE,
+    IFLA_STATS64, IFLA_TXQLEN, RTM_GETLINK, RTM_NEWLINK,
+};
+
+// linux/can/netlink.h: attributes nested in IFLA_INFO_DATA of a `can` link (libc: c_int).
+const IFLA_CAN_BITTIMING: u16 = libc::IFLA_CAN_BITTIMING as u16;
+const IFLA_CAN_STATE: u16 = libc::IFLA_CAN_STATE as u16;
+const IFLA_CAN_BERR_COUNTER: u16 = libc::IFLA_CAN_BERR_COUNTER as u16;
+
 /// struct ifinfomsg: family, pad, type, index, flags, change.
-const IFINFOMSG_LEN: usize = 16;
-
-// linux/if_link.h: enum of IFLA_* attributes
-const IFLA_IFNAME: u16 = 3;
-const IFLA_TXQLEN: u16 = 13;
-const IFLA_OPERSTATE: u16 = 16;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_STATS64: u16 = 23;
-// linux/if_link.h: attributes nested in IFLA_LINKINFO
-const IFLA_INFO_KIND: u16 = 1;
-const IFLA_INFO_DATA: u16 = 2;
-const IFLA_INFO_XSTATS: u16 = 3;
-// linux/if.h: enum of IF_OPER_* (RFC 2863 operational states)
-const IF_OPER_UP: u8 = 6;
-
-// linux/can/netlink.h: attributes nested in IFLA_INFO_DATA of a `can` link
-const IFLA_CAN_BITTIMING: u16 = 1;
-const IFLA_CAN_STATE: u16 = 4;
-const IFLA_CAN_BERR_COUNTER: u16 = 8;
+const IFINFOMSG_LEN: usize = size_of::<libc::ifinfomsg>();
+/// IF_OPER_* (linux/if.h, RFC 2863 operational states): up.
+const IF_OPER_UP: u8 = libc::IF_OPER_UP as u8;
 /// IFLA_INFO_KIND of CAN controllers' netdevs (drivers/net/can/dev/netlink.c).
-const CAN_LINK_KIND: &[u8] = b"can";
+const CAN_LINK_KIND: &str = "can";
 
 /// Room for one dump batch: the kernel fills at most 32 KiB per read (less the skb overhead)
 /// unless a single interface needs more, which MSG_TRUNC reports.
@@ -78,7 +61,7 @@ pub enum HostStatsError {
         "malformed message in the interface dump ({0}); please report it with the kernel \
          version (`uname -r`)"
     )]
-    Malformed(&'static str),
+    Malformed(#[from] NetlinkError),
 }
 
 /// struct rtnl_link_stats64's first eight counters (the struct grows at its end).
@@ -177,102 +160,50 @@ impl Link {
 /// Dumps every interface of the calling thread's network namespace and returns those whose
 /// name `wanted` accepts, in the kernel's order.
 pub fn links(wanted: impl Fn(&str) -> bool) -> Result<Vec<Link>, HostStatsError> {
-    // SAFETY: plain socket(2); the fd is owned right after.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if raw < 0 {
-        return Err(HostStatsError::Socket(io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` is a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-
-    let mut request = Vec::with_capacity(NLMSG_HDRLEN + IFINFOMSG_LEN);
-    let len = (NLMSG_HDRLEN + IFINFOMSG_LEN) as u32;
-    request.extend_from_slice(&len.to_ne_bytes());
-    request.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
-    request.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    request.extend_from_slice(&1u32.to_ne_bytes()); // sequence number
-    request.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-    request.extend_from_slice(&[0u8; IFINFOMSG_LEN]); // AF_UNSPEC: every interface
-    // SAFETY: sends `request`, which outlives the call, to the kernel (the default address).
-    let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
-    if sent < 0 {
-        return Err(HostStatsError::Request(io::Error::last_os_error()));
-    }
+    let socket = netlink::Socket::route().map_err(HostStatsError::Socket)?;
+    let request = netlink::Request::new(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1)
+        .fixed(&[0u8; IFINFOMSG_LEN]) // AF_UNSPEC: every interface
+        .finish();
+    socket.send(&request).map_err(HostStatsError::Request)?;
 
     let mut out = Vec::new();
     let mut buf = vec![0u8; RECV_BUFFER];
     loop {
-        // MSG_TRUNC: the return value is the message's full length even when it is longer.
-        // SAFETY: writes at most buf.len() bytes into buf.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_TRUNC,
-            )
-        };
-        let n =
-            usize::try_from(n).map_err(|_| HostStatsError::Request(io::Error::last_os_error()))?;
-        if n > buf.len() {
-            return Err(HostStatsError::Truncated { len: n });
-        }
-        if parse_batch(&buf[..n], &wanted, &mut out)? {
+        let batch = socket.recv(&mut buf).map_err(|e| match e {
+            RecvError::Io(e) => HostStatsError::Request(e),
+            RecvError::Truncated { len, .. } => HostStatsError::Truncated { len },
+        })?;
+        if parse_batch(batch, &wanted, &mut out)? {
             return Ok(out);
         }
     }
 }
 
 /// Parses one read of the dump into `out`; true once the dump is complete.
-fn parse_batch(
-    mut batch: &[u8],
+pub(crate) fn parse_batch(
+    batch: &[u8],
     wanted: &impl Fn(&str) -> bool,
     out: &mut Vec<Link>,
 ) -> Result<bool, HostStatsError> {
-    while batch.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(batch[..4].try_into().expect("4 bytes")) as usize;
-        let ty = u16::from_ne_bytes([batch[4], batch[5]]);
-        if len < NLMSG_HDRLEN || len > batch.len() {
-            return Err(HostStatsError::Malformed("netlink message length"));
+    netlink::read_dump(batch, HostStatsError::Refused, |msg| {
+        if msg.ty == RTM_NEWLINK {
+            let (_, attrs) = msg.split::<IFINFOMSG_LEN>("RTM_NEWLINK's struct ifinfomsg")?;
+            out.extend(parse_link(attrs, wanted)?);
         }
-        let body = &batch[NLMSG_HDRLEN..len];
-        match ty {
-            NLMSG_DONE => return Ok(true),
-            NLMSG_ERROR => {
-                let code = body
-                    .get(..4)
-                    .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                    .ok_or(HostStatsError::Malformed("short NLMSG_ERROR"))?;
-                return Err(HostStatsError::Refused(io::Error::from_raw_os_error(-code)));
-            }
-            RTM_NEWLINK => {
-                if let Some(link) = parse_link(body, wanted)? {
-                    out.push(link);
-                }
-            }
-            _ => {}
-        }
-        batch = &batch[align(len).min(batch.len())..];
-    }
-    Ok(false)
+        Ok(())
+    })
 }
 
-/// Parses an RTM_NEWLINK body (struct ifinfomsg and its attributes); None when the interface
-/// is not wanted.
-fn parse_link(body: &[u8], wanted: &impl Fn(&str) -> bool) -> Result<Option<Link>, HostStatsError> {
-    let attrs = body
-        .get(IFINFOMSG_LEN..)
-        .ok_or(HostStatsError::Malformed("short ifinfomsg"))?;
-    let name = Attrs(attrs)
-        .find(|(ty, _)| *ty == IFLA_IFNAME)
-        .map(|(_, p)| String::from_utf8_lossy(p.split(|&b| b == 0).next().unwrap_or(p)))
-        .ok_or(HostStatsError::Malformed("interface without IFLA_IFNAME"))?;
+/// Parses an RTM_NEWLINK message's attributes; None when the interface is not wanted.
+fn parse_link(
+    attrs: Attrs<'_>,
+    wanted: &impl Fn(&str) -> bool,
+) -> Result<Option<Link>, NetlinkError> {
+    let name = attrs
+        .clone()
+        .first(IFLA_IFNAME)?
+        .ok_or(NetlinkError::Missing("an interface's IFLA_IFNAME"))?
+        .string();
     if !wanted(&name) {
         return Ok(None);
     }
@@ -280,109 +211,76 @@ fn parse_link(body: &[u8], wanted: &impl Fn(&str) -> bool) -> Result<Option<Link
         name: name.into_owned(),
         ..Link::default()
     };
-    for (ty, p) in Attrs(attrs) {
-        match ty {
-            IFLA_STATS64 => link.counters = parse_counters(p),
-            IFLA_TXQLEN => link.tx_queue_len = u32_at(p, 0),
-            IFLA_OPERSTATE => link.oper_state = p.first().copied(),
-            IFLA_LINKINFO => link.can = parse_can(p),
+    for a in attrs {
+        let a = a?;
+        match a.ty {
+            IFLA_STATS64 => link.counters = Some(parse_counters(&a)?),
+            IFLA_TXQLEN => link.tx_queue_len = Some(a.u32()?),
+            IFLA_OPERSTATE => link.oper_state = Some(a.u8()?),
+            IFLA_LINKINFO => link.can = parse_can(a.nested())?,
             _ => {}
         }
     }
     Ok(Some(link))
 }
 
-fn parse_counters(p: &[u8]) -> Option<LinkCounters> {
-    let f = |i: usize| {
-        p.get(i * 8..i * 8 + 8)
-            .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
-    };
-    Some(LinkCounters {
-        rx_packets: f(0)?,
-        tx_packets: f(1)?,
-        rx_bytes: f(2)?,
-        tx_bytes: f(3)?,
-        rx_errors: f(4)?,
-        tx_errors: f(5)?,
-        rx_dropped: f(6)?,
-        tx_dropped: f(7)?,
+fn parse_counters(a: &netlink::Attr<'_>) -> Result<LinkCounters, NetlinkError> {
+    Ok(LinkCounters {
+        rx_packets: a.u64_at(0)?,
+        tx_packets: a.u64_at(1)?,
+        rx_bytes: a.u64_at(2)?,
+        tx_bytes: a.u64_at(3)?,
+        rx_errors: a.u64_at(4)?,
+        tx_errors: a.u64_at(5)?,
+        rx_dropped: a.u64_at(6)?,
+        tx_dropped: a.u64_at(7)?,
     })
 }
 
 /// The controller facts in IFLA_LINKINFO, when the link's kind is `can`.
-fn parse_can(linkinfo: &[u8]) -> Option<CanController> {
-    let kind = Attrs(linkinfo).find(|(ty, _)| *ty == IFLA_INFO_KIND)?.1;
-    if kind.split(|&b| b == 0).next() != Some(CAN_LINK_KIND) {
-        return None;
+fn parse_can(linkinfo: Attrs<'_>) -> Result<Option<CanController>, NetlinkError> {
+    let Some(kind) = linkinfo.clone().first(IFLA_INFO_KIND)? else {
+        return Ok(None);
+    };
+    if kind.string() != CAN_LINK_KIND {
+        return Ok(None);
     }
     let mut can = CanController::default();
-    for (ty, p) in Attrs(linkinfo) {
-        match ty {
+    for a in linkinfo {
+        let a = a?;
+        match a.ty {
             IFLA_INFO_DATA => {
-                for (ty, p) in Attrs(p) {
-                    match ty {
-                        IFLA_CAN_STATE => can.state = u32_at(p, 0).and_then(CanState::from_kernel),
+                for a in a.nested() {
+                    let a = a?;
+                    match a.ty {
+                        IFLA_CAN_STATE => can.state = CanState::from_kernel(a.u32()?),
                         // struct can_berr_counter { __u16 txerr; __u16 rxerr; }
-                        IFLA_CAN_BERR_COUNTER if p.len() >= 4 => {
-                            can.berr = Some((
-                                u16::from_ne_bytes([p[0], p[1]]),
-                                u16::from_ne_bytes([p[2], p[3]]),
-                            ));
+                        IFLA_CAN_BERR_COUNTER => {
+                            let [t0, t1, r0, r1] = a.array()?;
+                            can.berr =
+                                Some((u16::from_ne_bytes([t0, t1]), u16::from_ne_bytes([r0, r1])));
                         }
                         // struct can_bittiming starts with __u32 bitrate.
-                        IFLA_CAN_BITTIMING => can.bitrate = u32_at(p, 0),
+                        IFLA_CAN_BITTIMING => can.bitrate = Some(a.u32()?),
                         _ => {}
                     }
                 }
             }
+            // struct can_device_stats
             IFLA_INFO_XSTATS => {
-                can.device_stats = (|| {
-                    Some(CanDeviceStats {
-                        bus_error: u32_at(p, 0)?,
-                        error_warning: u32_at(p, 1)?,
-                        error_passive: u32_at(p, 2)?,
-                        bus_off: u32_at(p, 3)?,
-                        arbitration_lost: u32_at(p, 4)?,
-                        restarts: u32_at(p, 5)?,
-                    })
-                })();
+                can.device_stats = Some(CanDeviceStats {
+                    bus_error: a.u32_at(0)?,
+                    error_warning: a.u32_at(1)?,
+                    error_passive: a.u32_at(2)?,
+                    bus_off: a.u32_at(3)?,
+                    arbitration_lost: a.u32_at(4)?,
+                    restarts: a.u32_at(5)?,
+                });
             }
             _ => {}
         }
     }
-    Some(can)
-}
-
-/// The `i`th u32 of a payload.
-fn u32_at(p: &[u8], i: usize) -> Option<u32> {
-    p.get(i * 4..i * 4 + 4)
-        .map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")))
-}
-
-const fn align(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// Netlink attributes (struct nlattr and payload, 4-byte aligned): (type, payload).
-struct Attrs<'a>(&'a [u8]);
-
-impl<'a> Iterator for Attrs<'a> {
-    type Item = (u16, &'a [u8]);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let b = self.0;
-        if b.len() < 4 {
-            return None;
-        }
-        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
-        let ty = u16::from_ne_bytes([b[2], b[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > b.len() {
-            self.0 = &[];
-            return None;
-        }
-        self.0 = &b[align(len).min(b.len())..];
-        Some((ty, &b[4..len]))
-    }
+    Ok(Some(can))
 }
 
 /// Exports the interfaces the running config names, one rtnetlink dump per scrape.
@@ -590,7 +488,10 @@ mod tests {
     use std::net::UdpSocket;
 
     use super::*;
-    use crate::metrics::{self, AgentMetrics};
+    use crate::{
+        metrics::{self, AgentMetrics},
+        sys::netlink::{NLA_F_NESTED, NLMSG_DONE, NLMSG_ERROR},
+    };
 
     fn sysfs(iface: &str, attr: &str) -> String {
         std::fs::read_to_string(format!("/sys/class/net/{iface}/{attr}"))
@@ -679,19 +580,14 @@ mod tests {
 
     /// A netlink attribute, padded.
     fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
-        let len = u16::try_from(4 + payload.len()).unwrap();
-        let mut a = len.to_ne_bytes().to_vec();
-        a.extend_from_slice(&ty.to_ne_bytes());
-        a.extend_from_slice(payload);
-        a.resize(align(a.len()), 0);
+        let mut a = Vec::new();
+        netlink::put_attr(&mut a, ty, payload);
         a
     }
 
     fn u32s(v: &[u32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_ne_bytes()).collect()
     }
-
-    const NLA_F_NESTED: u16 = 0x8000;
 
     /// An RTM_NEWLINK message as a CAN controller's driver has the kernel write it (with
     /// figures the VM's emulated controllers never reach: they have no bus errors), followed by
@@ -720,27 +616,20 @@ mod tests {
             attr(IFLA_INFO_XSTATS, &u32s(&[11, 3, 2, 1, 4, 1])),
         ]
         .concat();
-        let body = [
-            vec![0u8; IFINFOMSG_LEN],
-            attr(IFLA_IFNAME, format!("{name}\0").as_bytes()),
-            attr(IFLA_TXQLEN, &u32s(&[10])),
-            attr(IFLA_OPERSTATE, &[IF_OPER_UP]),
-            attr(IFLA_LINKINFO | NLA_F_NESTED, &linkinfo),
-            attr(IFLA_STATS64, &stats64),
-        ]
-        .concat();
-        let mut msg = Vec::new();
-        for (ty, body) in [(RTM_NEWLINK, body.as_slice()), (NLMSG_DONE, &[0u8; 4][..])] {
-            msg.extend_from_slice(
-                &u32::try_from(NLMSG_HDRLEN + body.len())
-                    .unwrap()
-                    .to_ne_bytes(),
-            );
-            msg.extend_from_slice(&ty.to_ne_bytes());
-            msg.extend_from_slice(&[0u8; 10]); // flags, sequence, port
-            msg.extend_from_slice(body);
-        }
-        msg
+        let mut dump = netlink::Request::new(RTM_NEWLINK, 0, 0)
+            .fixed(&[0u8; IFINFOMSG_LEN])
+            .attr(IFLA_IFNAME, format!("{name}\0").as_bytes())
+            .attr(IFLA_TXQLEN, &u32s(&[10]))
+            .attr(IFLA_OPERSTATE, &[IF_OPER_UP])
+            .attr(IFLA_LINKINFO | NLA_F_NESTED, &linkinfo)
+            .attr(IFLA_STATS64, &stats64)
+            .finish();
+        dump.extend(
+            netlink::Request::new(NLMSG_DONE, 0, 0)
+                .fixed(&[0u8; 4])
+                .finish(),
+        );
+        dump
     }
 
     fn parse(dump: &[u8]) -> Vec<Link> {
@@ -812,6 +701,84 @@ mod tests {
             parse_batch(&dump[..40], &|_: &str| true, &mut out),
             Err(HostStatsError::Malformed(_))
         ));
+        // Every cut: an error, or (between the messages) a dump not yet complete.
+        for cut in 0..dump.len() {
+            let mut out = Vec::new();
+            match parse_batch(&dump[..cut], &|_: &str| true, &mut out) {
+                Ok(done) => assert!(!done, "cut {cut}"),
+                Err(e) => assert!(matches!(e, HostStatsError::Malformed(_)), "cut {cut}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_attributes_and_errors_are_refused() {
+        let parse_err = |dump: &[u8]| {
+            let mut out = Vec::new();
+            match parse_batch(dump, &|_: &str| true, &mut out) {
+                Err(HostStatsError::Malformed(e)) => e,
+                other => panic!("expected Malformed, got {other:?}"),
+            }
+        };
+        let link = |attrs: &[(u16, &[u8])]| {
+            let mut r = netlink::Request::new(RTM_NEWLINK, 0, 0).fixed(&[0u8; IFINFOMSG_LEN]);
+            for (ty, payload) in attrs {
+                r = r.attr(*ty, payload);
+            }
+            r.finish()
+        };
+        assert_eq!(
+            parse_err(&link(&[(IFLA_TXQLEN, &[1, 0])])),
+            NetlinkError::Missing("an interface's IFLA_IFNAME")
+        );
+        assert_eq!(
+            parse_err(&link(&[(IFLA_IFNAME, b"lo\0"), (IFLA_TXQLEN, &[1, 0])])),
+            NetlinkError::ShortAttr {
+                ty: IFLA_TXQLEN,
+                len: 2,
+                need: 4
+            }
+        );
+        assert!(matches!(
+            parse_err(&link(&[(IFLA_IFNAME, b"lo\0"), (IFLA_STATS64, &[0; 60])])),
+            NetlinkError::ShortAttr { need: 64, .. }
+        ));
+        assert!(matches!(
+            parse_err(&link(&[(IFLA_IFNAME, b"lo\0"), (IFLA_OPERSTATE, &[])])),
+            NetlinkError::ShortAttr { need: 1, .. }
+        ));
+        // A CAN link whose error counters are cut short.
+        let mut linkinfo = attr(IFLA_INFO_KIND, b"can\0");
+        linkinfo.extend(attr(IFLA_INFO_DATA, &attr(IFLA_CAN_BERR_COUNTER, &[1, 0])));
+        assert!(matches!(
+            parse_err(&link(&[
+                (IFLA_IFNAME, b"can0\0"),
+                (IFLA_LINKINFO, &linkinfo)
+            ])),
+            NetlinkError::ShortAttr { need: 4, .. }
+        ));
+        // A body shorter than struct ifinfomsg.
+        let short = netlink::Request::new(RTM_NEWLINK, 0, 0)
+            .fixed(&[0; 8])
+            .finish();
+        assert!(matches!(
+            parse_err(&short),
+            NetlinkError::Short { need: 16, .. }
+        ));
+        // NLMSG_ERROR without its error code, and with one.
+        let error = netlink::Request::new(NLMSG_ERROR, 0, 0);
+        assert!(matches!(
+            parse_err(&error.finish()),
+            NetlinkError::Short { need: 4, .. }
+        ));
+        let refused = netlink::Request::new(NLMSG_ERROR, 0, 0)
+            .fixed(&(-libc::EPERM).to_ne_bytes())
+            .finish();
+        let mut out = Vec::new();
+        match parse_batch(&refused, &|_: &str| true, &mut out) {
+            Err(HostStatsError::Refused(e)) => assert_eq!(e.raw_os_error(), Some(libc::EPERM)),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// Renders fixed links, as the collector renders what the kernel reports.

@@ -7,6 +7,9 @@ pub mod attach;
 pub mod can;
 pub mod config;
 pub mod dataplane;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+pub mod host;
 pub mod host_stats;
 pub mod http;
 pub mod latency;
@@ -25,8 +28,10 @@ pub mod slots;
 pub mod state;
 pub mod status;
 pub mod supervise;
+mod sys;
 pub mod systemd;
 pub mod udp_forward;
 pub mod userspace;
 
 pub use loader::EBPF_OBJECT;
+pub use sys::netlink::NetlinkError;

@@ -169,7 +169,8 @@ impl Planes {
         let mut problems = Vec::new();
         if split.udp && c.udp.mode != UdpMode::Userspace {
             c.udp.userspace_problems(&mut problems);
-            c.udp.userspace_host_problems(&mut problems);
+            c.udp
+                .userspace_host_problems(&crate::host::ThisHost, &mut problems);
         }
         if split.can && c.can.mode != CanMode::Userspace {
             c.can.userspace_problems(&mut problems);

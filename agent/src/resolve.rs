@@ -28,6 +28,14 @@ pub enum ResolveError {
 /// Resolved peers by their configured `host:port`; absent: not resolved (yet).
 pub type Peers = BTreeMap<String, SocketAddr>;
 
+/// `peer` as an address literal, without a name service.
+pub fn literal(peer: &str) -> Result<SocketAddr, ResolveError> {
+    peer.parse().map_err(|_| ResolveError::Failed {
+        peer: peer.to_owned(),
+        reason: "not an address literal, and no name service here".to_owned(),
+    })
+}
+
 /// Resolves `peer` (`host:port`, or an address literal, which needs no lookup) through the
 /// system's resolver (getaddrinfo, on tokio's blocking pool) within `timeout`; the first
 /// address wins.

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod toolchain;
@@ -22,12 +23,15 @@ enum Command {
     Setup(setup::Options),
     /// Build everything, forward real traffic across a throwaway netns topology, print metrics.
     Demo(demo::Options),
-    /// Set up, build, and run every test (unit, eBPF program, end-to-end), then the VM tests.
+    /// Set up, build, and run every test (unit, eBPF program, end-to-end), a short fuzzing pass,
+    /// then the VM tests.
     Test(test::Options),
     /// Run the kernel tests inside qemu on each supported Debian kernel (5.10, 6.1).
     VmTest(vm::Options),
     /// Benchmark every engine side by side; writes target/bench/latest.{md,json}.
     Bench(bench::Options),
+    /// Run the fuzz targets (cargo-fuzz, libFuzzer) for a bounded time each; fails on a crash.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(opts) => test::run(&opts),
         Command::VmTest(opts) => vm::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::Fuzz(opts) => fuzz::run(&opts),
     }
 }

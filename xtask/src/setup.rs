@@ -4,7 +4,9 @@ use std::{fs, os::unix::fs::symlink, path::Path, process::Command};
 
 use anyhow::Context as _;
 
-use crate::toolchain::{self, BPF_LINKER_VERSION, output, require_root, run_checked, step};
+use crate::toolchain::{
+    self, BPF_LINKER_VERSION, CARGO_FUZZ_VERSION, output, require_root, run_checked, step,
+};
 
 /// Debian packages the build, demo and tests use, with why.
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -42,6 +44,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "socat",
         "the userspace relay `cargo xtask bench` compares the engines with",
     ),
+    ("g++", "libFuzzer, which the fuzz targets link, is C++"),
 ];
 
 #[derive(clap::Args, Default)]
@@ -58,6 +61,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let nightly = toolchain::pinned_nightly()?;
     nightly_toolchain(&nightly)?;
     bpf_linker(&nightly)?;
+    cargo_fuzz()?;
     step("setup complete");
     Ok(())
 }
@@ -119,6 +123,28 @@ fn nightly_toolchain(channel: &str) -> anyhow::Result<()> {
         "--component",
         "rust-src",
     ]))
+}
+
+/// cargo-fuzz, which builds the fuzz targets (`cargo xtask fuzz`).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let wanted = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_ok_and(|v| v.trim() == wanted) {
+        step(format_args!("{wanted}: present"));
+        return Ok(());
+    }
+    step(format_args!("{wanted}: installing (a few minutes)"));
+    run_checked(
+        Command::new("cargo")
+            .args([
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                CARGO_FUZZ_VERSION,
+                "--root",
+            ])
+            .arg(toolchain::cargo_home()),
+    )
 }
 
 /// Builds bpf-linker against the nightly's own libLLVM: the bitcode rustc emits must be read by

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use crate::{
-    setup,
+    fuzz, setup,
     toolchain::{self, require_root, run_checked, step},
     vm,
 };
@@ -15,6 +15,9 @@ pub struct Options {
     /// Skip the tests in qemu on Debian's kernels (`cargo xtask vm-test`), for quick local runs.
     #[arg(long)]
     no_vm: bool,
+    /// Seconds each fuzz target runs after the host tests (`cargo xtask fuzz`); 0 skips them.
+    #[arg(long, default_value_t = 12)]
+    fuzz_seconds: u64,
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -36,6 +39,21 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         test.arg(f);
     }
     run_checked(&mut test)?;
+    // With a filter, the fuzz targets whose name contains it.
+    let targets: Vec<&str> = fuzz::TARGETS
+        .iter()
+        .map(|t| t.0)
+        .filter(|t| opts.filter.as_ref().is_none_or(|f| t.contains(f.as_str())))
+        .collect();
+    if opts.fuzz_seconds == 0 || targets.is_empty() {
+        step("fuzz targets skipped");
+    } else {
+        step(format_args!(
+            "a short pass of the fuzz targets ({} s each)",
+            opts.fuzz_seconds
+        ));
+        fuzz::run_after_setup(&targets, opts.fuzz_seconds)?;
+    }
     if opts.no_vm {
         step("VM tests skipped (--no-vm)");
         return Ok(());

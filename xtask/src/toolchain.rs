@@ -10,6 +10,8 @@ use anyhow::{Context as _, bail};
 
 /// Version of bpf-linker that `setup` builds. Bumping it rebuilds on the next setup.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Version of cargo-fuzz that `setup` installs for `cargo xtask fuzz`.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -12,26 +12,25 @@
 //! in the agent state instead). Identical jobs are adopted rather than added twice: a restarted
 //! agent keeps routing, counters and all.
 
-use std::{io, os::fd::AsRawFd as _};
+use std::io;
 
 use edgeplane_common::can::{CAN_MTU, CANFD_MTU, CanFrame};
+use libc::{RTM_DELROUTE, RTM_GETROUTE, RTM_NEWROUTE};
+
+use crate::sys::netlink::{
+    self, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ERROR, NetlinkError, RecvError, Request,
+};
 
 /// Top byte of the user ids of edgeplane's jobs.
 pub const UID_PREFIX: u32 = 0xED00_0000;
 pub const UID_PREFIX_MASK: u32 = 0xFF00_0000;
 
-const AF_CAN: u8 = 29;
+/// struct rtcanmsg (linux/can/gw.h): can_family, gwtype, flags.
+const AF_CAN: u8 = libc::AF_CAN as u8;
 const CGW_TYPE_CAN_CAN: u8 = 1;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_DELROUTE: u16 = 25;
-const RTM_GETROUTE: u16 = 26;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
+const RTCANMSG_LEN: usize = 4;
 
-// enum in linux/can/gw.h
+// enum in linux/can/gw.h (libc has none of can-gw's)
 const CGW_MOD_AND: u16 = 1;
 const CGW_CS_XOR: u16 = 5;
 const CGW_CS_CRC8: u16 = 6;
@@ -165,44 +164,46 @@ pub enum GatewayError {
     },
     #[error("can-gw netlink: {0}")]
     Io(#[source] io::Error),
+    #[error(
+        "malformed message in can-gw's job dump ({0}); please report it with the kernel \
+         version (`uname -r`)"
+    )]
+    Malformed(#[from] NetlinkError),
+}
+
+/// Whether can-gw's answer means the module is not loaded.
+fn not_loaded(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EOPNOTSUPP | libc::EPROTONOSUPPORT)
+    )
 }
 
 /// A netlink socket to can-gw.
 pub struct Gateway {
-    fd: std::os::fd::OwnedFd,
+    socket: netlink::Socket,
     seq: u32,
 }
 
 impl Gateway {
     pub fn open() -> Result<Self, GatewayError> {
-        // SAFETY: plain socket call; the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(GatewayError::Socket(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a fresh, valid descriptor nothing else owns.
-        let fd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
-        Ok(Self { fd, seq: 0 })
+        let socket = netlink::Socket::route().map_err(GatewayError::Socket)?;
+        Ok(Self { socket, seq: 0 })
     }
 
     pub fn add(&mut self, job: &Job) -> Result<(), GatewayError> {
         let msg = self.message(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK, job);
         self.send(&msg)?;
-        self.ack().map_err(|source| match source.raw_os_error() {
-            Some(libc::EAFNOSUPPORT | libc::EOPNOTSUPP | libc::EPROTONOSUPPORT) => {
+        self.ack().map_err(|source| {
+            if not_loaded(&source) {
                 GatewayError::NotLoaded(source)
+            } else {
+                GatewayError::Refused {
+                    uid: job.uid,
+                    op: "add",
+                    source,
+                }
             }
-            _ => GatewayError::Refused {
-                uid: job.uid,
-                op: "add",
-                source,
-            },
         })
     }
 
@@ -219,160 +220,125 @@ impl Gateway {
     /// Every can-gw job's counters and full description (ours and others').
     pub fn dump(&mut self) -> Result<Vec<(JobCounters, Job)>, GatewayError> {
         self.seq = self.seq.wrapping_add(1);
-        let mut msg = header(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, self.seq);
-        msg.extend_from_slice(&[AF_CAN, CGW_TYPE_CAN_CAN, 0, 0]);
-        finish(&mut msg);
+        let msg = Request::new(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, self.seq)
+            .fixed(&[AF_CAN, CGW_TYPE_CAN_CAN, 0, 0])
+            .finish();
         self.send(&msg)?;
         let mut out = Vec::new();
         let mut buf = vec![0u8; 65536];
         loop {
-            let n = self.recv(&mut buf)?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4")) as usize;
-                let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2"));
-                if len < 16 || at + len > n {
-                    return Err(GatewayError::Io(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "short netlink message",
-                    )));
-                }
-                match ty {
-                    NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR => {
-                        let code = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().expect("4"));
-                        let e = io::Error::from_raw_os_error(-code);
-                        return Err(match -code {
-                            libc::EAFNOSUPPORT | libc::EOPNOTSUPP | libc::EPROTONOSUPPORT => {
-                                GatewayError::NotLoaded(e)
-                            }
-                            _ => GatewayError::Io(e),
-                        });
-                    }
-                    RTM_NEWROUTE => out.push(parse_job(&buf[at + 16..at + len])),
-                    _ => {}
-                }
-                at += align(len);
+            let batch = self.recv(&mut buf)?;
+            if parse_dump(batch, &mut out)? {
+                return Ok(out);
             }
         }
     }
 
     fn message(&mut self, ty: u16, flags: u16, job: &Job) -> Vec<u8> {
         self.seq = self.seq.wrapping_add(1);
-        let mut m = header(ty, flags, self.seq);
-        m.extend_from_slice(&[AF_CAN, CGW_TYPE_CAN_CAN]);
-        m.extend_from_slice(&job.flags.to_ne_bytes());
-        let fd = job.flags & CGW_FLAGS_CAN_FD != 0;
-        for md in &job.mods {
-            // One attribute per operation: the frame of values, then the fields byte (packed).
-            let base = if fd { CGW_FDMOD_AND } else { CGW_MOD_AND };
-            let mut payload = frame_bytes(&md.values, if fd { CANFD_MTU } else { CAN_MTU });
-            payload.push(md.fields);
-            attr(&mut m, base + md.op as u16, &payload);
-        }
-        if let Some(x) = &job.xor {
-            attr(&mut m, CGW_CS_XOR, x);
-        }
-        if let Some(c) = &job.crc8 {
-            let mut p = vec![
-                c.from as u8,
-                c.to as u8,
-                c.result as u8,
-                c.init,
-                c.final_xor,
-            ];
-            p.extend_from_slice(&c.table);
-            p.push(c.profile);
-            p.extend_from_slice(&c.profile_data);
-            attr(&mut m, CGW_CS_CRC8, &p);
-        }
-        attr(&mut m, CGW_MOD_UID, &job.uid.to_ne_bytes());
-        attr(&mut m, CGW_SRC_IF, &job.src_ifindex.to_ne_bytes());
-        attr(&mut m, CGW_DST_IF, &job.dst_ifindex.to_ne_bytes());
-        let mut filter = job.filter_id.to_ne_bytes().to_vec();
-        filter.extend_from_slice(&job.filter_mask.to_ne_bytes());
-        attr(&mut m, CGW_FILTER, &filter);
-        attr(&mut m, CGW_LIM_HOPS, &[job.hops]);
-        finish(&mut m);
-        m
+        job_message(ty, flags, self.seq, job)
     }
 
     fn send(&self, msg: &[u8]) -> Result<(), GatewayError> {
-        // SAFETY: all-zero sockaddr_nl addresses the kernel.
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: valid buffer and address for the duration of the call.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&raw const kernel).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            return Err(GatewayError::Io(io::Error::last_os_error()));
-        }
-        Ok(())
+        self.socket.send(msg).map_err(GatewayError::Io)
     }
 
-    fn recv(&self, buf: &mut [u8]) -> Result<usize, GatewayError> {
-        // SAFETY: writes at most buf.len() bytes into buf.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(GatewayError::Io(io::Error::last_os_error()));
-        }
-        Ok(n as usize)
+    fn recv<'b>(&self, buf: &'b mut [u8]) -> Result<&'b [u8], GatewayError> {
+        self.socket.recv(buf).map_err(|e| match e {
+            RecvError::Io(e) => GatewayError::Io(e),
+            t @ RecvError::Truncated { .. } => {
+                GatewayError::Io(io::Error::new(io::ErrorKind::InvalidData, t))
+            }
+        })
     }
 
     /// Waits for the kernel's answer to the last request: Ok, or its errno.
     fn ack(&self) -> Result<(), io::Error> {
         let mut buf = vec![0u8; 8192];
-        let n = self.recv(&mut buf).map_err(|e| match e {
+        let answer = self.recv(&mut buf).map_err(|e| match e {
             GatewayError::Io(e) => e,
             other => io::Error::other(other.to_string()),
         })?;
-        if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
-            let code = i32::from_ne_bytes(buf[16..20].try_into().expect("4"));
-            return if code == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::from_raw_os_error(-code))
-            };
-        }
-        Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "no netlink acknowledgement",
-        ))
+        parse_ack(answer)
     }
 }
 
-fn header(ty: u16, flags: u16, seq: u32) -> Vec<u8> {
-    let mut m = Vec::with_capacity(512);
-    m.extend_from_slice(&0u32.to_ne_bytes()); // length, set by finish()
-    m.extend_from_slice(&ty.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m
+/// A request about `job` (RTM_NEWROUTE to add it, RTM_DELROUTE to remove it), laid out as
+/// can-gw also dumps it.
+pub(crate) fn job_message(ty: u16, flags: u16, seq: u32, job: &Job) -> Vec<u8> {
+    let mut fixed = vec![AF_CAN, CGW_TYPE_CAN_CAN];
+    fixed.extend_from_slice(&job.flags.to_ne_bytes());
+    let mut m = Request::new(ty, flags, seq).fixed(&fixed);
+    let fd = job.flags & CGW_FLAGS_CAN_FD != 0;
+    for md in &job.mods {
+        // One attribute per operation: the frame of values, then the fields byte (packed).
+        let base = if fd { CGW_FDMOD_AND } else { CGW_MOD_AND };
+        let mut payload = frame_bytes(&md.values, if fd { CANFD_MTU } else { CAN_MTU });
+        payload.push(md.fields);
+        m = m.attr(base + md.op as u16, &payload);
+    }
+    if let Some(x) = &job.xor {
+        m = m.attr(CGW_CS_XOR, x);
+    }
+    if let Some(c) = &job.crc8 {
+        let mut p = vec![
+            c.from as u8,
+            c.to as u8,
+            c.result as u8,
+            c.init,
+            c.final_xor,
+        ];
+        p.extend_from_slice(&c.table);
+        p.push(c.profile);
+        p.extend_from_slice(&c.profile_data);
+        m = m.attr(CGW_CS_CRC8, &p);
+    }
+    let mut filter = job.filter_id.to_ne_bytes().to_vec();
+    filter.extend_from_slice(&job.filter_mask.to_ne_bytes());
+    m.attr(CGW_MOD_UID, &job.uid.to_ne_bytes())
+        .attr(CGW_SRC_IF, &job.src_ifindex.to_ne_bytes())
+        .attr(CGW_DST_IF, &job.dst_ifindex.to_ne_bytes())
+        .attr(CGW_FILTER, &filter)
+        .attr(CGW_LIM_HOPS, &[job.hops])
+        .finish()
 }
 
-fn finish(m: &mut [u8]) {
-    let len = m.len() as u32;
-    m[..4].copy_from_slice(&len.to_ne_bytes());
+/// The outcome an acknowledgement (NLMSG_ERROR) reports.
+pub(crate) fn parse_ack(answer: &[u8]) -> Result<(), io::Error> {
+    let invalid = |e: NetlinkError| io::Error::new(io::ErrorKind::InvalidData, e);
+    match netlink::messages(answer).next() {
+        Some(Ok(m)) if m.ty == NLMSG_ERROR => match m.errno().map_err(invalid)? {
+            0 => Ok(()),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        },
+        Some(Err(e)) => Err(invalid(e)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no netlink acknowledgement",
+        )),
+    }
 }
 
-const fn align(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn attr(m: &mut Vec<u8>, ty: u16, payload: &[u8]) {
-    m.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-    m.extend_from_slice(&ty.to_ne_bytes());
-    m.extend_from_slice(payload);
-    m.resize(align(m.len()), 0);
+/// Parses one read of a job dump into `out`; true once the dump is complete.
+pub(crate) fn parse_dump(
+    batch: &[u8],
+    out: &mut Vec<(JobCounters, Job)>,
+) -> Result<bool, GatewayError> {
+    let refused = |e| {
+        if not_loaded(&e) {
+            GatewayError::NotLoaded(e)
+        } else {
+            GatewayError::Io(e)
+        }
+    };
+    netlink::read_dump(batch, refused, |msg| {
+        // Without can-gw the kernel answers the AF_CAN dump with every other family's routes
+        // (rtnetlink falls back to dumping all): those are not jobs.
+        if msg.ty == RTM_NEWROUTE && msg.body.first() == Some(&AF_CAN) {
+            out.push(parse_job(msg)?);
+        }
+        Ok(())
+    })
 }
 
 fn frame_bytes(f: &CanFrame, size: usize) -> Vec<u8> {
@@ -383,22 +349,28 @@ fn frame_bytes(f: &CanFrame, size: usize) -> Vec<u8> {
     v
 }
 
+/// A struct can_frame or canfd_frame as [`frame_bytes`] wrote it.
 fn frame_from(b: &[u8]) -> CanFrame {
-    let mut f = CanFrame {
-        can_id: u32::from_ne_bytes(b[..4].try_into().expect("4")),
-        len: b[4],
-        flags: b[5],
-        res0: b[6],
-        res1: b[7],
-        ..CanFrame::default()
-    };
-    f.data[..b.len() - 8].copy_from_slice(&b[8..]);
+    let mut f = CanFrame::default();
+    if let Some(&[i0, i1, i2, i3, len, flags, res0, res1]) = b.first_chunk::<8>() {
+        (f.can_id, f.len, f.flags, f.res0, f.res1) =
+            (u32::from_ne_bytes([i0, i1, i2, i3]), len, flags, res0, res1);
+    }
+    for (d, s) in f.data.iter_mut().zip(b.get(8..).unwrap_or_default()) {
+        *d = *s;
+    }
     f
 }
 
-/// Parses one RTM_NEWROUTE message body (after the netlink header) of a dump.
-fn parse_job(body: &[u8]) -> (JobCounters, Job) {
-    let flags = u16::from_ne_bytes([body[2], body[3]]);
+/// can-gw's modification attributes in AND, OR, XOR, SET order (CGW_MOD_* for classic jobs,
+/// CGW_FDMOD_* for CAN FD ones).
+const OPS: [Op; 4] = [Op::And, Op::Or, Op::Xor, Op::Set];
+
+/// Parses one RTM_NEWROUTE message of a dump.
+fn parse_job(msg: &netlink::Message<'_>) -> Result<(JobCounters, Job), NetlinkError> {
+    let (&[_family, _gwtype, f0, f1], attrs) =
+        msg.split::<RTCANMSG_LEN>("RTM_NEWROUTE's struct rtcanmsg")?;
+    let flags = u16::from_ne_bytes([f0, f1]);
     let mut job = Job {
         uid: 0,
         src_ifindex: 0,
@@ -412,33 +384,28 @@ fn parse_job(body: &[u8]) -> (JobCounters, Job) {
         crc8: None,
     };
     let mut c = JobCounters::default();
-    let fd = flags & CGW_FLAGS_CAN_FD != 0;
-    let mut at = 4;
-    while at + 4 <= body.len() {
-        let len = usize::from(u16::from_ne_bytes([body[at], body[at + 1]]));
-        let ty = u16::from_ne_bytes([body[at + 2], body[at + 3]]);
-        if len < 4 || at + len > body.len() {
-            break;
-        }
-        let p = &body[at + 4..at + len];
-        let u32_of = |p: &[u8]| {
-            p.get(..4)
-                .map_or(0, |b| u32::from_ne_bytes(b.try_into().expect("4")))
-        };
-        match ty {
-            CGW_HANDLED => c.handled = u32_of(p),
-            CGW_DROPPED => c.dropped = u32_of(p),
-            CGW_DELETED => c.deleted = u32_of(p),
-            CGW_MOD_UID => job.uid = u32_of(p),
-            CGW_SRC_IF => job.src_ifindex = u32_of(p),
-            CGW_DST_IF => job.dst_ifindex = u32_of(p),
-            CGW_FILTER if p.len() >= 8 => {
-                job.filter_id = u32_of(p);
-                job.filter_mask = u32_of(&p[4..]);
-            }
-            CGW_LIM_HOPS => job.hops = p.first().copied().unwrap_or(0),
-            CGW_CS_XOR if p.len() >= 4 => job.xor = Some([p[0], p[1], p[2], p[3]]),
-            CGW_CS_CRC8 if p.len() >= 282 => {
+    let (mod_base, frame_size) = if flags & CGW_FLAGS_CAN_FD != 0 {
+        (CGW_FDMOD_AND, CANFD_MTU)
+    } else {
+        (CGW_MOD_AND, CAN_MTU)
+    };
+    for a in attrs {
+        let a = a?;
+        match a.ty {
+            CGW_HANDLED => c.handled = a.u32()?,
+            CGW_DROPPED => c.dropped = a.u32()?,
+            CGW_DELETED => c.deleted = a.u32()?,
+            CGW_MOD_UID => job.uid = a.u32()?,
+            CGW_SRC_IF => job.src_ifindex = a.u32()?,
+            CGW_DST_IF => job.dst_ifindex = a.u32()?,
+            // struct can_filter: can_id, can_mask.
+            CGW_FILTER => (job.filter_id, job.filter_mask) = (a.u32_at(0)?, a.u32_at(1)?),
+            CGW_LIM_HOPS => job.hops = a.u8()?,
+            CGW_CS_XOR => job.xor = Some(a.array()?),
+            CGW_CS_CRC8 => {
+                // struct cgw_csum_crc8 (packed): from, to, result, init, final_xor, table,
+                // profile, profile_data.
+                let p: [u8; 282] = a.array()?;
                 let mut table = [0u8; 256];
                 table.copy_from_slice(&p[5..261]);
                 let mut profile_data = [0u8; 20];
@@ -454,31 +421,25 @@ fn parse_job(body: &[u8]) -> (JobCounters, Job) {
                     profile_data,
                 });
             }
-            t => {
-                let (base, size) = if fd {
-                    (CGW_FDMOD_AND, CANFD_MTU)
-                } else {
-                    (CGW_MOD_AND, CAN_MTU)
-                };
-                if (base..base + 4).contains(&t) && p.len() > size {
-                    let op = [Op::And, Op::Or, Op::Xor, Op::Set][usize::from(t - base)];
-                    job.mods.push(Modification {
-                        op,
-                        fields: p[size],
-                        values: frame_from(&p[..size]),
-                    });
-                }
+            t if (mod_base..mod_base + 4).contains(&t) => {
+                // struct cgw_frame_mod / cgw_fdframe_mod (packed): the frame, then modtype.
+                job.mods.push(Modification {
+                    op: OPS[usize::from(t - mod_base)],
+                    fields: a.u8_at(frame_size)?,
+                    values: frame_from(a.bytes(frame_size)?),
+                });
             }
+            _ => {}
         }
-        at += align(len);
     }
     c.uid = job.uid;
-    (c, job)
+    Ok((c, job))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::netlink::NLMSG_DONE;
 
     #[test]
     fn a_job_encodes_and_decodes_the_way_the_kernel_dumps_it() {
@@ -513,14 +474,18 @@ mod tests {
                 profile_data: [9; 20],
             }),
         };
-        let mut gw = Gateway::open().unwrap();
-        let msg = gw.message(RTM_NEWROUTE, NLM_F_REQUEST, &job);
+        let msg = job_message(RTM_NEWROUTE, NLM_F_REQUEST, 1, &job);
         assert_eq!(
             u32::from_ne_bytes(msg[..4].try_into().unwrap()) as usize,
             msg.len()
         );
         // struct cgw_frame_mod is packed: 16 bytes of can_frame and the modtype byte.
-        let (c, back) = parse_job(&msg[16..]);
+        let mut out = Vec::new();
+        assert!(!parse_dump(&msg, &mut out).unwrap());
+        let [(c, back)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let (c, back) = (*c, back.clone());
         assert_eq!(back, job);
         assert_eq!(
             c,
@@ -529,5 +494,185 @@ mod tests {
                 ..JobCounters::default()
             }
         );
+    }
+
+    /// A dump as can-gw writes it (cgw_put_job in net/can/gw.c): a classic job without
+    /// modifications, with its counters, then NLMSG_DONE.
+    fn kernel_dump() -> Vec<u8> {
+        let mut filter = 0x123u32.to_ne_bytes().to_vec();
+        filter.extend_from_slice(&0x7ffu32.to_ne_bytes());
+        let mut d = Request::new(RTM_NEWROUTE, 0x2, 9) // NLM_F_MULTI
+            .fixed(&[AF_CAN, CGW_TYPE_CAN_CAN, 0, 0])
+            .attr(CGW_HANDLED, &1000u32.to_ne_bytes())
+            .attr(CGW_DROPPED, &3u32.to_ne_bytes())
+            .attr(CGW_LIM_HOPS, &[1])
+            .attr(CGW_FILTER, &filter)
+            .attr(CGW_SRC_IF, &4u32.to_ne_bytes())
+            .attr(CGW_DST_IF, &5u32.to_ne_bytes())
+            .finish();
+        d.extend(
+            Request::new(NLMSG_DONE, 0x2, 9)
+                .fixed(&0i32.to_ne_bytes())
+                .finish(),
+        );
+        d
+    }
+
+    #[test]
+    fn a_kernel_dump_reads_jobs_and_counters() {
+        let mut out = Vec::new();
+        assert!(parse_dump(&kernel_dump(), &mut out).unwrap());
+        let [(c, job)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            *c,
+            JobCounters {
+                uid: 0,
+                handled: 1000,
+                dropped: 3,
+                deleted: 0
+            }
+        );
+        assert_eq!(
+            (
+                job.src_ifindex,
+                job.dst_ifindex,
+                job.filter_id,
+                job.filter_mask,
+                job.hops
+            ),
+            (4, 5, 0x123, 0x7ff, 1)
+        );
+        assert!(job.mods.is_empty() && job.xor.is_none() && job.crc8.is_none());
+    }
+
+    fn dump_error(batch: &[u8]) -> GatewayError {
+        let mut out = Vec::new();
+        parse_dump(batch, &mut out).unwrap_err()
+    }
+
+    #[test]
+    fn every_cut_of_a_dump_is_an_error_or_incomplete() {
+        let d = kernel_dump();
+        for cut in 0..d.len() {
+            let mut out = Vec::new();
+            match parse_dump(&d[..cut], &mut out) {
+                Ok(done) => assert!(!done, "cut {cut}"),
+                Err(e) => assert!(matches!(e, GatewayError::Malformed(_)), "cut {cut}: {e}"),
+            }
+        }
+    }
+
+    /// Regression: a reply body shorter than struct rtcanmsg was indexed (`body[2]`) and
+    /// panicked the agent.
+    #[test]
+    fn a_job_shorter_than_its_rtcanmsg_is_malformed() {
+        let short = Request::new(RTM_NEWROUTE, 0, 0).fixed(&[AF_CAN]).finish();
+        assert!(matches!(
+            dump_error(&short),
+            GatewayError::Malformed(NetlinkError::Short {
+                len: 1,
+                need: 4,
+                ..
+            })
+        ));
+    }
+
+    /// Regression: an NLMSG_ERROR without its error code at the end of a read was sliced past
+    /// the read (`buf[at + 16..at + 20]`) and panicked the agent.
+    #[test]
+    fn an_error_without_its_code_is_malformed() {
+        let mut d = kernel_dump();
+        d.truncate(d.len() - 20);
+        d.extend(Request::new(NLMSG_ERROR, 0, 0).finish());
+        assert!(matches!(
+            dump_error(&d),
+            GatewayError::Malformed(NetlinkError::Short { need: 4, .. })
+        ));
+        assert_eq!(
+            parse_ack(&Request::new(NLMSG_ERROR, 0, 0).finish())
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+
+    /// Regression (found by tests/interface_metrics.rs on a host without CAN): without can-gw,
+    /// the kernel answers the dump with IPv4 and IPv6 routes (struct rtmsg), which read as
+    /// malformed jobs and stopped the agent from starting.
+    #[test]
+    fn other_families_routes_in_the_dump_are_not_jobs() {
+        // RTM_NEWROUTE of AF_INET: struct rtmsg (family, dst_len, src_len, tos, table,
+        // protocol, scope, type, flags), RTA_TABLE, RTA_DST, RTA_OIF.
+        let rtmsg = [libc::AF_INET as u8, 8, 0, 0, 254, 2, 253, 1, 0, 0, 0, 0];
+        let mut d = Request::new(RTM_NEWROUTE, 0x2, 1)
+            .fixed(&rtmsg)
+            .attr(15, &254u32.to_ne_bytes())
+            .attr(1, &[10, 0, 0, 0])
+            .attr(4, &2u32.to_ne_bytes())
+            .finish();
+        d.extend(kernel_dump());
+        let mut out = Vec::new();
+        assert!(parse_dump(&d, &mut out).unwrap());
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn errors_and_acknowledgements_are_read() {
+        let error = |errno: i32| {
+            Request::new(NLMSG_ERROR, 0, 0)
+                .fixed(&errno.wrapping_neg().to_ne_bytes())
+                .finish()
+        };
+        assert!(matches!(
+            dump_error(&error(libc::EOPNOTSUPP)),
+            GatewayError::NotLoaded(_)
+        ));
+        assert!(matches!(
+            dump_error(&error(libc::EPERM)),
+            GatewayError::Io(_)
+        ));
+        assert!(parse_ack(&error(0)).is_ok());
+        assert_eq!(
+            parse_ack(&error(libc::EEXIST)).unwrap_err().raw_os_error(),
+            Some(libc::EEXIST)
+        );
+        // i32::MIN, negated, does not overflow.
+        assert!(parse_ack(&error(i32::MIN)).is_err());
+        assert!(parse_ack(&kernel_dump()).is_err());
+        assert!(parse_ack(&[]).is_err());
+    }
+
+    #[test]
+    fn short_attributes_are_malformed() {
+        let job = |ty: u16, payload: &[u8], flags: u16| {
+            let mut fixed = vec![AF_CAN, CGW_TYPE_CAN_CAN];
+            fixed.extend_from_slice(&flags.to_ne_bytes());
+            Request::new(RTM_NEWROUTE, 0, 0)
+                .fixed(&fixed)
+                .attr(ty, payload)
+                .finish()
+        };
+        for (ty, len, flags) in [
+            (CGW_HANDLED, 3, 0),
+            (CGW_SRC_IF, 0, 0),
+            (CGW_FILTER, 7, 0),
+            (CGW_LIM_HOPS, 0, 0),
+            (CGW_CS_XOR, 3, 0),
+            (CGW_CS_CRC8, 281, 0),
+            (CGW_MOD_AND, CAN_MTU, 0),
+            (CGW_FDMOD_AND + 3, CANFD_MTU, CGW_FLAGS_CAN_FD),
+        ] {
+            let e = dump_error(&job(ty, &vec![0; len], flags));
+            assert!(
+                matches!(e, GatewayError::Malformed(NetlinkError::ShortAttr { .. })),
+                "attribute {ty} of {len} bytes: {e}"
+            );
+        }
+        // A classic job's modification attribute is not read as a CAN FD one's, and back.
+        let mut out = Vec::new();
+        parse_dump(&job(CGW_FDMOD_AND, &[0; CANFD_MTU + 1], 0), &mut out).unwrap();
+        assert!(out[0].1.mods.is_empty());
     }
 }

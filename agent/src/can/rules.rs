@@ -8,7 +8,11 @@ use edgeplane_common::can::{CanFrame, CanRule, CanWatch, CanWatchKey, action, ru
 use super::gateway::{
     self, CAN_INV_FILTER, CGW_FLAGS_CAN_ECHO, CGW_FLAGS_CAN_FD, Crc8, Job, Modification, Op,
 };
-use crate::config::{CanAction, CanModifyOp, CanRoute, CanWatchConfig, Crc8Profile, ModOp};
+use crate::{
+    config::{CanAction, CanModifyOp, CanRoute, CanWatchConfig, Crc8Profile, ModOp},
+    host::Host,
+    resolve::Peers,
+};
 
 /// A route as the kernel sees it, before it has a slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,19 +36,12 @@ pub enum CompileError {
     Peer { route: String, peer: String },
 }
 
-/// Facts about interfaces and tunnel peers the compiler needs from the host.
-pub trait Host {
-    fn ifindex(&self, iface: &str) -> Option<u32>;
-    /// Whether the interface carries CAN FD (MTU 72).
-    fn is_fd(&self, iface: &str) -> bool;
-    /// The address of a tunnel peer (`host:port`), if resolved; by default only address
-    /// literals are.
-    fn peer(&self, target: &str) -> Option<SocketAddr> {
-        target.parse().ok()
-    }
-}
-
-pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileError> {
+/// Compiles `r` for the interfaces `host` has, with its tunnel peer's address from `peers`.
+pub fn compile(
+    r: &CanRoute,
+    host: &dyn Host,
+    peers: &Peers,
+) -> Result<CompiledRoute, CompileError> {
     let ifindex = |iface: &str| {
         host.ifindex(iface)
             .ok_or_else(|| CompileError::UnknownInterface {
@@ -77,7 +74,7 @@ pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileEr
                 rule.action = action::ROUTE;
                 let egress = ifindex(iface)?;
                 rule.egress = egress;
-                let fd = host.is_fd(iface);
+                let fd = host.is_can_fd(iface);
                 if fd {
                     rule.flags |= rule_flag::EGRESS_FD;
                 }
@@ -130,10 +127,15 @@ pub fn compile(r: &CanRoute, host: &dyn Host) -> Result<CompiledRoute, CompileEr
                 }
             } else if let Some(target) = &t.udp {
                 rule.action = action::TUNNEL;
-                peer = Some(host.peer(target).ok_or_else(|| CompileError::Peer {
-                    route: r.name.clone(),
-                    peer: target.clone(),
-                })?);
+                peer = Some(
+                    peers
+                        .get(target)
+                        .copied()
+                        .ok_or_else(|| CompileError::Peer {
+                            route: r.name.clone(),
+                            peer: target.clone(),
+                        })?,
+                );
             }
         }
     }
@@ -224,26 +226,30 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::config::Config;
+    use crate::{
+        config::Config,
+        host::{FakeHost, FakeKind},
+    };
 
-    struct FakeHost;
-    impl Host for FakeHost {
-        fn ifindex(&self, iface: &str) -> Option<u32> {
-            match iface {
-                "can0" => Some(5),
-                "can1" => Some(6),
-                "vcan9" => Some(7),
-                _ => None,
-            }
-        }
-        fn is_fd(&self, iface: &str) -> bool {
-            iface == "can1"
+    fn host() -> FakeHost {
+        FakeHost {
+            interfaces: vec![
+                ("can0", 5, FakeKind::Can),
+                ("can1", 6, FakeKind::CanFd),
+                ("vcan9", 7, FakeKind::Can),
+            ],
+            addresses: Vec::new(),
         }
     }
 
     fn route(text: &str) -> CompiledRoute {
         let c = Config::parse(text, Path::new("t.toml")).unwrap();
-        compile(&c.can.route[0], &FakeHost).unwrap()
+        // Tests name peers by address: they resolve to themselves.
+        let peers: Peers = (c.can.route.iter())
+            .filter_map(|r| r.to.as_ref()?.udp.clone())
+            .filter_map(|p| Some((p.clone(), p.parse().ok()?)))
+            .collect();
+        compile(&c.can.route[0], &host(), &peers).unwrap()
     }
 
     #[test]

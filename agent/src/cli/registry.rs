@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use edgeplane::{
     config::{self, RegistryConfig},
-    registry::{client::Etcd, record::AgentRecord, tls},
+    registry::{client::Etcd, record, tls},
 };
-use prost::Message as _;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -73,7 +72,7 @@ async fn get(args: GetArgs) -> anyhow::Result<()> {
         if !key.contains("/agents/") {
             continue;
         }
-        match AgentRecord::decode(kv.value.as_slice()) {
+        match record::decode(&kv.value) {
             Ok(record) => println!("{}", serde_json::to_string(&record)?),
             Err(e) => {
                 eprintln!("{key}: not an agent record ({e})");

@@ -14,7 +14,7 @@ use edgeplane_common::can::{
 use serde::{Deserialize, Deserializer};
 
 use super::{Problem, check_rule_name};
-use crate::netdev;
+use crate::{host::Host, netdev};
 
 pub const MAX_CAN_ROUTES: usize = edgeplane_common::can::MAX_RULES as usize;
 pub const MAX_CAN_WATCHES: usize = edgeplane_common::can::MAX_WATCHES as usize;
@@ -631,16 +631,16 @@ impl CanConfig {
 
     /// Host checks: interfaces exist and are CAN netdevs. (Tunnel peers are resolved when the
     /// config is prepared, see [`crate::resolve`].)
-    pub(super) fn host_problems(&self, out: &mut Vec<Problem>) {
+    pub(super) fn host_problems(&self, host: &dyn Host, out: &mut Vec<Problem>) {
         let mut check_can = |key: String, iface: &str| {
-            if netdev::index(iface).is_none() {
+            if host.ifindex(iface).is_none() {
                 out.push(Problem {
                     key,
                     message: format!(
                         "interface `{iface}` does not exist on this host (see `ip link`)"
                     ),
                 });
-            } else if !netdev::is_can(iface) {
+            } else if !host.is_can(iface) {
                 out.push(Problem {
                     key,
                     message: format!("`{iface}` is not a CAN interface"),

@@ -3,7 +3,7 @@
 use serde::Deserialize;
 
 use super::Problem;
-use crate::netdev;
+use crate::{host::Host, netdev};
 
 /// Local UDP ports and CAN interfaces whose socket delivery can be measured, together.
 pub const MAX_DELIVERY: usize = edgeplane_common::latency::MAX_DELIVERY as usize;
@@ -69,17 +69,17 @@ impl LatencyCapture {
         }
     }
 
-    pub(super) fn host_problems(&self, out: &mut Vec<Problem>) {
+    pub(super) fn host_problems(&self, host: &dyn Host, out: &mut Vec<Problem>) {
         for (i, iface) in self.can_ifaces.iter().enumerate() {
             let key = format!("latency.can_ifaces[{i}]");
-            if netdev::index(iface).is_none() {
+            if host.ifindex(iface).is_none() {
                 out.push(Problem {
                     key,
                     message: format!(
                         "interface `{iface}` does not exist on this host (see `ip link`)"
                     ),
                 });
-            } else if !netdev::is_can(iface) {
+            } else if !host.is_can(iface) {
                 out.push(Problem {
                     key,
                     message: format!("`{iface}` is not a CAN interface"),

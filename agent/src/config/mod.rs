@@ -18,6 +18,7 @@ use std::{
 use serde::Deserialize;
 
 pub use self::{can::*, latency::*, registry::*, udp::*};
+use crate::host::{Host, ThisHost};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -271,11 +272,16 @@ impl Config {
 
     /// Checks what only this host can tell: that interfaces exist and are of the right kind.
     pub fn check_host(&self, path: &Path) -> Result<(), ConfigError> {
+        self.check_host_on(path, &ThisHost)
+    }
+
+    /// [`Self::check_host`] with what `host` tells.
+    pub fn check_host_on(&self, path: &Path, host: &dyn Host) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        self.udp.host_problems(&mut problems);
-        self.can.host_problems(&mut problems);
-        self.latency.host_problems(&mut problems);
-        self.identity_host_problems(&mut problems);
+        self.udp.host_problems(host, &mut problems);
+        self.can.host_problems(host, &mut problems);
+        self.latency.host_problems(host, &mut problems);
+        self.identity_host_problems(host, &mut problems);
         if problems.is_empty() {
             Ok(())
         } else {

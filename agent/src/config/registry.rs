@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::{Config, ConfigError, Problem};
+use crate::host::Host;
 
 /// Default lease TTL in seconds: the record disappears this long after the agent stops
 /// renewing it.
@@ -204,7 +205,7 @@ impl Config {
         }
     }
 
-    pub(super) fn identity_host_problems(&self, out: &mut Vec<Problem>) {
+    pub(super) fn identity_host_problems(&self, host: &dyn Host, out: &mut Vec<Problem>) {
         let Some(r) = &self.registry else { return };
         for (key, path) in [
             ("registry.ca", &r.ca),
@@ -212,7 +213,7 @@ impl Config {
             ("registry.key", &r.key),
         ] {
             if let Some(path) = path
-                && let Err(e) = std::fs::metadata(path)
+                && let Err(e) = host.file_exists(path)
             {
                 out.push(Problem {
                     key: key.into(),
@@ -224,7 +225,7 @@ impl Config {
 }
 
 /// Service names are a key element and appear in JSON: keep them plain.
-fn check_service_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_service_name(name: &str) -> Result<(), String> {
     super::check_rule_name(name).map_err(|e| e.replacen("rule name", "service name", 1))
 }
 
@@ -247,7 +248,7 @@ pub fn check_vin(vin: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_spiffe_id(id: &str) -> Result<(), String> {
+pub(crate) fn check_spiffe_id(id: &str) -> Result<(), String> {
     let Some(rest) = id.strip_prefix("spiffe://") else {
         return Err(format!(
             "`{id}` is not a SPIFFE ID: it must start with spiffe://"

@@ -5,7 +5,7 @@ use std::{collections::HashMap, fmt, net::IpAddr};
 use serde::Deserialize;
 
 use super::{Problem, check_rule_name};
-use crate::netdev;
+use crate::{host::Host, netdev};
 
 /// Largest number of UDP forwarding rules one agent holds.
 pub const MAX_UDP_RULES: usize = edgeplane_common::udp_forward::MAX_RULES as usize;
@@ -307,14 +307,14 @@ impl UdpConfig {
     }
 
     /// Host checks of the userspace engine: the addresses it binds to are this host's.
-    pub fn userspace_host_problems(&self, out: &mut Vec<Problem>) {
+    pub fn userspace_host_problems(&self, host: &dyn Host, out: &mut Vec<Problem>) {
         for (i, rule) in self.forward.iter().enumerate() {
             for (field, ip) in [
                 ("match.dst_ip", rule.matches.dst_ip),
                 ("to.src_ip", rule.to.src_ip),
             ] {
                 let Some(ip) = ip else { continue };
-                if let Err(e) = std::net::UdpSocket::bind((ip, 0)) {
+                if let Err(e) = host.bind_udp(ip) {
                     out.push(Problem {
                         key: format!("udp.forward[{i}].{field}"),
                         message: format!(
@@ -328,13 +328,13 @@ impl UdpConfig {
     }
 
     /// Host checks: every interface exists.
-    pub(super) fn host_problems(&self, out: &mut Vec<Problem>) {
+    pub(super) fn host_problems(&self, host: &dyn Host, out: &mut Vec<Problem>) {
         if self.mode == UdpMode::Userspace {
-            self.userspace_host_problems(out);
+            self.userspace_host_problems(host, out);
         }
         for (i, rule) in self.forward.iter().enumerate() {
             for (field, iface) in [("ingress", &rule.ingress), ("to.iface", &rule.to.iface)] {
-                if netdev::index(iface).is_none() {
+                if host.ifindex(iface).is_none() {
                     out.push(Problem {
                         key: format!("udp.forward[{i}].{field}"),
                         message: format!(

@@ -141,6 +141,16 @@ pub struct Push {
 }
 
 impl Push {
+    /// The value etcd holds at `key` at `revision`.
+    pub(crate) fn new(key: &[u8], revision: i64, value: Vec<u8>) -> Self {
+        let key = String::from_utf8_lossy(key);
+        Self {
+            origin: PathBuf::from(format!("{key}@{revision}")),
+            revision,
+            value,
+        }
+    }
+
     /// The config text.
     pub fn text(&self) -> anyhow::Result<&str> {
         std::str::from_utf8(&self.value).map_err(|e| {
@@ -465,12 +475,7 @@ impl Session {
             return;
         }
         self.last_push_revision = kv.mod_revision;
-        let key = String::from_utf8_lossy(&kv.key).into_owned();
-        let push = Push {
-            origin: PathBuf::from(format!("{key}@{}", kv.mod_revision)),
-            revision: kv.mod_revision,
-            value: kv.value,
-        };
+        let push = Push::new(&kv.key, kv.mod_revision, kv.value);
         info!(origin = %push.origin.display(), "registry: rule set pushed");
         // The agent's loop takes pushes one at a time; it is gone only when shutting down.
         let _ = self.pushes.send(push).await;

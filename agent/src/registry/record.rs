@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
 
-use crate::status::AttachedProgram;
+use crate::{config, status::AttachedProgram};
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {
@@ -61,6 +61,43 @@ pub fn encode(id: &Identity, programs: &[AttachedProgram], rules: &RulesState) -
     .encode_to_vec()
 }
 
+/// Why the value under an agent's key is not a record an agent wrote.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("not protobuf of an AgentRecord: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("service_name: {0}")]
+    ServiceName(String),
+    #[error("vin: {0}")]
+    Vin(String),
+    #[error("spiffe_id: {0}")]
+    SpiffeId(String),
+    #[error("programs[{index}].tag `{tag}` is not 16 lowercase hex digits")]
+    Tag { index: usize, tag: String },
+}
+
+/// Decodes a record read from etcd and checks what every agent's record has: the names its key
+/// is made of, an identity if any, and program tags as the kernel's (as [`encode`] writes them).
+/// Fields a newer agent adds are skipped, as protobuf does.
+pub fn decode(value: &[u8]) -> Result<AgentRecord, RecordError> {
+    let r = AgentRecord::decode(value)?;
+    config::check_service_name(&r.service_name).map_err(RecordError::ServiceName)?;
+    config::check_vin(&r.vin).map_err(RecordError::Vin)?;
+    if !r.spiffe_id.is_empty() {
+        config::check_spiffe_id(&r.spiffe_id).map_err(RecordError::SpiffeId)?;
+    }
+    for (index, p) in r.programs.iter().enumerate() {
+        let hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
+        if p.tag.len() != 16 || !p.tag.chars().all(hex) {
+            return Err(RecordError::Tag {
+                index,
+                tag: p.tag.clone(),
+            });
+        }
+    }
+    Ok(r)
+}
+
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -103,7 +140,7 @@ mod tests {
                 time_unix_ms: 2,
             }),
         };
-        let r = AgentRecord::decode(encode(&id, &programs, &rules).as_slice()).unwrap();
+        let r = decode(&encode(&id, &programs, &rules)).unwrap();
         assert_eq!(r.vin, id.vin);
         assert!(!r.kernel_release.is_empty());
         assert_eq!(r.programs[0].tag, "0123456789abcdef");
@@ -111,5 +148,41 @@ mod tests {
         assert_eq!(r.last_rules_rejection.as_ref().unwrap().revision, 7);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["programs"][0]["attach_point"], "eth0");
+    }
+
+    #[test]
+    fn records_no_agent_wrote_are_rejected() {
+        let good = AgentRecord {
+            service_name: "gw".into(),
+            vin: "WVWZZZ1JZXW000001".into(),
+            programs: vec![pb::AttachedProgram {
+                tag: "0123456789abcdef".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(decode(&good.encode_to_vec()).is_ok());
+        assert!(matches!(
+            decode(b"not protobuf \xff\xff"),
+            Err(RecordError::Decode(_))
+        ));
+        let bad = |change: fn(&mut AgentRecord)| {
+            let mut r = good.clone();
+            change(&mut r);
+            decode(&r.encode_to_vec()).unwrap_err()
+        };
+        assert!(matches!(
+            bad(|r| r.service_name.clear()),
+            RecordError::ServiceName(_)
+        ));
+        assert!(matches!(bad(|r| r.vin = "IOQ".into()), RecordError::Vin(_)));
+        assert!(matches!(
+            bad(|r| r.spiffe_id = "http://x".into()),
+            RecordError::SpiffeId(_)
+        ));
+        assert!(matches!(
+            bad(|r| r.programs[0].tag = "0123456789ABCDEF".into()),
+            RecordError::Tag { index: 0, .. }
+        ));
     }
 }

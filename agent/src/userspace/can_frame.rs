@@ -167,24 +167,24 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::{can::rules, config::Config};
-
-    struct Host;
-    impl rules::Host for Host {
-        fn ifindex(&self, iface: &str) -> Option<u32> {
-            Some(if iface == "can0" { 5 } else { 6 })
-        }
-        fn is_fd(&self, _: &str) -> bool {
-            true
-        }
-    }
+    use crate::{
+        can::rules,
+        config::Config,
+        host::{FakeHost, FakeKind},
+    };
 
     fn jobs(route: &str) -> Vec<Job> {
         let text = format!(
             "[[can.route]]\nname = \"r\"\ningress = \"can0\"\nto = {{ iface = \"can1\" }}\n{route}"
         );
         let c = Config::parse(&text, Path::new("t")).unwrap();
-        rules::compile(&c.can.route[0], &Host).unwrap().jobs
+        let host = FakeHost {
+            interfaces: vec![("can0", 5, FakeKind::CanFd), ("can1", 6, FakeKind::CanFd)],
+            addresses: Vec::new(),
+        };
+        rules::compile(&c.can.route[0], &host, &Default::default())
+            .unwrap()
+            .jobs
     }
 
     fn frame(can_id: u32, data: &[u8]) -> CanFrame {
