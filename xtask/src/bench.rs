@@ -49,7 +49,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let path = |name: &str| out.join(name).to_string_lossy().into_owned();
 
     step("building the agent and the benchmarks (release)");
-    run_checked(Command::new("cargo").current_dir(&root).args([
+    run_checked(crate::toolchain::cargo().current_dir(&root).args([
         "build",
         "--release",
         "-p",
@@ -58,7 +58,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         "edgeplane-benches",
     ]))?;
     step("criterion: tunnel codec, userspace rule lookup, /metrics with 1,000 userspace rules");
-    run_checked(Command::new("cargo").current_dir(&root).args([
+    run_checked(crate::toolchain::cargo().current_dir(&root).args([
         "bench",
         "-p",
         "edgeplane-benches",

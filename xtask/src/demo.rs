@@ -3,7 +3,6 @@
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -34,7 +33,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::run(&setup::Options::default())?;
     let root = toolchain::workspace_root();
     step("building the agent with its eBPF programs (cargo build --release)");
-    run_checked(Command::new("cargo").current_dir(&root).args([
+    run_checked(crate::toolchain::cargo().current_dir(&root).args([
         "build",
         "--release",
         "-p",

@@ -130,15 +130,15 @@ pub fn run_after_setup(targets: &[&str], seconds: u64) -> anyhow::Result<()> {
     step(format_args!(
         "building the fuzz targets (cargo fuzz, {nightly}, debug assertions, no sanitizer)"
     ));
-    let mut build = Command::new("cargo");
-    build
-        .current_dir(&root)
-        .arg(format!("+{nightly}"))
-        .args(["fuzz", "build", "--fuzz-dir", "fuzz", "--sanitizer", "none"])
-        // Set by `cargo run` for xtask; ring's build script tracks CARGO_MANIFEST_DIR, so with
-        // it the reproducing `cargo fuzz run` would rebuild ring and everything above it.
-        .env_remove("CARGO_MANIFEST_DIR")
-        .env_remove("CARGO_MANIFEST_PATH");
+    let mut build = toolchain::cargo();
+    build.current_dir(&root).arg(format!("+{nightly}")).args([
+        "fuzz",
+        "build",
+        "--fuzz-dir",
+        "fuzz",
+        "--sanitizer",
+        "none",
+    ]);
     if let [only] = targets {
         build.arg(only);
     }

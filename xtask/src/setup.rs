@@ -128,13 +128,13 @@ fn nightly_toolchain(channel: &str) -> anyhow::Result<()> {
 /// cargo-fuzz, which builds the fuzz targets (`cargo xtask fuzz`).
 fn cargo_fuzz() -> anyhow::Result<()> {
     let wanted = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
-    if output(Command::new("cargo").args(["fuzz", "--version"])).is_ok_and(|v| v.trim() == wanted) {
+    if output(toolchain::cargo().args(["fuzz", "--version"])).is_ok_and(|v| v.trim() == wanted) {
         step(format_args!("{wanted}: present"));
         return Ok(());
     }
     step(format_args!("{wanted}: installing (a few minutes)"));
     run_checked(
-        Command::new("cargo")
+        toolchain::cargo()
             .args([
                 "install",
                 "cargo-fuzz",
@@ -209,7 +209,7 @@ fn bpf_linker(channel: &str) -> anyhow::Result<()> {
         symlink(&libllvm, &link).with_context(|| format!("linking {}", link.display()))?;
     }
     run_checked(
-        Command::new("cargo")
+        toolchain::cargo()
             .args([
                 "install",
                 "bpf-linker",

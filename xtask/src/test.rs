@@ -1,7 +1,5 @@
 //! `cargo xtask test`: the whole test suite on this machine, from a fresh clone.
 
-use std::process::Command;
-
 use crate::{
     fuzz, setup,
     toolchain::{self, require_root, run_checked, step},
@@ -26,12 +24,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let root = toolchain::workspace_root();
     step("building the agent and the tests (release)");
     run_checked(
-        Command::new("cargo")
+        crate::toolchain::cargo()
             .current_dir(&root)
             .args(vm::release_build_args()),
     )?;
     step("unit, eBPF program and end-to-end tests");
-    let mut test = Command::new("cargo");
+    let mut test = crate::toolchain::cargo();
     test.current_dir(&root)
         .args(["test", "--release", "--no-fail-fast"])
         .env("EDGEPLANE_BIN", root.join("target/release/edgeplane"));

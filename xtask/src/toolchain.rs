@@ -56,6 +56,29 @@ pub fn state_dir() -> PathBuf {
     cargo_home().join("edgeplane")
 }
 
+/// A `cargo` command without what `cargo run` set for xtask itself (CARGO_MANIFEST_DIR and
+/// friends): build scripts that track them (ring's does) would otherwise rebuild on every
+/// switch between `cargo xtask ...` and a plain `cargo build`.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    for (key, _) in env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+            || matches!(
+                &*key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&*key);
+        }
+    }
+    cmd
+}
+
 /// Runs a command, failing with its full command line when it does not succeed.
 pub fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd

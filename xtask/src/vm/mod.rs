@@ -13,7 +13,7 @@ use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
@@ -328,7 +328,7 @@ pub fn release_build_args() -> Vec<&'static str> {
 /// Runs cargo with JSON messages and returns the executables it built, by target kind
 /// (`bin`, `test`) and name.
 fn cargo_artifacts(args: &[&str]) -> anyhow::Result<BTreeMap<(&'static str, String), PathBuf>> {
-    let mut cmd = Command::new("cargo");
+    let mut cmd = crate::toolchain::cargo();
     cmd.current_dir(workspace_root())
         .args(args)
         // Diagnostics still reach the terminal rendered; only the artifacts come as JSON.
@@ -342,7 +342,12 @@ fn cargo_artifacts(args: &[&str]) -> anyhow::Result<BTreeMap<(&'static str, Stri
         if msg["reason"] != "compiler-artifact" {
             continue;
         }
+        // `--all-targets` also builds each binary's unit tests: a libtest harness under the
+        // binary's name, which must not stand in for the binary.
         let target = &msg["target"];
+        if msg["profile"]["test"] == true && target["kind"] != serde_json::json!(["test"]) {
+            continue;
+        }
         let Some(kind) = ["bin", "test"].into_iter().find(|kind| {
             target["kind"]
                 .as_array()
@@ -358,12 +363,11 @@ fn cargo_artifacts(args: &[&str]) -> anyhow::Result<BTreeMap<(&'static str, Stri
 }
 
 fn target_dir() -> anyhow::Result<PathBuf> {
-    let out = output(Command::new("cargo").current_dir(workspace_root()).args([
-        "metadata",
-        "--no-deps",
-        "--format-version",
-        "1",
-    ]))?;
+    let out = output(
+        crate::toolchain::cargo()
+            .current_dir(workspace_root())
+            .args(["metadata", "--no-deps", "--format-version", "1"]),
+    )?;
     let meta: serde_json::Value = serde_json::from_str(&out).context("parsing cargo metadata")?;
     meta["target_directory"]
         .as_str()
