@@ -67,6 +67,29 @@ fn metrics(ns: &Netns, agent: &Agent) -> String {
     http::get(agent.metrics, "/metrics").unwrap().1
 }
 
+/// Every counter on the way from bus A to bus B, for a test that lost frames: each agent's
+/// CAN and tunnel series, the CAN interfaces' drops and each namespace's UDP errors.
+fn loss_report(h: &Hosts, a: &Agent, b: &Agent) -> String {
+    let mut out = String::new();
+    for (host, ns, agent, ifaces) in [("A", &h.a, a, ["a0", "a1"]), ("B", &h.b, b, ["b0", "b1"])] {
+        let text = metrics(ns, agent);
+        let series: Vec<&str> = (text.lines())
+            .filter(|l| l.starts_with("edgeplane_can_") && !l.contains("_bucket"))
+            .collect();
+        out.push_str(&format!("host {host} metrics:\n{}\n", series.join("\n")));
+        for iface in ifaces {
+            let link = ns.ip(&["-s", "link", "show", iface]).unwrap_or_default();
+            out.push_str(&format!("{iface} (ip -s link):\n{link}"));
+        }
+        out.push_str(&format!("host {host} {}", ns.udp_counters()));
+    }
+    let softnet = std::fs::read_to_string("/proc/net/softnet_stat").unwrap_or_default();
+    out.push_str(&format!(
+        "/proc/net/softnet_stat (2nd column: backlog drops):\n{softnet}"
+    ));
+    out
+}
+
 fn m(text: &str, series: &str) -> f64 {
     http::metric(text, series).unwrap()
 }
@@ -127,9 +150,10 @@ fn frames_cross_both_ways_and_do_not_echo() {
         assert_eq!(
             got.len(),
             sent.len(),
-            "A -> B: {} of {} frames arrived",
+            "A -> B: {} of {} frames arrived; where they were lost:\n{}",
             got.len(),
-            sent.len()
+            sent.len(),
+            loss_report(&h, &agent_a, &agent_b)
         );
         assert_same_frames_in_id_order(&got, &sent, "A -> B");
     });

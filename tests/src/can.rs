@@ -109,6 +109,25 @@ impl Bus {
         let _in = ns.enter()?;
         let sock = CanFdSocket::open(iface)?;
         sock.set_read_timeout(Duration::from_millis(200))?;
+        // A reader thread the VM's scheduler leaves waiting must not lose frames to a full
+        // receive buffer (208 KiB holds about 250 CAN FD frames): that would be the test's
+        // loss, not the product's.
+        let size: libc::c_int = 8 << 20;
+        // SAFETY: a valid socket and a c_int option of the right length.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const size).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        anyhow::ensure!(
+            rc == 0,
+            "SO_RCVBUFFORCE on {iface}: {}",
+            std::io::Error::last_os_error()
+        );
         Ok(Self {
             sock,
             iface: iface.to_owned(),

@@ -17,6 +17,18 @@ pub struct Netns {
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl Netns {
+    /// The namespace's UDP counters (/proc/net/snmp and snmp6), one line each: where a full
+    /// socket receive buffer (RcvbufErrors) shows, for a test that lost datagrams.
+    pub fn udp_counters(&self) -> String {
+        let mut out = String::new();
+        for file in ["/proc/net/snmp", "/proc/net/snmp6"] {
+            let text = self.exec(&["cat", file]).unwrap_or_default();
+            let udp: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp")).collect();
+            out.push_str(&format!("{file}: {}\n", udp.join(" | ")));
+        }
+        out
+    }
+
     pub fn new(tag: &str) -> anyhow::Result<Self> {
         let name = format!(
             "ep-{tag}-{}-{}",
@@ -273,11 +285,7 @@ impl Line {
             .ip(&["-s", "link", "show", "r0"])
             .unwrap_or_default();
         out.push_str(&format!("r0 (ip -s link):\n{link}"));
-        for file in ["/proc/net/snmp", "/proc/net/snmp6"] {
-            let text = self.receiver.exec(&["cat", file]).unwrap_or_default();
-            let udp: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp")).collect();
-            out.push_str(&format!("receiver {file}: {}\n", udp.join(" | ")));
-        }
+        out.push_str(&format!("receiver {}", self.receiver.udp_counters()));
         out
     }
 

@@ -7,7 +7,7 @@ pub mod metrics;
 mod receiver;
 pub mod sender;
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, os::fd::AsRawFd as _, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::task::JoinHandle;
@@ -219,7 +219,39 @@ fn bind_udp(r: &CanReceive) -> Result<tokio::net::UdpSocket, TunnelError> {
         addr: r.listen,
         source,
     };
-    let std_sock = std::net::UdpSocket::bind(r.listen).map_err(err)?;
-    std_sock.set_nonblocking(true).map_err(err)?;
-    tokio::net::UdpSocket::from_std(std_sock).map_err(err)
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(r.listen),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(err)?;
+    set_receive_buffer(&sock);
+    sock.bind(&r.listen.into()).map_err(err)?;
+    sock.set_nonblocking(true).map_err(err)?;
+    tokio::net::UdpSocket::from_std(sock.into()).map_err(err)
+}
+
+/// Room for this many bytes of datagrams waiting for the receiver: a peer's burst (a datagram
+/// carries up to a few hundred frames) must not overflow the socket while the receiver writes
+/// the previous one to a slow bus. The default (`net.core.rmem_default`, 208 KiB) holds well
+/// under a second of a busy CAN FD bus.
+const RECEIVE_BUFFER: usize = 4 << 20;
+
+/// Sets [`RECEIVE_BUFFER`], past `net.core.rmem_max` where the agent has CAP_NET_ADMIN
+/// (SO_RCVBUFFORCE), else as far as rmem_max allows.
+fn set_receive_buffer(sock: &socket2::Socket) {
+    let size = RECEIVE_BUFFER as libc::c_int;
+    // SAFETY: a valid socket and a c_int option value of the right length.
+    let forced = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = sock.set_recv_buffer_size(RECEIVE_BUFFER);
+    }
 }

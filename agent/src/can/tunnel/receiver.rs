@@ -1,7 +1,11 @@
 //! The tunnel's receiving side: datagrams on a UDP socket, decoded and checked whole, their
 //! frames written to a CAN netdev through a CAN_RAW socket with CAN FD enabled.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use edgeplane_common::can::{CAN_MTU, CanFrame};
 use socketcan::{CanAnyFrame, tokio::CanFdSocket};
@@ -47,9 +51,12 @@ pub fn spawn(
             let mut written = 0;
             let mut failed = 0;
             for f in &frames {
-                match can.write_frame(&to_socketcan(f)).await {
+                match write(&can, &to_socketcan(f)).await {
                     Ok(()) => written += 1,
-                    Err(_) => failed += 1,
+                    Err(e) => {
+                        debug!(tunnel = name, "frame not written: {e}");
+                        failed += 1;
+                    }
                 }
             }
             metrics.update(&name, |c| {
@@ -59,6 +66,28 @@ pub fn spawn(
             });
         }
     })
+}
+
+/// How long a frame may wait for room in the interface's transmit queue: a CAN controller
+/// drains a full queue (txqueuelen 10 by default) in well under this at any bitrate in use,
+/// so only a bus that stopped (bus-off, no ACK) makes the frame count as a write error.
+const WRITE_PATIENCE: Duration = Duration::from_millis(200);
+
+/// Writes `frame`, waiting out a full transmit queue: the qdisc refuses a frame with ENOBUFS
+/// rather than blocking (a datagram carries a burst of frames; a real bus takes them at its
+/// bitrate).
+async fn write(can: &CanFdSocket, frame: &CanAnyFrame) -> std::io::Result<()> {
+    let deadline = Instant::now() + WRITE_PATIENCE;
+    let mut pause = Duration::from_micros(500);
+    loop {
+        match can.write_frame(frame).await {
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && Instant::now() < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 fn to_socketcan(f: &TunnelFrame) -> CanAnyFrame {
