@@ -289,9 +289,9 @@ fn select_series(names: &[String]) -> Vec<&'static kernels::Series> {
 /// resolved others and rebuilt rustls, tonic and the agent, minutes each time). Returns the
 /// agent's path and the executables of `wanted`, by name.
 fn build(wanted: &[&str]) -> anyhow::Result<(PathBuf, Vec<(String, PathBuf)>)> {
-    let mut args = release_build_args();
-    // Named explicitly: the CAN tests have `test = false` (the host can't run them), so
-    // `--all-targets` alone would not build them.
+    // Named one by one: the CAN tests have `test = false` (the host can't run them), and
+    // cargo leaves those out of `--all-targets` even when they are also named with `--test`.
+    let mut args = vec!["build", "--release", "--bin", "edgeplane"];
     for name in wanted {
         args.extend(["--test", name]);
     }
@@ -320,7 +320,8 @@ fn build(wanted: &[&str]) -> anyhow::Result<(PathBuf, Vec<(String, PathBuf)>)> {
     Ok((agent, tests))
 }
 
-/// `cargo build --release --all-targets`: what `cargo xtask test` builds too.
+/// `cargo build --release --all-targets`: what `cargo xtask test` builds for the host (the
+/// same workspace selection as the VM's build, so one does not rebuild what the other built).
 pub fn release_build_args() -> Vec<&'static str> {
     vec!["build", "--release", "--all-targets"]
 }
