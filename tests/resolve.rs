@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgeplane::resolve::{RESOLVE_TIMEOUT, ResolveError, resolve};
+use edgeplane::host::resolve::{RESOLVE_TIMEOUT, ResolveError, resolve};
 use edgeplane_testbed::{netns::Netns, require_root};
 
 const CHILD: &str = "EDGEPLANE_RESOLVE_CHILD";

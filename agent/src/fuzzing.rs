@@ -7,8 +7,8 @@ use std::io;
 use crate::{
     NetlinkError,
     can::gateway::{self, GatewayError, Job, JobCounters},
-    host_stats::{self, HostStatsError, Link},
-    link_events::{self, LinkEvent},
+    host::link_events::{self, LinkEvent},
+    host::stats::{self as host_stats, HostStatsError, Link},
     registry::Push,
 };
 

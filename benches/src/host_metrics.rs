@@ -8,7 +8,7 @@ use std::{
 };
 
 use edgeplane::{
-    host_stats::HostCollector,
+    host::stats::HostCollector,
     metrics::{self, AgentMetrics},
 };
 use edgeplane_testbed::netns::Netns;

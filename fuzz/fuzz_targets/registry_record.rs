@@ -6,9 +6,9 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use edgeplane::{
-    attach::Hook,
+    kernel::attach::Hook,
     registry::record::{self, AgentRecord, Identity, RulesRejection, RulesState},
-    status::AttachedProgram,
+    runtime::status::AttachedProgram,
 };
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;

@@ -5,7 +5,7 @@
 
 #![no_main]
 
-use edgeplane::{dataplane, fuzzing};
+use edgeplane::{fuzzing, runtime::dataplane};
 use libfuzzer_sys::fuzz_target;
 
 const RULES_KEY: &[u8] = b"/edgeplane/v1/vehicles/WVWZZZ1JZXW000001/rules";

@@ -9,8 +9,8 @@ use aya::{
 };
 use edgeplane::{
     config::Config,
-    loader,
-    pins::PinDir,
+    kernel::loader,
+    kernel::pins::PinDir,
     udp_forward::{UdpForwarder, rules, stats},
 };
 use edgeplane_common::udp_forward::{TC_PROGRAM, UdpStats, XDP_PROGRAM};
@@ -163,7 +163,7 @@ impl Fixture {
             .udp
             .forward
             .iter()
-            .map(|r| rules::compile(r, &edgeplane::netdev::index).unwrap())
+            .map(|r| rules::compile(r, &edgeplane::host::netdev::index).unwrap())
             .collect();
         let pins = PinDir::create(&edgeplane_testbed::bpffs::dir_for(&ns.name).unwrap()).unwrap();
         let mut ebpf = loader::load(&[XDP_PROGRAM, TC_PROGRAM]).unwrap();

@@ -8,7 +8,7 @@ use edgeplane_testbed::netns::Netns;
 /// Attaches `xdp_pass` to `iface` in `ns`; the link lives as long as the returned object.
 pub fn attach(ns: &Netns, iface: &str) -> anyhow::Result<aya::Ebpf> {
     let _in = ns.enter()?;
-    let mut ebpf = edgeplane::loader::load(&[XDP_PASS_PROGRAM])?;
+    let mut ebpf = edgeplane::kernel::loader::load(&[XDP_PASS_PROGRAM])?;
     let p: &mut aya::programs::Xdp = ebpf
         .program_mut(XDP_PASS_PROGRAM)
         .context("xdp_pass missing from the eBPF object")?

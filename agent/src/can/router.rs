@@ -32,13 +32,13 @@ use super::{
     rules::CompiledRoute,
 };
 use crate::{
-    attach::{self, AttachError, Attachment, Hook},
+    kernel::attach::{self, AttachError, Attachment, Hook},
+    kernel::loader::LoadError,
+    kernel::maps,
+    kernel::pins::PinDir,
+    kernel::slots::{Slots, Waiting},
+    kernel::state::{AttachmentRecord, CanState, PlainJob},
     latency::HistMap,
-    loader::LoadError,
-    maps,
-    pins::PinDir,
-    slots::{Slots, Waiting},
-    state::{AttachmentRecord, CanState, PlainJob},
 };
 
 pub type RuleStats = Arc<Mutex<PerCpuArray<MapData, CanRuleStats>>>;

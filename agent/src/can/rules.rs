@@ -11,7 +11,7 @@ use super::gateway::{
 use crate::{
     config::{CanAction, CanModifyOp, CanRoute, CanWatchConfig, Crc8Profile, ModOp},
     host::Host,
-    resolve::Peers,
+    host::resolve::Peers,
 };
 
 /// A route as the kernel sees it, before it has a slot.

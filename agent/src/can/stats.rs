@@ -19,7 +19,7 @@ use super::{
 use tracing::warn;
 
 use crate::{
-    maps,
+    kernel::maps,
     metrics::encode_log2_hist,
     userspace::{CanRouteView, SharedUserspaceView},
 };

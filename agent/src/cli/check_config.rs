@@ -1,6 +1,6 @@
 use std::{collections::BTreeSet, path::PathBuf};
 
-use edgeplane::{config::Config, dataplane};
+use edgeplane::{config::Config, runtime::dataplane};
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -18,7 +18,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = args.target.dir()?;
-    let removed = edgeplane::pinned::down(&dir, Duration::from_secs(args.wait), |step| {
+    let removed = edgeplane::kernel::pinned::down(&dir, Duration::from_secs(args.wait), |step| {
         eprintln!("{step}")
     })
     .with_context(|| format!("removing the data plane pinned in {}", dir.display()))?;

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use edgeplane::{agent::RunOptions, config::Overrides};
+use edgeplane::{config::Overrides, runtime::run::RunOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -35,9 +35,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         spiffe_id: args.spiffe_id,
         etcd_endpoints: args.etcd_endpoints,
     };
-    edgeplane::supervise::install_panic_hook();
-    let runtime = edgeplane::supervise::runtime()?;
-    let result = runtime.block_on(edgeplane::agent::run(
+    edgeplane::runtime::supervise::install_panic_hook();
+    let runtime = edgeplane::runtime::supervise::runtime()?;
+    let result = runtime.block_on(edgeplane::runtime::run::run(
         args.config,
         RunOptions {
             bpffs: args.bpffs,

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use edgeplane::pinned::{self, Inventory};
+use edgeplane::kernel::pinned::{self, Inventory};
 use serde::Serialize;
 
 use super::{client, table, target::Target};

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use edgeplane::{config::Config, pins};
+use edgeplane::{config::Config, kernel::pins};
 
 #[derive(clap::Args)]
 pub struct Target {

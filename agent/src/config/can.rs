@@ -14,7 +14,7 @@ use edgeplane_common::can::{
 use serde::{Deserialize, Deserializer};
 
 use super::{Problem, check_rule_name};
-use crate::{host::Host, netdev};
+use crate::{host::Host, host::netdev};
 
 pub const MAX_CAN_ROUTES: usize = edgeplane_common::can::MAX_RULES as usize;
 pub const MAX_CAN_WATCHES: usize = edgeplane_common::can::MAX_WATCHES as usize;
@@ -630,7 +630,7 @@ impl CanConfig {
     }
 
     /// Host checks: interfaces exist and are CAN netdevs. (Tunnel peers are resolved when the
-    /// config is prepared, see [`crate::resolve`].)
+    /// config is prepared, see [`crate::host::resolve`].)
     pub(super) fn host_problems(&self, host: &dyn Host, out: &mut Vec<Problem>) {
         let mut check_can = |key: String, iface: &str| {
             if host.ifindex(iface).is_none() {

@@ -3,7 +3,7 @@
 use serde::Deserialize;
 
 use super::Problem;
-use crate::{host::Host, netdev};
+use crate::{host::Host, host::netdev};
 
 /// Local UDP ports and CAN interfaces whose socket delivery can be measured, together.
 pub const MAX_DELIVERY: usize = edgeplane_common::latency::MAX_DELIVERY as usize;

@@ -53,7 +53,7 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     fn default_bpffs() -> PathBuf {
-        PathBuf::from(crate::pins::DEFAULT_DIR)
+        PathBuf::from(crate::kernel::pins::DEFAULT_DIR)
     }
 }
 

@@ -5,7 +5,7 @@ use std::{collections::HashMap, fmt, net::IpAddr};
 use serde::Deserialize;
 
 use super::{Problem, check_rule_name};
-use crate::{host::Host, netdev};
+use crate::{host::Host, host::netdev};
 
 /// Largest number of UDP forwarding rules one agent holds.
 pub const MAX_UDP_RULES: usize = edgeplane_common::udp_forward::MAX_RULES as usize;

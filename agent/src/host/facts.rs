@@ -1,11 +1,11 @@
 //! What checking and compiling a config asks of the machine: interfaces, addresses and files
-//! (tunnel peers' names are resolved apart, see [`crate::resolve`]). One trait, so unit tests and fuzz targets can answer instead of the host.
+//! (tunnel peers' names are resolved apart, see [`crate::host::resolve`]). One trait, so unit tests and fuzz targets can answer instead of the host.
 
 use std::{io, net::IpAddr, path::Path};
 
 use edgeplane_common::can::CANFD_MTU;
 
-use crate::netdev;
+use super::netdev;
 
 pub trait Host {
     /// The interface's index, `None` when there is no such interface.

@@ -19,7 +19,7 @@ use aya::{Ebpf, programs::Program};
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-use crate::{pins::PinDir, state::AttachmentRecord};
+use crate::{kernel::pins::PinDir, kernel::state::AttachmentRecord};
 
 /// Our filters' place in the clsact qdisc: ahead of filters added without a priority (the
 /// kernel gives those 49152 and up), with a handle of our own to find them again.
@@ -249,7 +249,7 @@ pub fn recorded(pins: &PinDir, r: &AttachmentRecord) -> Option<Attachment> {
             }
         }
         Hook::Tc | Hook::TcEgress => {
-            if crate::netdev::index(&r.iface) != Some(r.ifindex) {
+            if crate::host::netdev::index(&r.iface) != Some(r.ifindex) {
                 return None;
             }
             Held::Tc(existing_tc_filter(&r.iface, r.hook).ok()?)
@@ -278,7 +278,7 @@ pub fn find_ours(pins: &PinDir) -> Vec<AttachmentRecord> {
             let Some((program, iface)) = name.split_once('@') else {
                 continue;
             };
-            let Some(ifindex) = crate::netdev::index(iface) else {
+            let Some(ifindex) = crate::host::netdev::index(iface) else {
                 continue;
             };
             found.push(AttachmentRecord {
@@ -289,9 +289,9 @@ pub fn find_ours(pins: &PinDir) -> Vec<AttachmentRecord> {
             });
         }
     }
-    for (ifindex, iface) in crate::netdev::all() {
+    for (ifindex, iface) in crate::host::netdev::all() {
         if has_our_tc_filter(ifindex, Hook::Tc).unwrap_or(false) {
-            let program = if crate::netdev::is_can(&iface) {
+            let program = if crate::host::netdev::is_can(&iface) {
                 edgeplane_common::can::PROGRAM
             } else {
                 edgeplane_common::udp_forward::TC_PROGRAM
@@ -335,7 +335,7 @@ pub fn detach(mut a: Attachment) -> Result<(), AttachError> {
                 .ok()
                 .and_then(|p| FdLink::from(p).info().ok());
             if pinned.is_some_and(|p| link.info().is_ok_and(|ours| ours.id() == p.id())) {
-                crate::link_detach::detach_pinned(&pin).map_err(|e| err(e.into()))?;
+                crate::kernel::link_detach::detach_pinned(&pin).map_err(|e| err(e.into()))?;
                 match std::fs::remove_file(&pin) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e.into())),
                     _ => {}
@@ -345,7 +345,7 @@ pub fn detach(mut a: Attachment) -> Result<(), AttachError> {
             Ok(())
         }
         // The interface, and its qdisc with our filter, is gone already.
-        Held::Tc(link) if crate::netdev::name(a.ifindex).is_none() => {
+        Held::Tc(link) if crate::host::netdev::name(a.ifindex).is_none() => {
             std::mem::forget(link);
             Ok(())
         }

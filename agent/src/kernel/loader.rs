@@ -9,7 +9,7 @@ use aya::{
 };
 use tracing::{debug, level_filters::LevelFilter, warn};
 
-use crate::pins::PinDir;
+use crate::kernel::pins::PinDir;
 
 /// The compiled eBPF programs, built by `build.rs` and embedded in the agent.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgeplane"));

@@ -6,7 +6,7 @@ use aya::{
     util::nr_cpus,
 };
 
-use crate::loader::LoadError;
+use crate::kernel::loader::LoadError;
 
 /// Takes a map out of the loaded object with its expected type.
 pub fn take<T: TryFrom<Map, Error = MapError>>(

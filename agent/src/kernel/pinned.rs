@@ -10,11 +10,11 @@ use aya::programs::{Program, ProgramInfo, SchedClassifier, Xdp};
 use serde::Serialize;
 
 use crate::{
-    attach::{self, Hook},
     can::gateway::{Gateway, GatewayError, UID_PREFIX, UID_PREFIX_MASK},
-    netdev,
-    pins::{DirLock, PinDir, PinError},
-    state::{AgentRecord, AgentState, AttachmentRecord, StateStore},
+    host::netdev,
+    kernel::attach::{self, Hook},
+    kernel::pins::{DirLock, PinDir, PinError},
+    kernel::state::{AgentRecord, AgentState, AttachmentRecord, StateStore},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +22,7 @@ pub enum PinnedError {
     #[error(transparent)]
     Pins(#[from] PinError),
     #[error(transparent)]
-    State(#[from] crate::state::StateError),
+    State(#[from] crate::kernel::state::StateError),
     #[error(
         "the running agent (pid {pid}) manages the data plane in {dir}: change its config and \
          reload it (SIGHUP, `systemctl reload edgeplane`), or stop it first"

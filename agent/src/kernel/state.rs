@@ -7,7 +7,7 @@
 //! Each save fills a new map, pins it beside the record and renames it over the record, so a
 //! reader sees the old record or the new one, never a mix. A record that is unreadable anyway
 //! (another version's, or damaged) is not trusted: the agent recovers what it needs from what
-//! the kernel runs (see [`crate::dataplane::Dataplane::load`]).
+//! the kernel runs (see [`crate::runtime::dataplane::Dataplane::load`]).
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +18,7 @@ use std::{
 use aya::maps::{Array, Map, MapData, MapError};
 use serde::{Deserialize, Serialize};
 
-use crate::{attach::Hook, pins::PinDir};
+use crate::{kernel::attach::Hook, kernel::pins::PinDir};
 
 const CHUNK: usize = 4096;
 const CHUNKS: u32 = 64;

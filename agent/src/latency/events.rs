@@ -16,7 +16,7 @@ use tokio::{io::unix::AsyncFd, sync::broadcast};
 use tracing::warn;
 
 use super::DeliveryView;
-use crate::{can::CanView, netdev, udp_forward::UdpView};
+use crate::{can::CanView, host::netdev, udp_forward::UdpView};
 
 /// Events kept for a slow client before it misses some (it is told how many).
 const BACKLOG: usize = 4096;

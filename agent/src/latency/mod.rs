@@ -37,12 +37,13 @@ use tracing::{info, warn};
 
 pub use self::stats::LatencyCollector;
 use crate::{
-    attach::{self, AttachError, Attachment, Hook},
     config::LatencyCapture,
-    loader::{self, LoadError},
-    maps, netdev,
-    pins::PinDir,
-    slots::Slots,
+    host::netdev,
+    kernel::attach::{self, AttachError, Attachment, Hook},
+    kernel::loader::{self, LoadError},
+    kernel::maps,
+    kernel::pins::PinDir,
+    kernel::slots::Slots,
 };
 
 /// A kernel log2 histogram array shared by the code that clears its slots and the collector.

@@ -38,7 +38,7 @@ use self::{
 };
 use crate::{
     config::Config,
-    status::{AttachedProgram, Component, State},
+    runtime::status::{AttachedProgram, Component, State},
 };
 
 #[derive(Debug, thiserror::Error)]

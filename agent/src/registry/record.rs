@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
 
-use crate::{config, status::AttachedProgram};
+use crate::{config, runtime::status::AttachedProgram};
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {
@@ -113,7 +113,7 @@ pub fn kernel_release() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attach::Hook;
+    use crate::kernel::attach::Hook;
 
     #[test]
     fn round_trips_through_protobuf() {

@@ -18,7 +18,6 @@ use tokio::{io::unix::AsyncFd, sync::broadcast};
 use tracing::{info, warn};
 
 use crate::{
-    attach::{self, Hook},
     can::{
         CanRouter, CanView,
         router::WantedWatch,
@@ -27,13 +26,15 @@ use crate::{
         tunnel::Tunnels,
     },
     config::{Config, Overrides, UdpForwardRule},
+    host::netdev,
+    host::resolve::{self, Peers, RESOLVE_TIMEOUT, ResolveError},
     host::{Host, ThisHost},
+    kernel::attach::{self, Hook},
+    kernel::loader,
+    kernel::pins::{DirLock, PinDir},
+    kernel::state::{AgentRecord, AgentState, StateStore},
     latency::{self, Latency},
-    loader, netdev,
-    pins::{DirLock, PinDir},
-    resolve::{self, Peers, RESOLVE_TIMEOUT, ResolveError},
-    state::{AgentRecord, AgentState, StateStore},
-    status::{AttachedProgram, Readiness},
+    runtime::status::{AttachedProgram, Readiness},
     udp_forward::{
         UdpForwarder, UdpView,
         rules::{self as udp_rules, CompiledRule},
@@ -330,7 +331,7 @@ pub struct Views {
     /// Tunnel routes waiting for their peer's name to resolve.
     pub unresolved: Arc<RwLock<Vec<Unresolved>>>,
     /// Interfaces the running config names (kernel and userspace parts), for the host
-    /// metrics; [`crate::planes::Planes::apply`] sets it.
+    /// metrics; [`crate::runtime::planes::Planes::apply`] sets it.
     pub interfaces: Arc<RwLock<Vec<String>>>,
     /// Rules and routes the userspace engine runs.
     pub userspace: SharedUserspaceView,
@@ -516,7 +517,7 @@ impl Dataplane {
                 Arc::clone(&self.views.can),
                 Arc::clone(&self.event_counts),
             )),
-            Box::new(crate::status::WaitingCollector(Arc::clone(
+            Box::new(crate::runtime::status::WaitingCollector(Arc::clone(
                 &self.views.waiting,
             ))),
         ]
@@ -546,7 +547,7 @@ impl Dataplane {
 
     async fn apply_parts(&mut self, p: &Prepared) -> anyhow::Result<()> {
         let waiting = |kinds: &[&str]| {
-            let mut w = crate::slots::Waiting::default();
+            let mut w = crate::kernel::slots::Waiting::default();
             for x in p.waiting.iter().filter(|x| kinds.contains(&x.kind)) {
                 w.rules.insert(x.name.clone());
                 w.ifaces.insert(x.iface.clone());

@@ -11,10 +11,10 @@ use tracing::warn;
 use crate::{
     can::{router::CanRouterError, stats::UserspaceCanCollector},
     config::{CanMode, Config, Problem, UdpMode},
-    dataplane::{Dataplane, Prepared, Views},
-    host_stats::HostCollector,
-    state::AgentRecord,
-    status::AttachedProgram,
+    host::stats::HostCollector,
+    kernel::state::AgentRecord,
+    runtime::dataplane::{Dataplane, Prepared, Views},
+    runtime::status::AttachedProgram,
     udp_forward::{UdpForwardError, stats::UdpCollector},
     userspace::{CanUserspace, UdpUserspace},
 };

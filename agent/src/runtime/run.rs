@@ -21,15 +21,15 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::Overrides,
-    dataplane::{Prepared, prepare, prepare_for_present, prepare_text},
-    http::{self, HttpState},
-    link_events::LinkEvents,
+    host::link_events::LinkEvents,
+    host::resolve::{Backoff, Peers, RESOLVE_TIMEOUT, ResolveError, resolve_all},
+    host::systemd::Notifier,
+    kernel::state::AgentRecord,
     metrics::{self, AgentMetrics},
-    planes::Planes,
     registry::{self, Registry},
-    resolve::{Backoff, Peers, RESOLVE_TIMEOUT, ResolveError, resolve_all},
-    state::AgentRecord,
-    systemd::Notifier,
+    runtime::dataplane::{Prepared, prepare, prepare_for_present, prepare_text},
+    runtime::http::{self, HttpState},
+    runtime::planes::Planes,
 };
 
 /// How `edgeplane run` was asked to run.

@@ -3,9 +3,9 @@
 use serde::Serialize;
 
 use crate::{
-    attach::Hook,
     can::CanView,
-    dataplane::{Unresolved, Waiting},
+    kernel::attach::Hook,
+    runtime::dataplane::{Unresolved, Waiting},
     udp_forward::UdpView,
     userspace::UserspaceView,
 };

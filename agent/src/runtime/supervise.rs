@@ -2,7 +2,7 @@
 //! keeps the runtime going, a std thread just ends) while the agent looks healthy. Exiting
 //! instead lets the service manager restart it (`Restart=on-failure`), and that costs no
 //! forwarding: the data plane is pinned in the kernel, the state record is saved after every
-//! change, and the next agent takes both over (see [`crate::dataplane`]).
+//! change, and the next agent takes both over (see [`crate::runtime::dataplane`]).
 
 use std::{io, panic, process};
 
@@ -78,7 +78,7 @@ mod tests {
         let out = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "supervise::tests::a_panic_in_a_spawned_task_ends_the_process_with_a_log_line",
+                "runtime::supervise::tests::a_panic_in_a_spawned_task_ends_the_process_with_a_log_line",
                 "--nocapture",
                 "--test-threads=1",
             ])

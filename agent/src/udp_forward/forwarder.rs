@@ -22,15 +22,16 @@ use tracing::{info, warn};
 
 use super::rules::{CompiledRule, MapContents};
 use crate::{
-    attach::{self, AttachError, Attachment, Hook},
     config::{AttachMode, Family},
+    host::netdev,
+    kernel::attach::{self, AttachError, Attachment, Hook},
+    kernel::loader::LoadError,
+    kernel::maps,
+    kernel::pins::PinDir,
+    kernel::slots::Slots,
+    kernel::slots::Waiting,
+    kernel::state::{AttachmentRecord, UdpState},
     latency::HistMap,
-    loader::LoadError,
-    maps, netdev,
-    pins::PinDir,
-    slots::Slots,
-    slots::Waiting,
-    state::{AttachmentRecord, UdpState},
 };
 
 /// The per-CPU counters, shared with the metrics collector.

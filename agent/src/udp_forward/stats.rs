@@ -10,7 +10,7 @@ use prometheus_client::{
 };
 
 use super::{StatsMap, UdpView};
-use crate::{maps, userspace::SharedUserspaceView};
+use crate::{kernel::maps, userspace::SharedUserspaceView};
 
 /// Reads the counters of every installed rule and ingress interface on each scrape, kernel and
 /// userspace rules alike (one metric family each, whichever engine runs a rule).

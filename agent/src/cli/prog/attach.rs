@@ -16,7 +16,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = args.target.dir()?;
-    let r = edgeplane::pinned::attach_pinned(&dir, &args.program, &args.iface)
+    let r = edgeplane::kernel::pinned::attach_pinned(&dir, &args.program, &args.iface)
         .with_context(|| format!("attaching {} to {}", args.program, args.iface))?;
     println!("attached {} to {} ({})", r.program, r.iface, r.hook);
     Ok(())

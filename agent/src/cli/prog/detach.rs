@@ -15,7 +15,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = args.target.dir()?;
-    let r = edgeplane::pinned::detach_pinned(&dir, &args.program, &args.iface)
+    let r = edgeplane::kernel::pinned::detach_pinned(&dir, &args.program, &args.iface)
         .with_context(|| format!("detaching {} from {}", args.program, args.iface))?;
     println!("detached {} from {} ({})", r.program, r.iface, r.hook);
     Ok(())

@@ -1,4 +1,4 @@
-use edgeplane::pinned;
+use edgeplane::kernel::pinned;
 
 use crate::cli::{status::attached_list, table, target::Target};
 

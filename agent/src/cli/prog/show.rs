@@ -1,6 +1,6 @@
 use anyhow::Context as _;
 use aya::maps::MapInfo;
-use edgeplane::pinned::{self, PinnedProgram};
+use edgeplane::kernel::pinned::{self, PinnedProgram};
 use serde::Serialize;
 
 use crate::cli::{status::attached_list, table, target::Target};

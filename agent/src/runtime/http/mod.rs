@@ -32,10 +32,10 @@ use tokio_stream::{
 
 use crate::{
     config::HttpConfig,
-    dataplane::Views,
     latency::events::Event,
     metrics::{self, HttpMetrics},
     registry::Health,
+    runtime::dataplane::Views,
 };
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
