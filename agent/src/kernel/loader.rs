@@ -227,6 +227,53 @@ mod tests {
         assert_eq!(excerpt(log, 10).lines().count(), 4);
     }
 
+    /// The agent finds maps and programs by these names: a rename on one side only would
+    /// first show as a failed load on a vehicle.
+    #[test]
+    fn every_map_and_program_name_is_in_the_embedded_object() {
+        use edgeplane_common::{XDP_PASS_PROGRAM, can, latency, udp_forward};
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        let maps = [
+            udp_forward::RULES_MAP,
+            udp_forward::INGRESS_MAP,
+            udp_forward::STATS_MAP,
+            udp_forward::EGRESS_MAP,
+            can::RULES_MAP,
+            can::INGRESS_MAP,
+            can::RULE_STATS_MAP,
+            can::INGRESS_STATS_MAP,
+            can::WATCH_MAP,
+            can::TUNNEL_RING,
+            can::TUNNEL_SOCKETS_MAP,
+            latency::CONFIG_MAP,
+            latency::UDP_FORWARD_MAP,
+            latency::CAN_FORWARD_MAP,
+            latency::DELIVERY_MAP,
+            latency::DELIVERY_PORTS_MAP,
+            latency::DELIVERY_IFACES_MAP,
+            latency::EVENTS_RING,
+            latency::EVENTS_DROPPED_MAP,
+        ];
+        let programs = [
+            XDP_PASS_PROGRAM,
+            udp_forward::XDP_PROGRAM,
+            udp_forward::TC_PROGRAM,
+            can::PROGRAM,
+            latency::EGRESS_PROGRAM,
+            latency::XDP_FLUSH_PROGRAM,
+            latency::UDP_QUEUED_PROGRAM,
+            latency::CAN_QUEUED_PROGRAM,
+            latency::UDP_READ_PROGRAM,
+            latency::CAN_READ_PROGRAM,
+        ];
+        for m in maps {
+            assert!(obj.maps.contains_key(m), "map {m} is not in the object");
+        }
+        for p in programs {
+            assert!(obj.programs.contains_key(p), "program {p} is not in the object");
+        }
+    }
+
     #[test]
     fn kernel_log_follows_the_agent_level() {
         assert_eq!(kernel_log_level(LevelFilter::OFF), 0);

@@ -183,6 +183,7 @@ pub struct CanIngressStats {
     /// CAN XL or anything else: passed untouched.
     pub other: u64,
 }
+crate::assert_size!(CanIngressStats, 5 * 8);
 
 /// A watched ID on an interface. `can_id` includes `CAN_EFF_FLAG` for extended IDs.
 #[repr(C)]
@@ -191,6 +192,7 @@ pub struct CanWatchKey {
     pub ifindex: u32,
     pub can_id: u32,
 }
+crate::assert_size!(CanWatchKey, 8);
 
 /// A watched ID's expectation (set by the agent) and what the kernel measured.
 #[repr(C)]
@@ -208,6 +210,7 @@ pub struct CanWatch {
     /// |inter-arrival - period|.
     pub jitter: Log2Hist,
 }
+crate::assert_size!(CanWatch, 6 * 8 + 2 * size_of::<Log2Hist>());
 
 /// A frame for the tunnel, from kernel to agent through [`TUNNEL_RING`].
 #[repr(C)]

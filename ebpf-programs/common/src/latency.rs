@@ -8,13 +8,11 @@ use crate::{can, udp_forward};
 
 /// Map names, as the programs declare them.
 pub const CONFIG_MAP: &str = "LATENCY_CONFIG";
-pub const HANDOFF_MAP: &str = "LATENCY_HANDOFF";
 pub const UDP_FORWARD_MAP: &str = "UDP_FORWARD_LATENCY";
 pub const CAN_FORWARD_MAP: &str = "CAN_FORWARD_LATENCY";
 pub const DELIVERY_MAP: &str = "DELIVERY_LATENCY";
 pub const DELIVERY_PORTS_MAP: &str = "DELIVERY_UDP_PORTS";
 pub const DELIVERY_IFACES_MAP: &str = "DELIVERY_CAN_IFACES";
-pub const DELIVERY_QUEUED_MAP: &str = "DELIVERY_QUEUED";
 pub const EVENTS_RING: &str = "LATENCY_EVENTS";
 pub const EVENTS_DROPPED_MAP: &str = "LATENCY_EVENTS_DROPPED";
 
