@@ -88,11 +88,6 @@ action = "count"
         Agent::start(&self.ns, config, "info").unwrap()
     }
 
-    fn scrape(&self, agent: &Agent) -> String {
-        let _in = self.ns.enter().unwrap();
-        http::get(agent.metrics, "/metrics").unwrap().1
-    }
-
     /// `ip -d -s -j link show dev IFACE`, parsed.
     fn ip_link(&self, iface: &str) -> serde_json::Value {
         let out = self
@@ -247,7 +242,7 @@ fn controller_state_bitrate_and_counters_follow_the_kernel() {
     // A virtual CAN device named by the config too: interface metrics, but no controller.
     vcan(&c.ns, "vcan0").unwrap();
     let agent = c.agent();
-    let text = c.scrape(&agent);
+    let text = agent.scrape();
     for iface in CONTROLLERS {
         assert_eq!(c.assert_metrics_match_kernel(&text, iface), "ERROR-ACTIVE");
     }
@@ -280,7 +275,7 @@ fn controller_state_bitrate_and_counters_follow_the_kernel() {
         assert_eq!(got, Some(f.clone()), "frame {i} did not arrive on can1");
         payload_bytes += f.data.len() as u64;
     }
-    let text = c.scrape(&agent);
+    let text = agent.scrape();
     let after = counters(&text);
     let moved: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
     eprintln!(
@@ -320,7 +315,7 @@ fn controller_state_bitrate_and_counters_follow_the_kernel() {
         tx.send(&Frame::classic(0x7f0, &[i])).unwrap();
         std::thread::sleep(Duration::from_millis(100));
     }
-    let text = c.scrape(&agent);
+    let text = agent.scrape();
     assert_eq!(c.assert_metrics_match_kernel(&text, "can1"), "STOPPED");
     let can0 = c.assert_metrics_match_kernel(&text, "can0");
     let sent = interface_counter(&text, "can0", "transmit_packets") - can0_tx;
@@ -344,7 +339,7 @@ fn controller_state_bitrate_and_counters_follow_the_kernel() {
         &NEW_BITRATE.to_string(),
     ])
     .unwrap();
-    let text = c.scrape(&agent);
+    let text = agent.scrape();
     assert_eq!(c.assert_metrics_match_kernel(&text, "can1"), "STOPPED");
     assert_eq!(
         metric(

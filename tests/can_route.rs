@@ -40,11 +40,6 @@ impl Buses {
     fn bus(&self, iface: &str) -> Bus {
         Bus::open(&self.ns, iface).unwrap()
     }
-
-    fn metrics(&self, agent: &Agent) -> String {
-        let _in = self.ns.enter().unwrap();
-        http::get(agent.metrics, "/metrics").unwrap().1
-    }
 }
 
 fn metric(m: &str, series: &str) -> f64 {
@@ -117,7 +112,7 @@ to = { iface = "b0" }
     for (g, s) in got.iter().zip(&sent_match) {
         assert_eq!(g, s, "routed frame differs");
     }
-    let m = b.metrics(&agent);
+    let m = agent.scrape();
     assert_eq!(
         metric(&m, "edgeplane_can_frames_total{rule=\"body\"}"),
         19.0
@@ -185,7 +180,7 @@ checksum = { crc8 = { from = 0, to = 5, result = 6, init = 0xFF, final_xor = 0xF
         ^ 0xff;
     d[7] = d[..=6].iter().fold(0x5au8, |x, b| x ^ b);
     assert_eq!(got[0], Frame::classic(0x3A0, &d));
-    let m = b.metrics(&agent);
+    let m = agent.scrape();
     assert_eq!(metric(&m, "edgeplane_can_routed_total{rule=\"mod\"}"), 1.0);
 }
 
@@ -256,7 +251,7 @@ modify = [ { op = "or", len = 0x40 } ]
         on_b.is_empty(),
         "a frame made invalid by a modification reached bus B: {on_b:?}"
     );
-    let m = b.metrics(&agent);
+    let m = agent.scrape();
     let dropped = |rule: &str, reason: &str| {
         metric(
             &m,
@@ -298,7 +293,7 @@ fn hop_limit_ends_chains_of_routes() {
         );
         b.bus("v0").send(&Frame::classic(0x42, &[1, 2])).unwrap();
         std::thread::sleep(Duration::from_millis(500));
-        let m = b.metrics(&agent);
+        let m = agent.scrape();
         let routed: Vec<f64> = ["ab", "bc", "cd"]
             .iter()
             .map(|r| metric(&m, &format!("edgeplane_can_routed_total{{rule=\"{r}\"}}")))
@@ -355,7 +350,7 @@ tolerance = 1.5
         }
     }
     std::thread::sleep(Duration::from_millis(100));
-    let m = b.metrics(&agent);
+    let m = agent.scrape();
     let s = |series: &str| metric(&m, series);
     let on_time = "iface=\"a0\",id=\"123\"";
     let slow = "iface=\"a0\",id=\"18DAF110\"";
@@ -558,7 +553,7 @@ period_ms = 4
     }
     assert_same_frames_in_id_order(&got, &want, "a -> b across the restart");
 
-    let m = b.metrics(&second);
+    let m = second.scrape();
     let log = second.log_so_far();
     if damage.is_some() {
         assert!(
@@ -684,7 +679,7 @@ period_ms = 10
     assert_eq!(routed_one().len(), 1, "the route stopped while v0 was gone");
     // can-gw deletes a job with its counters when an interface goes: the agent carries what
     // it read last (every scrape reads them).
-    b.metrics(&agent);
+    agent.scrape();
 
     // The route's destination goes too; both come back.
     b.ns.ip(&["link", "del", "b0"]).unwrap();
@@ -698,7 +693,7 @@ period_ms = 10
     v.send(&Frame::classic(0x42, &[1])).unwrap();
     v.send(&Frame::classic(0x42, &[2])).unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    let m = b.metrics(&agent);
+    let m = agent.scrape();
     assert_eq!(
         metric(&m, "edgeplane_can_frames_total{rule=\"r\"}"),
         3.0,

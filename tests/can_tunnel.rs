@@ -62,17 +62,12 @@ peer = "{from}"
     )
 }
 
-fn metrics(ns: &Netns, agent: &Agent) -> String {
-    let _in = ns.enter().unwrap();
-    http::get(agent.metrics, "/metrics").unwrap().1
-}
-
 /// Every counter on the way from bus A to bus B, for a test that lost frames: each agent's
 /// CAN and tunnel series, the CAN interfaces' drops and each namespace's UDP errors.
 fn loss_report(h: &Hosts, a: &Agent, b: &Agent) -> String {
     let mut out = String::new();
     for (host, ns, agent, ifaces) in [("A", &h.a, a, ["a0", "a1"]), ("B", &h.b, b, ["b0", "b1"])] {
-        let text = metrics(ns, agent);
+        let text = agent.scrape();
         let series: Vec<&str> = (text.lines())
             .filter(|l| l.starts_with("edgeplane_can_") && !l.contains("_bucket"))
             .collect();
@@ -183,7 +178,7 @@ fn frames_cross_both_ways_and_do_not_echo() {
         assert_same_frames_in_id_order(&got, &back, "B -> A");
     });
 
-    let (ma, mb) = (metrics(&h.a, &agent_a), metrics(&h.b, &agent_b));
+    let (ma, mb) = (agent_a.scrape(), agent_b.scrape());
     let tx_a = format!("tunnel=\"{B_IP}:20000\"");
     assert_eq!(
         m(
@@ -284,7 +279,7 @@ fn malformed_datagrams_change_nothing_on_the_bus() {
         b_rx.collect(QUIET, LIMIT).is_empty(),
         "a malformed datagram reached the bus"
     );
-    let mb = metrics(&h.b, &agent_b);
+    let mb = agent_b.scrape();
     for reason in [
         "truncated",
         "bad_version",

@@ -27,11 +27,6 @@ fn agent(ns: &Netns, routes: &str) -> Agent {
     Agent::start(ns, &config, "info").unwrap()
 }
 
-fn metrics(ns: &Netns, agent: &Agent) -> String {
-    let _in = ns.enter().unwrap();
-    http::get(agent.metrics, "/metrics").unwrap().1
-}
-
 fn readyz(ns: &Netns, agent: &Agent) -> String {
     let _in = ns.enter().unwrap();
     http::get(agent.metrics, "/readyz").unwrap().1
@@ -78,7 +73,7 @@ to = { iface = "b0" }
     let got = rx.collect(QUIET, LIMIT);
     assert_eq!(got, expected, "routed frames differ");
 
-    let m = metrics(&ns, &agent);
+    let m = agent.scrape();
     assert_eq!(
         metric(&m, "edgeplane_can_frames_total{rule=\"body\"}"),
         19.0
@@ -135,7 +130,7 @@ checksum = { crc8 = { from = 0, to = 5, result = 6, init = 0xFF, final_xor = 0xF
         ^ 0xff;
     d[7] = d[..=6].iter().fold(0x5au8, |x, b| x ^ b);
     assert_eq!(got, vec![Frame::classic(0x3A0, &d)]);
-    let m = metrics(&ns, &agent);
+    let m = agent.scrape();
     assert_eq!(metric(&m, "edgeplane_can_routed_total{rule=\"mod\"}"), 1.0);
 }
 
@@ -171,7 +166,7 @@ modify = [ { op = "or", len = 0x40 } ]
         vec![Frame::classic(0x123, &[1]), Frame::classic(0x301, &[3; 8])]
     );
     assert!(to_b.collect(QUIET, LIMIT).is_empty());
-    let m = metrics(&ns, &agent);
+    let m = agent.scrape();
     let dropped = |rule: &str, reason: &str| {
         metric(
             &m,
@@ -235,7 +230,7 @@ to = { iface = "b0" }
     let mut want = again.clone();
     want.push(side(2));
     assert_eq!(by_id(rx.collect(QUIET, LIMIT)), want);
-    let m = metrics(&ns, &agent);
+    let m = agent.scrape();
     assert_eq!(
         metric(&m, "edgeplane_can_routed_total{rule=\"body\"}"),
         9.0,

@@ -75,11 +75,6 @@ impl Hosts {
         hosts
     }
 
-    fn scrape(&self, agent: &Agent) -> String {
-        let _in = self.gateway.enter().unwrap();
-        http::get(agent.metrics, "/metrics").unwrap().1
-    }
-
     /// `ip -s -d -j link show dev IFACE` in the gateway, parsed.
     fn ip_link(&self, iface: &str) -> serde_json::Value {
         let out = self
@@ -199,7 +194,7 @@ fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
         (rx, UdpSocket::bind((PEER_V4, 0)).unwrap())
     };
 
-    let before = counters(&h.scrape(&agent), "b0");
+    let before = counters(&agent.scrape(), "b0");
     let mut buf = [0u8; 2048];
     // One at a time: the socket buffers can't overflow and drop some.
     let (mut echoed, mut sunk) = (0u64, 0u64);
@@ -218,7 +213,7 @@ fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
     assert_eq!((echoed, sunk), (N, M), "{}", agent.log_so_far());
 
     let started = Instant::now();
-    let text = h.scrape(&agent);
+    let text = agent.scrape();
     let scrape_ms = started.elapsed().as_secs_f64() * 1e3;
     let after = counters(&text, "b0");
     assert_kernel_agrees(&h, "b0", &after);
@@ -259,7 +254,7 @@ fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
                 .unwrap();
         }
     }
-    let text = h.scrape(&agent);
+    let text = agent.scrape();
     let after = counters(&text, "b0");
     assert_kernel_agrees(&h, "b0", &after);
     let moved: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
@@ -279,7 +274,7 @@ fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
     h.peer.ip(&["link", "set", "p0", "down"]).unwrap();
     h.wait_b0_up(false);
     let kernel = h.ip_link("b0");
-    let text = h.scrape(&agent);
+    let text = agent.scrape();
     eprintln!(
         "{mode}: peer down: ip says operstate {}, txqlen {}",
         kernel["operstate"], kernel["txqlen"]
@@ -294,7 +289,7 @@ fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
     assert_eq!(metric(&text, "edgeplane_interface_up{iface=\"b0\"}"), 0);
     h.peer.ip(&["link", "set", "p0", "up"]).unwrap();
     h.wait_b0_up(true);
-    let text = h.scrape(&agent);
+    let text = agent.scrape();
     assert_eq!(metric(&text, "edgeplane_interface_up{iface=\"b0\"}"), 1);
 
     // Only the interfaces the config names.
@@ -312,7 +307,7 @@ fn counters_queue_length_state_and_reload(tag: &str, mode: &str) {
     agent.signal(libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
-        let text = h.scrape(&agent);
+        let text = agent.scrape();
         if http::metric(&text, "edgeplane_config_reloads_total{result=\"success\"}")
             .is_ok_and(|v| v >= 1.0)
         {

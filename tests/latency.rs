@@ -119,13 +119,6 @@ fn exchange(
     })
 }
 
-fn scrape(ns: &Netns, agent: &Agent) -> String {
-    let _in = ns.enter().unwrap();
-    let (code, body) = http::get(agent.metrics, "/metrics").unwrap();
-    assert_eq!(code, 200);
-    body
-}
-
 fn value(metrics: &str, series: &str) -> f64 {
     http::metric(metrics, series).unwrap_or_else(|e| panic!("{series}: {e}\n{metrics}"))
 }
@@ -165,7 +158,7 @@ fn captures(mode: &str) {
     assert_eq!(delivered, DELIVERED);
     let events = agent::output_within(&mut events, Duration::from_secs(10));
 
-    let metrics = scrape(&line.gateway, &agent);
+    let metrics = agent.scrape();
     let top = Command::new("ip")
         .args(["netns", "exec", &agent.ns])
         .arg(agent::binary())

@@ -153,13 +153,6 @@ fn addresses(v4: bool) -> (SocketAddr, SocketAddr, SocketAddr) {
     }
 }
 
-fn scrape(line: &Line, agent: &Agent) -> String {
-    let _in = line.gateway.enter().unwrap();
-    let (code, body) = http::get(agent.metrics, "/metrics").unwrap();
-    assert_eq!(code, 200);
-    body
-}
-
 fn forwards_and_counts_exactly(mode: &str, v4: bool) {
     edgeplane_testbed::require_root();
     let line = Line::new(if v4 { "e4" } else { "e6" }).unwrap();
@@ -172,7 +165,7 @@ fn forwards_and_counts_exactly(mode: &str, v4: bool) {
     let mut agent = Agent::start(&line.gateway, &config(mode, v4), "info").unwrap();
 
     let got = exchange(&line, v4);
-    let metrics = scrape(&line, &agent);
+    let metrics = agent.scrape();
     let log = agent.stop_and_log().unwrap();
     assert_eq!(
         got.len(),
@@ -304,7 +297,7 @@ fn tc_forwards_nonlinear_datagrams(v4: bool) {
         send_segmented(&line.sender, from, gw);
         rx.join().unwrap()
     });
-    let metrics = scrape(&line, &agent);
+    let metrics = agent.scrape();
     let log = agent.stop_and_log().unwrap();
     assert_eq!(
         got.len(),
@@ -406,7 +399,7 @@ fn unknown_neighbour_is_resolved_by_the_stack_without_loss() {
     let mut agent = Agent::start(&line.gateway, &config("tc", true), "debug").unwrap();
     let got = exchange(&line, true);
     assert_eq!(got.len(), N as usize);
-    let m = scrape(&line, &agent);
+    let m = agent.scrape();
     // The program's own log line (aya-log) reaches the agent's log.
     let log = agent.stop_and_log().unwrap();
     assert!(
@@ -478,7 +471,7 @@ fn reload_keeps_unchanged_rules_forwarding_without_a_gap() {
         agent.log_so_far()
     );
 
-    let m = scrape(&line, &agent);
+    let m = agent.scrape();
     assert_eq!(
         http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"lidar\"}").unwrap(),
         f64::from(N),
@@ -584,7 +577,7 @@ fn restart_loses_nothing(mode: &str, damage: Option<Damage>) {
     let mut gap = Duration::ZERO;
     let got = exchange_while(&line, true, 1, || {
         std::thread::sleep(Duration::from_millis(300));
-        let m = scrape(&line, &first);
+        let m = first.scrape();
         counted_by_first =
             http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"lidar\"}").unwrap();
         let log = first.stop_and_log().unwrap();
@@ -607,7 +600,7 @@ fn restart_loses_nothing(mode: &str, damage: Option<Damage>) {
         line.drop_counters(),
         second.log_so_far()
     );
-    let m = scrape(&line, &second);
+    let m = second.scrape();
     let counted = http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"lidar\"}").unwrap();
     assert!(counted_by_first > 0.0);
     assert_eq!(
@@ -768,7 +761,7 @@ fn interfaces_that_come_and_go_are_followed() {
     );
     let agent = Agent::start(&line.gateway, &config, "info").unwrap();
     assert_eq!(radar_datagrams(&line), 50);
-    let m = scrape(&line, &agent);
+    let m = agent.scrape();
     assert_eq!(
         http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"radar\"}").unwrap(),
         50.0,
@@ -789,7 +782,7 @@ fn interfaces_that_come_and_go_are_followed() {
         "{}",
         agent.log_so_far()
     );
-    let m = scrape(&line, &agent);
+    let m = agent.scrape();
     assert_eq!(
         http::metric(&m, "edgeplane_rules_waiting{iface=\"g9\"}").unwrap(),
         1.0,
@@ -811,7 +804,7 @@ fn interfaces_that_come_and_go_are_followed() {
         agent.log_so_far()
     );
     assert_eq!(radar_datagrams(&line), 50, "radar after g9 came back");
-    let m = scrape(&line, &agent);
+    let m = agent.scrape();
     assert_eq!(
         http::metric(&m, "edgeplane_udp_forward_packets_total{rule=\"radar\"}").unwrap(),
         100.0,

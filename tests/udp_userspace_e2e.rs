@@ -125,19 +125,12 @@ fn exchange_while(
     })
 }
 
-fn scrape(line: &Line, agent: &Agent) -> String {
-    let _in = line.gateway.enter().unwrap();
-    let (code, body) = http::get(agent.metrics, "/metrics").unwrap();
-    assert_eq!(code, 200);
-    body
-}
-
 fn forwards_and_counts_exactly(engine: &str, v4: bool) {
     edgeplane_testbed::require_root();
     let line = Line::new(if v4 { "u4" } else { "u6" }).unwrap();
     let mut agent = Agent::start(&line.gateway, &config("userspace", engine, v4), "info").unwrap();
     let (got, from) = exchange(&line, v4);
-    let metrics = scrape(&line, &agent);
+    let metrics = agent.scrape();
     let log = agent.stop_and_log().unwrap();
     assert_eq!(
         got.len(),
@@ -242,7 +235,7 @@ fn reload_keeps_unchanged_listeners_without_a_gap() {
         2,
         "only the new listener starts:\n{log}"
     );
-    let metrics = scrape(&line, &agent);
+    let metrics = agent.scrape();
     assert_eq!(
         http::metric(
             &metrics,
@@ -278,7 +271,7 @@ fn auto_falls_back_to_userspace_when_ebpf_cannot_load() {
     )
     .unwrap();
     let (got, _) = exchange(&line, true);
-    let metrics = scrape(&line, &agent);
+    let metrics = agent.scrape();
     let log = agent.stop_and_log().unwrap();
     assert_eq!(got.len(), N as usize, "{log}");
     assert!(log.contains("the kernel path can't run"), "{log}");

@@ -270,7 +270,10 @@ mod tests {
             assert!(obj.maps.contains_key(m), "map {m} is not in the object");
         }
         for p in programs {
-            assert!(obj.programs.contains_key(p), "program {p} is not in the object");
+            assert!(
+                obj.programs.contains_key(p),
+                "program {p} is not in the object"
+            );
         }
     }
 

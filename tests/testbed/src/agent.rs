@@ -162,6 +162,19 @@ impl Agent {
         }
     }
 
+    /// GET `path` from the agent's HTTP endpoint, from inside its namespace.
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let _in = crate::netns::enter(&self.ns)?;
+        http::get(self.metrics, path)
+    }
+
+    /// The agent's `/metrics`, which must answer 200.
+    pub fn scrape(&self) -> String {
+        let (code, body) = self.get("/metrics").unwrap();
+        assert_eq!(code, 200, "/metrics answered {code}: {body}");
+        body
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

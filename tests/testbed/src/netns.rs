@@ -90,11 +90,16 @@ impl Netns {
 
     /// Moves the calling thread into the namespace until the guard drops.
     pub fn enter(&self) -> anyhow::Result<Entered> {
-        let original = File::open("/proc/thread-self/ns/net").context("opening own netns")?;
-        let target = File::open(format!("/run/netns/{}", self.name)).context("opening netns")?;
-        setns(&target)?;
-        Ok(Entered { original })
+        enter(&self.name)
     }
+}
+
+/// Moves the calling thread into the namespace `name` until the guard drops.
+pub fn enter(name: &str) -> anyhow::Result<Entered> {
+    let original = File::open("/proc/thread-self/ns/net").context("opening own netns")?;
+    let target = File::open(format!("/run/netns/{name}")).context("opening netns")?;
+    setns(&target)?;
+    Ok(Entered { original })
 }
 
 impl Netns {
