@@ -6,6 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use edgeplane_common::can::{CAN_MTU, CANFD_MTU, CanFrame};
 use edgeplane_testbed::netns::Netns;
 use socketcan::{CanFdSocket, Socket as _};
@@ -112,22 +113,8 @@ impl Bus {
         // A reader thread the VM's scheduler leaves waiting must not lose frames to a full
         // receive buffer (208 KiB holds about 250 CAN FD frames): that would be the test's
         // loss, not the product's.
-        let size: libc::c_int = 8 << 20;
-        // SAFETY: a valid socket and a c_int option of the right length.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&raw const size).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        anyhow::ensure!(
-            rc == 0,
-            "SO_RCVBUFFORCE on {iface}: {}",
-            std::io::Error::last_os_error()
-        );
+        edgeplane_testbed::force_receive_buffer(sock.as_raw_fd(), 8 << 20)
+            .with_context(|| format!("SO_RCVBUFFORCE on {iface}"))?;
         Ok(Self {
             sock,
             iface: iface.to_owned(),

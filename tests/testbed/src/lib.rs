@@ -38,19 +38,26 @@ pub fn require_root() {
 /// each, so the default buffer holds only about 50 of them.
 pub fn bind_udp_receiver(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let sock = UdpSocket::bind(addr)?;
-    let size: libc::c_int = 16 << 20;
-    // SAFETY: plain setsockopt with a valid int. FORCE: root may exceed rmem_max.
+    force_receive_buffer(sock.as_raw_fd(), 16 << 20)?;
+    Ok(sock)
+}
+
+/// Sets a socket's receive buffer to `bytes` with SO_RCVBUFFORCE: root may exceed
+/// `net.core.rmem_max`, so a test's buffer does not depend on the machine's sysctls.
+pub fn force_receive_buffer(fd: std::os::fd::RawFd, bytes: usize) -> std::io::Result<()> {
+    let size = libc::c_int::try_from(bytes).map_err(std::io::Error::other)?;
+    // SAFETY: plain setsockopt with a valid int of the right length.
     let r = unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_RCVBUFFORCE,
             (&raw const size).cast(),
-            4,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(sock)
+    Ok(())
 }
