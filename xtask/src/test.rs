@@ -14,7 +14,7 @@ pub struct Options {
     #[arg(long)]
     no_vm: bool,
     /// Seconds each fuzz target runs after the host tests (`cargo xtask fuzz`); 0 skips them.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 60)]
     fuzz_seconds: u64,
 }
 
