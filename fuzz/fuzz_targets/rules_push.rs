@@ -5,7 +5,7 @@
 
 #![no_main]
 
-use edgeplane::{fuzzing, runtime::dataplane};
+use edgeplane::{fuzzing, runtime::prepare};
 use libfuzzer_sys::fuzz_target;
 
 const RULES_KEY: &[u8] = b"/edgeplane/v1/vehicles/WVWZZZ1JZXW000001/rules";
@@ -20,10 +20,10 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     let host = edgeplane_fuzz::host();
-    match dataplane::prepare_text_on(text, &push.origin, &host) {
+    match prepare::prepare_text_on(text, &push.origin, &host) {
         Ok(prepared) => {
             assert!(prepared.waiting.is_empty(), "{:?}", prepared.waiting);
-            let again = dataplane::prepare_for_present_on(&prepared, &host)
+            let again = prepare::prepare_for_present_on(&prepared, &host)
                 .expect("an accepted rule set compiles again");
             assert!(
                 again == prepared,

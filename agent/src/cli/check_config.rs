@@ -1,6 +1,6 @@
 use std::{collections::BTreeSet, path::PathBuf};
 
-use edgeplane::{config::Config, runtime::dataplane};
+use edgeplane::{config::Config, runtime::prepare};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,7 +18,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let prepared = runtime.block_on(dataplane::prepare(
+        let prepared = runtime.block_on(prepare::prepare(
             &args.file,
             &Default::default(),
             &Default::default(),

@@ -4,6 +4,8 @@
 pub mod dataplane;
 pub mod http;
 pub mod planes;
+pub mod prepare;
 pub mod run;
 pub mod status;
 pub mod supervise;
+pub mod views;

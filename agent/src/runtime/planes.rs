@@ -13,8 +13,8 @@ use crate::{
     config::{CanMode, Config, Problem, UdpMode},
     host::stats::HostCollector,
     kernel::state::AgentRecord,
-    runtime::dataplane::{Dataplane, Prepared, Views},
     runtime::status::AttachedProgram,
+    runtime::{dataplane::Dataplane, prepare::Prepared, views::Views},
     udp_forward::{UdpForwardError, stats::UdpCollector},
     userspace::{CanUserspace, UdpUserspace},
 };

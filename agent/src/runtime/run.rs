@@ -27,9 +27,9 @@ use crate::{
     kernel::state::AgentRecord,
     metrics::{self, AgentMetrics},
     registry::{self, Registry},
-    runtime::dataplane::{Prepared, prepare, prepare_for_present, prepare_text},
     runtime::http::{self, HttpState},
     runtime::planes::Planes,
+    runtime::prepare::{Prepared, prepare, prepare_for_present, prepare_text},
 };
 
 /// How `edgeplane run` was asked to run.

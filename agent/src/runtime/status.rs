@@ -5,7 +5,7 @@ use serde::Serialize;
 use crate::{
     can::CanView,
     kernel::attach::Hook,
-    runtime::dataplane::{Unresolved, Waiting},
+    runtime::prepare::{Unresolved, Waiting},
     udp_forward::UdpView,
     userspace::UserspaceView,
 };

@@ -35,7 +35,7 @@ use crate::{
     latency::events::Event,
     metrics::{self, HttpMetrics},
     registry::Health,
-    runtime::dataplane::Views,
+    runtime::views::Views,
 };
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
