@@ -146,22 +146,24 @@ pub struct PendingFrame {
 crate::assert_size!(PendingFrame, 64);
 
 /// Per CPU, in slot `egress ifindex % XDP_PENDING_SLOTS`: frames redirected to `ifindex`
-/// since its last flush, in order.
+/// since its last flush, in order. One more than a bulk: the program notes a frame before the
+/// kernel enqueues it, and a full queue is flushed at that enqueue, so the 17th frame is noted
+/// while the 16 before it still wait for their flush.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct XdpPending {
     pub count: u32,
     pub ifindex: u32,
-    pub frames: [PendingFrame; XDP_BULK],
+    pub frames: [PendingFrame; XDP_BULK + 1],
 }
-crate::assert_size!(XdpPending, 8 + 64 * XDP_BULK);
+crate::assert_size!(XdpPending, 8 + 64 * (XDP_BULK + 1));
 
 impl Default for XdpPending {
     fn default() -> Self {
         Self {
             count: 0,
             ifindex: 0,
-            frames: [PendingFrame::default(); XDP_BULK],
+            frames: [PendingFrame::default(); XDP_BULK + 1],
         }
     }
 }

@@ -37,7 +37,14 @@ fn try_latency_xdp_flush(ctx: &TracePointContext) -> Option<()> {
             let f = &(*p).frames[i];
             latency::forwarded(cfg, FORWARD_UDP, f.slot, 0, f.hook_ns, now, &f.flow);
         }
-        (*p).count = 0;
+        // A full bulk was flushed to make room for the frame noted last: it waits for the
+        // next flush, first in line.
+        if (*p).count as usize == XDP_BULK + 1 && n == XDP_BULK {
+            (*p).frames[0] = (*p).frames[XDP_BULK];
+            (*p).count = 1;
+        } else {
+            (*p).count = 0;
+        }
     }
     Some(())
 }
