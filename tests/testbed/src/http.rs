@@ -67,21 +67,6 @@ fn parse_series(s: &str) -> (String, Vec<(String, String)>) {
     (name.to_owned(), labels)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labels_match_in_any_order() {
-        let text = "# TYPE h histogram\nh_bucket{le=\"0.5\",iface=\"a0\",id=\"123\"} 7\nh_bucket{le=\"1\",iface=\"a0\",id=\"123\"} 9\n";
-        assert_eq!(
-            metric(text, "h_bucket{iface=\"a0\",id=\"123\",le=\"0.5\"}").unwrap(),
-            7.0
-        );
-        assert!(metric(text, "h_bucket{iface=\"a1\",id=\"123\",le=\"0.5\"}").is_err());
-    }
-}
-
 /// Asserts that `promtool check metrics` (Debian package prometheus, installed by
 /// `cargo xtask setup`) accepts an exposition.
 pub fn promtool_accepts(metrics: &str) {
@@ -109,4 +94,19 @@ pub fn promtool_accepts(metrics: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_match_in_any_order() {
+        let text = "# TYPE h histogram\nh_bucket{le=\"0.5\",iface=\"a0\",id=\"123\"} 7\nh_bucket{le=\"1\",iface=\"a0\",id=\"123\"} 9\n";
+        assert_eq!(
+            metric(text, "h_bucket{iface=\"a0\",id=\"123\",le=\"0.5\"}").unwrap(),
+            7.0
+        );
+        assert!(metric(text, "h_bucket{iface=\"a1\",id=\"123\",le=\"0.5\"}").is_err());
+    }
 }
