@@ -433,10 +433,7 @@ fn xdp_program<'a>(
 ) -> Result<&'a mut Xdp, AttachError> {
     match prog {
         Program::Xdp(p) => Ok(p),
-        other => Err(xdp_err(program, iface, {
-            let _ = other;
-            ProgramError::UnexpectedProgramType
-        })),
+        _ => Err(xdp_err(program, iface, ProgramError::UnexpectedProgramType)),
     }
 }
 
@@ -447,10 +444,7 @@ fn tc_program<'a>(
 ) -> Result<&'a mut SchedClassifier, AttachError> {
     match prog {
         Program::SchedClassifier(p) => Ok(p),
-        other => Err(tc_err(program, iface, {
-            let _ = other;
-            ProgramError::UnexpectedProgramType
-        })),
+        _ => Err(tc_err(program, iface, ProgramError::UnexpectedProgramType)),
     }
 }
 
