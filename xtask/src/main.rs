@@ -1,8 +1,10 @@
 //! Project automation: `cargo xtask <command>`.
 
 mod bench;
+mod build;
 mod demo;
 mod fuzz;
+mod package;
 mod setup;
 mod test;
 mod toolchain;
@@ -30,6 +32,10 @@ enum Command {
     VmTest(vm::Options),
     /// Benchmark every engine side by side; writes target/bench/latest.{md,json}.
     Bench(bench::Options),
+    /// Build the release agent with its eBPF programs for one architecture (cross builds too).
+    Build(build::Options),
+    /// Build Debian packages (amd64, arm64) into target/package/.
+    Package(package::Options),
     /// Run the fuzz targets (cargo-fuzz, libFuzzer) for a bounded time each; fails on a crash.
     Fuzz(fuzz::Options),
 }
@@ -42,5 +48,7 @@ fn main() -> anyhow::Result<()> {
         Command::VmTest(opts) => vm::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
         Command::Fuzz(opts) => fuzz::run(&opts),
+        Command::Build(opts) => build::run(&opts),
+        Command::Package(opts) => package::run(&opts),
     }
 }

@@ -45,7 +45,22 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "the userspace relay `cargo xtask bench` compares the engines with",
     ),
     ("g++", "libFuzzer, which the fuzz targets link, is C++"),
+    (
+        "gcc-aarch64-linux-gnu",
+        "cross-linking the arm64 agent (`cargo xtask build --target aarch64-unknown-linux-gnu`)",
+    ),
+    (
+        "libc6-dev-arm64-cross",
+        "the arm64 C library the cross-linked agent links against",
+    ),
+    (
+        "qemu-user",
+        "running the cross-built agent once after building it (`edgeplane --version`)",
+    ),
 ];
+
+/// Rust targets the agent is cross-built for (`cargo xtask build --target`, `package`).
+const CROSS_TARGETS: &[&str] = &["aarch64-unknown-linux-gnu"];
 
 #[derive(clap::Args, Default)]
 pub struct Options {
@@ -60,6 +75,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     let nightly = toolchain::pinned_nightly()?;
     nightly_toolchain(&nightly)?;
+    cross_targets()?;
     bpf_linker(&nightly)?;
     cargo_fuzz()?;
     step("setup complete");
@@ -123,6 +139,24 @@ fn nightly_toolchain(channel: &str) -> anyhow::Result<()> {
         "--component",
         "rust-src",
     ]))
+}
+
+/// The standard library of each cross target, for the stable toolchain that builds the agent.
+fn cross_targets() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    let missing: Vec<&str> = (CROSS_TARGETS.iter().copied())
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect();
+    if missing.is_empty() {
+        step("cross targets: present");
+        return Ok(());
+    }
+    step(format_args!("cross targets: adding {}", missing.join(" ")));
+    run_checked(
+        Command::new("rustup")
+            .args(["target", "add"])
+            .args(&missing),
+    )
 }
 
 /// cargo-fuzz, which builds the fuzz targets (`cargo xtask fuzz`).

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the whole test suite on this machine, from a fresh clone.
 
 use crate::{
-    fuzz, setup,
+    build::Arch,
+    fuzz, package, setup,
     toolchain::{self, require_root, run_checked, step},
     vm,
 };
@@ -37,6 +38,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         test.arg(f);
     }
     run_checked(&mut test)?;
+    if opts
+        .filter
+        .as_ref()
+        .is_none_or(|f| "package".contains(f.as_str()))
+    {
+        step("the Debian package: install, check, purge");
+        package::install_test::run(&package::package(Arch::host())?)?;
+    }
     // With a filter, the fuzz targets whose name contains it.
     let targets: Vec<&str> = fuzz::TARGETS
         .iter()
