@@ -54,6 +54,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "the arm64 C library the cross-linked agent links against",
     ),
     (
+        "qemu-system-arm",
+        "qemu-system-aarch64: the VM tests on Debian's arm64 kernels (`vm-test --arch arm64`)",
+    ),
+    (
         "qemu-user",
         "running the cross-built agent once after building it (`edgeplane --version`)",
     ),

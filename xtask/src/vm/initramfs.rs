@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    env, fs,
+    fs,
     io::{BufWriter, Write as _},
     path::{Path, PathBuf},
     process::Command,
@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{cpio::Archive, kernels::Kernel};
+use super::{cpio::Archive, kernels::Kernel, userland::Userland};
 use crate::toolchain::output;
 
 /// Kernel modules loaded at boot, with their dependencies. Where a kernel has one built in
@@ -49,6 +49,8 @@ const INIT: &str = include_str!("init.sh");
 
 /// What a VM runs.
 pub struct Payload<'a> {
+    /// Where the guest's programs and their libraries come from (the kernel's architecture).
+    pub userland: &'a Userland,
     pub agent: &'a Path,
     /// Test executables by the name /init runs them as.
     pub tests: &'a [(String, PathBuf)],
@@ -68,9 +70,13 @@ pub fn build(kernel: &Kernel, payload: &Payload, out: &Path) -> anyhow::Result<u
     archive.symlink("var/run", "/run")?;
     archive.bytes("init", INIT, 0o755)?;
 
-    let busybox = find_program("busybox")?;
-    add_binary(&mut archive, "bin/busybox", &busybox)?;
-    for applet in output(Command::new(&busybox).arg("--list-full"))?.lines() {
+    let userland = payload.userland;
+    let busybox = userland.program("busybox")?;
+    add_binary(&mut archive, userland, "bin/busybox", &busybox)?;
+    // The host's busybox lists the applets: a foreign one can't run here, and Debian builds
+    // both from the same configuration.
+    let host_busybox = Userland::Host.program("busybox")?;
+    for applet in output(Command::new(&host_busybox).arg("--list-full"))?.lines() {
         // The real tools take precedence: busybox's ip, tc and ping lack options the tests use.
         let name = applet.rsplit('/').next().unwrap_or(applet);
         if applet != "bin/busybox" && !HOST_TOOLS.contains(&name) {
@@ -80,13 +86,14 @@ pub fn build(kernel: &Kernel, payload: &Payload, out: &Path) -> anyhow::Result<u
     for tool in HOST_TOOLS {
         add_binary(
             &mut archive,
+            userland,
             &format!("usr/local/bin/{tool}"),
-            &find_program(tool)?,
+            &userland.program(tool)?,
         )?;
     }
-    add_binary(&mut archive, AGENT_PATH, payload.agent)?;
+    add_binary(&mut archive, userland, AGENT_PATH, payload.agent)?;
     for (name, path) in payload.tests {
-        add_binary(&mut archive, &format!("{TESTS_DIR}/{name}"), path)?;
+        add_binary(&mut archive, userland, &format!("{TESTS_DIR}/{name}"), path)?;
     }
 
     let mut modules = Vec::new();
@@ -119,59 +126,18 @@ pub fn build(kernel: &Kernel, payload: &Payload, out: &Path) -> anyhow::Result<u
     Ok(size)
 }
 
-/// `path` in the guest, plus the shared libraries and dynamic loader it needs at the paths ldd
-/// finds them on the host (the guest's loader searches the same multiarch directories).
-fn add_binary(archive: &mut Archive, path: &str, host: &Path) -> anyhow::Result<()> {
-    archive.host_file(path, host, 0o755)?;
-    for lib in shared_libraries(host)? {
-        let guest = lib.to_str().context("non-UTF-8 library path")?;
-        archive.host_file(guest, &lib, 0o755)?;
+/// `path` in the guest, plus the shared libraries and dynamic loader it needs.
+fn add_binary(
+    archive: &mut Archive,
+    userland: &Userland,
+    path: &str,
+    file: &Path,
+) -> anyhow::Result<()> {
+    archive.host_file(path, file, 0o755)?;
+    for (guest, lib) in userland.libraries(file)? {
+        archive.host_file(guest.trim_start_matches('/'), &lib, 0o755)?;
     }
     Ok(())
-}
-
-fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let out = Command::new("ldd")
-        .arg(binary)
-        .output()
-        .context("running ldd")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        // Static executables are fine: ldd says so and exits 1.
-        let all = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        if all.contains("not a dynamic executable") {
-            return Ok(Vec::new());
-        }
-        bail!("ldd {}: {all}", binary.display());
-    }
-    let mut libs = Vec::new();
-    for line in stdout.lines().map(str::trim) {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)", "/lib64/ld-linux-x86-64.so.2
-        // (0x...)", and "linux-vdso.so.1 (0x...)", which the kernel provides.
-        let path = match line.split_once(" => ") {
-            Some((name, rest)) if rest.starts_with("not found") => {
-                bail!("{}: shared library {name} not found", binary.display())
-            }
-            Some((_, rest)) => rest.split(" (").next().unwrap_or(rest),
-            None if line.starts_with('/') => line.split(" (").next().unwrap_or(line),
-            None => continue,
-        };
-        libs.push(PathBuf::from(path));
-    }
-    Ok(libs)
-}
-
-/// Finds a program like the shell would, also in the sbin directories, which a non-login
-/// root shell may lack on its PATH.
-fn find_program(name: &str) -> anyhow::Result<PathBuf> {
-    let path = env::var_os("PATH").unwrap_or_default();
-    env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!("{name} is not installed: run `cargo xtask setup`, which installs it")
-        })
 }
 
 /// The modules' files (relative to the modules directory) with their dependencies, each after

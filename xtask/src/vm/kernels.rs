@@ -13,7 +13,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::toolchain::{output, run_checked, step};
+use crate::{
+    build::Arch,
+    toolchain::{output, run_checked, step},
+};
 
 /// A kernel series the product supports and the Debian suite that ships it.
 pub struct Series {
@@ -39,12 +42,15 @@ const MIRROR: &str = "http://deb.debian.org/debian";
 const SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
 /// Holds the signing keys of every Debian release, current and older.
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
-/// The metapackage that depends on the suite's current kernel image.
-const METAPACKAGE: &str = "linux-image-amd64";
+/// The metapackage that depends on the suite's current kernel image for `arch`.
+fn metapackage(arch: Arch) -> String {
+    format!("linux-image-{}", arch.debian())
+}
 
 /// An unpacked kernel package.
 pub struct Kernel {
     pub series: &'static str,
+    pub arch: Arch,
     /// The Debian package and its version, e.g. `linux-image-5.10.0-46-amd64 5.10.262-1`.
     pub package: String,
     /// `uname -r` of this kernel, the directory name under lib/modules.
@@ -56,13 +62,23 @@ pub struct Kernel {
 
 /// Returns the kernel of `series`, from the cache when it is there, unless `refresh` asks to
 /// look for a newer package first.
-pub fn fetch(series: &'static Series, cache: &Path, refresh: bool) -> anyhow::Result<Kernel> {
-    let dir = cache.join("kernels").join(series.suite);
+pub fn fetch(
+    series: &'static Series,
+    arch: Arch,
+    cache: &Path,
+    refresh: bool,
+) -> anyhow::Result<Kernel> {
+    // amd64 keeps the directory names it had before there was another architecture.
+    let key = match arch {
+        Arch::Amd64 => series.suite.to_owned(),
+        other => format!("{}-{}", series.suite, other.debian()),
+    };
+    let dir = cache.join("kernels").join(&key);
     let stamp = dir.join("package");
     let root = dir.join("root");
     if !refresh
         && let Ok(package) = fs::read_to_string(&stamp)
-        && let Ok(kernel) = describe(series, package.trim().to_owned(), &root)
+        && let Ok(kernel) = describe(series, arch, package.trim().to_owned(), &root)
     {
         step(format_args!(
             "kernel {}: {} (cached)",
@@ -71,13 +87,13 @@ pub fn fetch(series: &'static Series, cache: &Path, refresh: bool) -> anyhow::Re
         return Ok(kernel);
     }
 
-    let apt = Apt::new(series.suite, &cache.join("apt").join(series.suite))?;
+    let apt = Apt::new(series.suite, arch, &cache.join("apt").join(&key))?;
     step(format_args!(
         "kernel {}: updating the package lists of Debian {}",
         series.name, series.suite
     ));
     apt.update()?;
-    let image = apt.image_package()?;
+    let image = apt.image_package(&metapackage(arch))?;
     let version = apt.candidate_version(&image)?;
     let package = format!("{image} {version}");
     if !version.starts_with(&format!("{}.", series.name)) {
@@ -88,7 +104,7 @@ pub fn fetch(series: &'static Series, cache: &Path, refresh: bool) -> anyhow::Re
         );
     }
     if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == package)
-        && let Ok(kernel) = describe(series, package.clone(), &root)
+        && let Ok(kernel) = describe(series, arch, package.clone(), &root)
     {
         step(format_args!("kernel {}: {package} is current", series.name));
         return Ok(kernel);
@@ -119,10 +135,15 @@ pub fn fetch(series: &'static Series, cache: &Path, refresh: bool) -> anyhow::Re
     fs::remove_dir_all(&debs).with_context(|| format!("removing {}", debs.display()))?;
     fs::write(&stamp, format!("{package}\n"))
         .with_context(|| format!("writing {}", stamp.display()))?;
-    describe(series, package, &root)
+    describe(series, arch, package, &root)
 }
 
-fn describe(series: &'static Series, package: String, root: &Path) -> anyhow::Result<Kernel> {
+fn describe(
+    series: &'static Series,
+    arch: Arch,
+    package: String,
+    root: &Path,
+) -> anyhow::Result<Kernel> {
     let release = release_of(root)?;
     let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
     let modules = root.join("lib/modules").join(&release);
@@ -133,6 +154,7 @@ fn describe(series: &'static Series, package: String, root: &Path) -> anyhow::Re
     }
     Ok(Kernel {
         series: series.name,
+        arch,
         package,
         release,
         vmlinuz,
@@ -165,13 +187,13 @@ fn only_file(dir: &Path) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// apt-get/apt-cache confined to a directory of their own.
-struct Apt {
+/// apt-get/apt-cache confined to a directory of their own, for one architecture's packages.
+pub struct Apt {
     options: Vec<String>,
 }
 
 impl Apt {
-    fn new(suite: &str, dir: &Path) -> anyhow::Result<Self> {
+    pub fn new(suite: &str, arch: Arch, dir: &Path) -> anyhow::Result<Self> {
         let parts = dir.join("empty.d");
         let state = dir.join("state");
         let cache = dir.join("cache");
@@ -203,6 +225,8 @@ impl Apt {
             // apt downloads as the unprivileged _apt user, who can't write into our tree.
             ("APT::Sandbox::User", "root".into()),
             ("Acquire::Languages", "none".into()),
+            ("APT::Architecture", arch.debian().into()),
+            ("APT::Architectures", arch.debian().into()),
         ]
         .into_iter()
         .flat_map(|(k, v)| ["-o".to_owned(), format!("{k}={v}")])
@@ -216,20 +240,20 @@ impl Apt {
         c
     }
 
-    fn update(&self) -> anyhow::Result<()> {
+    pub fn update(&self) -> anyhow::Result<()> {
         // Without --error-on=any, apt-get update exits 0 when a source could not be fetched,
         // and the kernel would silently come from stale lists.
         run_checked(self.command("apt-get").args(["update", "--error-on=any"]))
     }
 
     /// The image package the metapackage depends on, e.g. `linux-image-6.1.0-41-amd64`.
-    fn image_package(&self) -> anyhow::Result<String> {
-        let out = output(self.command("apt-cache").args(["depends", METAPACKAGE]))?;
+    fn image_package(&self, metapackage: &str) -> anyhow::Result<String> {
+        let out = output(self.command("apt-cache").args(["depends", metapackage]))?;
         out.lines()
             .filter_map(|l| l.trim().strip_prefix("Depends: "))
             .find(|p| p.starts_with("linux-image-"))
             .map(str::to_owned)
-            .with_context(|| format!("no linux-image dependency of {METAPACKAGE} in:\n{out}"))
+            .with_context(|| format!("no linux-image dependency of {metapackage} in:\n{out}"))
     }
 
     fn candidate_version(&self, package: &str) -> anyhow::Result<String> {
@@ -241,6 +265,24 @@ impl Apt {
             .find_map(|l| l.strip_prefix("Version: "))
             .map(str::to_owned)
             .with_context(|| format!("no Version in apt-cache show {package}:\n{out}"))
+    }
+
+    /// `packages` and everything they depend on (an empty dpkg status: all of it), as .debs
+    /// in `into`.
+    pub fn download_with_dependencies(&self, packages: &[&str], into: &Path) -> anyhow::Result<()> {
+        let partial = into.join("partial");
+        fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        run_checked(
+            self.command("apt-get")
+                .args([
+                    "install",
+                    "--download-only",
+                    "--no-install-recommends",
+                    "-y",
+                ])
+                .arg(format!("-oDir::Cache::archives={}", into.display()))
+                .args(packages),
+        )
     }
 
     fn download(&self, package: &str, into: &Path) -> anyhow::Result<()> {

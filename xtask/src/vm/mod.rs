@@ -8,6 +8,7 @@ mod cpio;
 mod initramfs;
 mod kernels;
 mod qemu;
+mod userland;
 
 use std::{
     collections::BTreeMap,
@@ -20,6 +21,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
+    build::Arch,
     setup,
     toolchain::{output, step, workspace_root},
 };
@@ -125,6 +127,10 @@ pub struct Options {
     /// Show the whole serial console, not only test progress (it is always in the log).
     #[arg(long, short)]
     verbose: bool,
+    /// Architecture of the kernels, the agent and the tests: arm64 cross-builds them and boots
+    /// Debian's arm64 kernels under qemu-system-aarch64 (the `virt` machine).
+    #[arg(long, value_enum, default_value_t = Arch::host())]
+    arch: Arch,
 }
 
 impl Options {
@@ -142,6 +148,7 @@ impl Options {
             gdb: None,
             kernel_args: Vec::new(),
             verbose: false,
+            arch: Arch::host(),
         }
     }
 }
@@ -171,8 +178,11 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
         opts.tests.iter().map(String::as_str).collect()
     };
 
-    step("building the agent and the test executables (release)");
-    let (agent, tests) = build(&wanted)?;
+    step(format_args!(
+        "building the agent and the test executables (release, {})",
+        opts.arch.rust_target()
+    ));
+    let (agent, tests) = build(&wanted, opts.arch)?;
 
     let target = target_dir()?;
     let cache = target.join("vm-cache");
@@ -184,9 +194,15 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
         opts.accel
     };
 
+    let userland = userland::Userland::for_arch(opts.arch, &cache, opts.refresh_kernels)?;
     let mut reports = Vec::new();
     for s in series {
-        let kernel = kernels::fetch(s, &cache, opts.refresh_kernels)?;
+        let kernel = kernels::fetch(s, opts.arch, &cache, opts.refresh_kernels)?;
+        // amd64 keeps the file names it had before there was another architecture.
+        let label = match opts.arch {
+            Arch::Amd64 => s.name.to_owned(),
+            other => format!("{}-{}", s.name, other.debian()),
+        };
         let (runnable, skipped): (Vec<_>, Vec<_>) = tests
             .iter()
             .cloned()
@@ -208,18 +224,19 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
         while !left.is_empty() {
             let number = boots.len() + 1;
             let payload = initramfs::Payload {
+                userland: &userland,
                 agent: &agent,
                 tests: &runnable,
                 jobs: left,
                 filter: opts.filter.as_deref(),
                 test_timeout_secs: opts.test_timeout,
             };
-            let initrd = cache.join(format!("initramfs-{}.cpio", s.name));
+            let initrd = cache.join(format!("initramfs-{label}.cpio"));
             let size = initramfs::build(&kernel, &payload, &initrd)?;
             let log = logs.join(if number == 1 {
-                format!("{}.log", s.name)
+                format!("{label}.log")
             } else {
-                format!("{}-boot{number}.log", s.name)
+                format!("{label}-boot{number}.log")
             });
             step(format_args!(
                 "kernel {}: booting {} ({} MB initramfs, {}, {} run(s) to do), console log {}",
@@ -288,10 +305,13 @@ fn select_series(names: &[String]) -> Vec<&'static kernels::Series> {
 /// resolve the same dependency features, so nothing is built twice (building the agent alone
 /// resolved others and rebuilt rustls, tonic and the agent, minutes each time). Returns the
 /// agent's path and the executables of `wanted`, by name.
-fn build(wanted: &[&str]) -> anyhow::Result<(PathBuf, Vec<(String, PathBuf)>)> {
+fn build(wanted: &[&str], arch: Arch) -> anyhow::Result<(PathBuf, Vec<(String, PathBuf)>)> {
     // Named one by one: the CAN tests have `test = false` (the host can't run them), and
     // cargo leaves those out of `--all-targets` even when they are also named with `--test`.
     let mut args = vec!["build", "--release", "--bin", "edgeplane"];
+    if arch != Arch::host() {
+        args.extend(["--target", arch.rust_target()]);
+    }
     for name in wanted {
         args.extend(["--test", name]);
     }

@@ -15,9 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 
 use super::kernels::Kernel;
+use crate::build::Arch;
 
 /// What one boot produced.
 pub struct Boot {
@@ -116,13 +117,28 @@ pub struct Settings<'a> {
 /// - `hung_task_panic`: a task in uninterruptible sleep for 120 s panics after its stack;
 /// - `oops=panic`: an oops panics instead of leaving a half-dead kernel for the next test;
 /// - `loglevel=7`: the stacks are printed on the console, not just the headlines.
-const KERNEL_COMMAND_LINE: &str = "console=ttyS0 panic=-1 loglevel=7 softlockup_panic=1 \
+const KERNEL_COMMAND_LINE: &str = "panic=-1 loglevel=7 softlockup_panic=1 \
      softlockup_all_cpu_backtrace=1 sysctl.kernel.panic_on_rcu_stall=1 hung_task_panic=1 \
      oops=panic";
 
 pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
-    let mut cmd = Command::new("qemu-system-x86_64");
+    // The PC's first serial port, or the virt machine's PL011 UART.
+    let (qemu, package, console) = match kernel.arch {
+        Arch::Amd64 => ("qemu-system-x86_64", "qemu-system-x86", "ttyS0"),
+        Arch::Arm64 => ("qemu-system-aarch64", "qemu-system-arm", "ttyAMA0"),
+    };
+    let mut cmd = Command::new(qemu);
+    if kernel.arch == Arch::Arm64 {
+        // A Cortex-A72 rather than `max`: TCG emulates pointer authentication slowly.
+        cmd.args(["-machine", "virt", "-cpu", "cortex-a72"]);
+    }
     match s.accel {
+        Accel::Kvm if kernel.arch != Arch::host() => {
+            bail!(
+                "KVM runs only the build machine's architecture, not {}",
+                kernel.arch.debian()
+            )
+        }
         Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => cmd.args(["-accel", "tcg,thread=multi"]),
         Accel::TcgSingle => cmd.args(["-accel", "tcg,thread=single"]),
@@ -155,7 +171,7 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
     .arg(s.initrd)
     .arg("-append")
     .arg(
-        [KERNEL_COMMAND_LINE]
+        [format!("console={console}").as_str(), KERNEL_COMMAND_LINE]
             .into_iter()
             .chain(s.kernel_args.iter().map(String::as_str))
             .collect::<Vec<_>>()
@@ -167,7 +183,7 @@ pub fn boot(kernel: &Kernel, s: &Settings) -> anyhow::Result<Boot> {
     let start = Instant::now();
     let mut child = KillOnDrop(
         cmd.spawn()
-            .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?,
+            .with_context(|| format!("starting {qemu} (Debian package {package})"))?,
     );
     let mut log = File::create(s.log).with_context(|| format!("creating {}", s.log.display()))?;
 
