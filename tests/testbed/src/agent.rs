@@ -143,7 +143,8 @@ impl Agent {
             leave_running: opts.leave_running,
         };
         let _in_ns = ns.enter()?;
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let ready_within = ready_within();
+        let deadline = Instant::now() + ready_within;
         loop {
             match http::get(listen, "/readyz") {
                 Ok((200, _)) => return Ok(agent),
@@ -156,7 +157,7 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let log = agent.stop_and_log()?;
-                bail!("agent not ready after 20 s:\n{log}");
+                bail!("agent not ready after {} s:\n{log}", ready_within.as_secs());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -207,6 +208,17 @@ impl Agent {
     pub fn log_so_far(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// How long a starting agent may take to answer /readyz: 20 s, or `EDGEPLANE_TEST_READY_SECS`
+/// where loading is known to be slower (the VM harness sets it for an emulated foreign CPU,
+/// where loading the programs into the kernel takes tens of seconds).
+fn ready_within() -> Duration {
+    let secs = std::env::var("EDGEPLANE_TEST_READY_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(secs)
 }
 
 impl Drop for Agent {

@@ -7,12 +7,14 @@
 #   FILTER         libtest name filter, may be empty
 #   TEST_TIMEOUT   seconds each run may take; a run over it dumps the kernel's stacks and ends
 #                  the VM (its state is suspect), and the harness boots again for what is left
+#   EDGEPLANE_TEST_READY_SECS  how long the tests wait for a starting agent
 # The harness parses the lines starting with EDGEPLANE-VM; everything else is for humans.
 
 export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
 export EDGEPLANE_BIN=/opt/edgeplane/bin/edgeplane
 . /etc/edgeplane-vm.conf
+export EDGEPLANE_TEST_READY_SECS
 
 setup_ok=1
 must() {

@@ -58,6 +58,8 @@ pub struct Payload<'a> {
     pub jobs: &'a [(String, u32)],
     pub filter: Option<&'a str>,
     pub test_timeout_secs: u64,
+    /// How long the tests wait for a starting agent (the testbed's default is 20 s).
+    pub agent_ready_secs: u64,
 }
 
 /// Writes the initramfs for `kernel` to `out` (an uncompressed cpio: see [`super::qemu`]) and
@@ -110,11 +112,12 @@ pub fn build(kernel: &Kernel, payload: &Payload, out: &Path) -> anyhow::Result<u
         .map(|(test, run)| format!("{test}:{run}"))
         .collect();
     let config = format!(
-        "MODULES={}\nJOBS={}\nFILTER={}\nTEST_TIMEOUT={}\n",
+        "MODULES={}\nJOBS={}\nFILTER={}\nTEST_TIMEOUT={}\nEDGEPLANE_TEST_READY_SECS={}\n",
         sh_quote(&modules.join(" ")),
         sh_quote(&jobs.join(" ")),
         sh_quote(payload.filter.unwrap_or_default()),
         payload.test_timeout_secs,
+        payload.agent_ready_secs,
     );
     archive.bytes(CONFIG_PATH, config, 0o644)?;
 
