@@ -140,8 +140,9 @@ impl Bus {
         Ok(())
     }
 
-    /// The next frame, or None after the read timeout.
-    pub fn recv(&self) -> Option<Frame> {
+    /// The next frame exactly as the kernel delivered it (the bytes past a classic frame's
+    /// CAN_MTU zero) and whether it is CAN FD, or None after the read timeout.
+    pub fn recv_raw(&self) -> Option<(CanFrame, bool)> {
         let mut raw = CanFrame::default();
         // SAFETY: reads at most sizeof(CanFrame) bytes into it.
         let n = unsafe {
@@ -151,11 +152,30 @@ impl Bus {
                 size_of::<CanFrame>(),
             )
         };
-        let fd = match usize::try_from(n).ok()? {
-            CAN_MTU => false,
-            CANFD_MTU => true,
-            _ => return None,
-        };
+        match usize::try_from(n).ok()? {
+            CAN_MTU => Some((raw, false)),
+            CANFD_MTU => Some((raw, true)),
+            _ => None,
+        }
+    }
+
+    /// [`Self::recv_raw`] until `quiet` passes without a frame (at most `limit` total).
+    pub fn collect_raw(&self, quiet: Duration, limit: Duration) -> Vec<(CanFrame, bool)> {
+        let start = Instant::now();
+        let mut last = Instant::now();
+        let mut out = Vec::new();
+        while start.elapsed() < limit && last.elapsed() < quiet {
+            if let Some(f) = self.recv_raw() {
+                out.push(f);
+                last = Instant::now();
+            }
+        }
+        out
+    }
+
+    /// The next frame, or None after the read timeout.
+    pub fn recv(&self) -> Option<Frame> {
+        let (raw, fd) = self.recv_raw()?;
         let rtr = raw.can_id & edgeplane_common::can::CAN_RTR_FLAG != 0;
         let data_len = if rtr { 0 } else { usize::from(raw.len.min(64)) };
         Some(Frame {
