@@ -89,6 +89,27 @@ fn loss_report(h: &Hosts, a: &Agent, b: &Agent) -> String {
     out
 }
 
+/// Sends `frames` on `tx`, pausing `pause` after each frame `pause_after` picks, while a
+/// thread collects what arrives on `rx`.
+fn send_and_collect(
+    tx: &Bus,
+    rx: &Bus,
+    frames: &[Frame],
+    pause_after: impl Fn(usize) -> bool,
+    pause: Duration,
+) -> Vec<Frame> {
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| rx.collect(QUIET, LIMIT));
+        for (i, f) in frames.iter().enumerate() {
+            tx.send(f).unwrap();
+            if pause_after(i) {
+                std::thread::sleep(pause);
+            }
+        }
+        reader.join().unwrap()
+    })
+}
+
 fn m(text: &str, series: &str) -> f64 {
     http::metric(text, series).unwrap()
 }
@@ -136,26 +157,23 @@ fn frames_cross_both_ways_and_do_not_echo() {
     let n = 3000;
     let sent = frames(n);
     let start = Instant::now();
-    std::thread::scope(|s| {
-        let reader = s.spawn(|| b_rx.collect(QUIET, LIMIT));
-        for (i, f) in sent.iter().enumerate() {
-            a_tx.send(f).unwrap();
-            // About 3 frames per ms: a busy CAN FD bus.
-            if i % 3 == 2 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        let got = reader.join().unwrap();
-        assert_eq!(
-            got.len(),
-            sent.len(),
-            "A -> B: {} of {} frames arrived; where they were lost:\n{}",
-            got.len(),
-            sent.len(),
-            loss_report(&h, &agent_a, &agent_b)
-        );
-        assert_same_frames_in_id_order(&got, &sent, "A -> B");
-    });
+    // About 3 frames per ms: a busy CAN FD bus.
+    let got = send_and_collect(
+        &a_tx,
+        &b_rx,
+        &sent,
+        |i| i % 3 == 2,
+        Duration::from_millis(1),
+    );
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "A -> B: {} of {} frames arrived; where they were lost:\n{}",
+        got.len(),
+        sent.len(),
+        loss_report(&h, &agent_a, &agent_b)
+    );
+    assert_same_frames_in_id_order(&got, &sent, "A -> B");
     eprintln!(
         "A -> B: {n} frames in {:.2} s",
         start.elapsed().as_secs_f64()
@@ -167,20 +185,12 @@ fn frames_cross_both_ways_and_do_not_echo() {
         Bus::open(&h.a, "a1").unwrap(),
     );
     let back = frames(300);
-    std::thread::scope(|s| {
-        let reader = s.spawn(|| a_rx.collect(QUIET, LIMIT));
-        for f in &back {
-            b_tx.send(f).unwrap();
-            std::thread::sleep(Duration::from_micros(300));
-        }
-        let got: Vec<Frame> = reader
-            .join()
-            .unwrap()
+    let got: Vec<Frame> =
+        send_and_collect(&b_tx, &a_rx, &back, |_| true, Duration::from_micros(300))
             .into_iter()
             .filter(|f| back.contains(f))
             .collect();
-        assert_same_frames_in_id_order(&got, &back, "B -> A");
-    });
+    assert_same_frames_in_id_order(&got, &back, "B -> A");
 
     let (ma, mb) = (agent_a.scrape(), agent_b.scrape());
     let tx_a = format!("tunnel=\"{B_IP}:20000\"");
@@ -621,6 +631,23 @@ fn wireguard(ns: &Netns, i: usize, ip: &str, peer_ip: &str, endpoint: &str) {
     ns.ip(&["link", "set", "wg0", "up"]).unwrap();
 }
 
+/// WireGuard's handshake waits for the kernel's random generator (get_random_bytes_wait).
+/// The 5.10 VM has no entropy source and initialises it only about 2 minutes after boot,
+/// unless a blocking getrandom() makes the kernel gather timer jitter, which takes seconds.
+fn wait_for_kernel_random() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16];
+        // SAFETY: writes at most 16 bytes into buf.
+        let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let _ = tx.send(n);
+    });
+    let n = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the kernel's random generator was not ready within 60 s");
+    assert_eq!(n, 16, "getrandom: {}", std::io::Error::last_os_error());
+}
+
 /// The kernel's count of UDP datagrams that found no socket (`Udp: ... NoPorts`).
 fn udp_no_ports(ns: &Netns) -> u64 {
     let snmp = ns.exec(&["cat", "/proc/net/snmp"]).unwrap();
@@ -640,6 +667,7 @@ fn udp_no_ports(ns: &Netns) -> u64 {
 #[test]
 fn the_tunnel_over_wireguard_takes_frames_from_the_link_only() {
     let h = Hosts::new();
+    wait_for_kernel_random();
     wireguard(&h.a, 0, WG_A, WG_B, &format!("{B_IP}:51820"));
     wireguard(&h.b, 1, WG_B, WG_A, &format!("{A_IP}:51820"));
     // An attacker on B's Ethernet claiming A's WireGuard address.
@@ -693,21 +721,14 @@ peer = "{WG_A}"
     );
 
     let sent = frames(300);
-    std::thread::scope(|s| {
-        let reader = s.spawn(|| b_rx.collect(QUIET, LIMIT));
-        for f in &sent {
-            a_tx.send(f).unwrap();
-            std::thread::sleep(Duration::from_micros(500));
-        }
-        let got = reader.join().unwrap();
-        assert_eq!(
-            got.len(),
-            sent.len(),
-            "{}",
-            loss_report(&h, &agent_a, &agent_b)
-        );
-        assert_same_frames_in_id_order(&got, &sent, "A -> B over WireGuard");
-    });
+    let got = send_and_collect(&a_tx, &b_rx, &sent, |_| true, Duration::from_micros(500));
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "{}",
+        loss_report(&h, &agent_a, &agent_b)
+    );
+    assert_same_frames_in_id_order(&got, &sent, "A -> B over WireGuard");
 
     // From outside the link, to the same port: a good datagram each time.
     let good = datagram(0, &[classic(0x123, &[0xab, 0xcd])]);

@@ -45,6 +45,20 @@ impl Frame {
         }
     }
 
+    /// A frame as the kernel delivered it, CAN FD or not.
+    fn from_raw(raw: &CanFrame, fd: bool) -> Self {
+        let rtr = raw.can_id & edgeplane_common::can::CAN_RTR_FLAG != 0;
+        let data_len = if rtr { 0 } else { usize::from(raw.len.min(64)) };
+        Frame {
+            can_id: raw.can_id,
+            fd,
+            // Kernels from 6.2 mark CAN FD frames with CANFD_FDF (0x04) themselves: not compared.
+            flags: if fd { raw.flags & !0x04 } else { 0 },
+            len: raw.len,
+            data: raw.data[..data_len].to_vec(),
+        }
+    }
+
     fn raw(&self) -> CanFrame {
         let mut f = CanFrame {
             can_id: self.can_id,
@@ -176,30 +190,14 @@ impl Bus {
     /// The next frame, or None after the read timeout.
     pub fn recv(&self) -> Option<Frame> {
         let (raw, fd) = self.recv_raw()?;
-        let rtr = raw.can_id & edgeplane_common::can::CAN_RTR_FLAG != 0;
-        let data_len = if rtr { 0 } else { usize::from(raw.len.min(64)) };
-        Some(Frame {
-            can_id: raw.can_id,
-            fd,
-            // Kernels from 6.2 mark CAN FD frames with CANFD_FDF (0x04) themselves: not compared.
-            flags: if fd { raw.flags & !0x04 } else { 0 },
-            len: raw.len,
-            data: raw.data[..data_len].to_vec(),
-        })
+        Some(Frame::from_raw(&raw, fd))
     }
 
     /// Everything that arrives until `quiet` passes without a frame (at most `limit` total).
     pub fn collect(&self, quiet: Duration, limit: Duration) -> Vec<Frame> {
-        let start = Instant::now();
-        let mut last = Instant::now();
-        let mut out = Vec::new();
-        while start.elapsed() < limit && last.elapsed() < quiet {
-            if let Some(f) = self.recv() {
-                out.push(f);
-                last = Instant::now();
-            }
-        }
-        out
+        (self.collect_raw(quiet, limit).into_iter())
+            .map(|(raw, fd)| Frame::from_raw(&raw, fd))
+            .collect()
     }
 }
 
