@@ -90,7 +90,7 @@ fn loss_report(h: &Hosts, a: &Agent, b: &Agent) -> String {
 }
 
 /// Sends `frames` on `tx`, pausing `pause` after each frame `pause_after` picks, while a
-/// thread collects what arrives on `rx`.
+/// thread collects what arrives on `rx` (until all came and the bus was quiet, or `LIMIT`).
 fn send_and_collect(
     tx: &Bus,
     rx: &Bus,
@@ -99,7 +99,7 @@ fn send_and_collect(
     pause: Duration,
 ) -> Vec<Frame> {
     std::thread::scope(|s| {
-        let reader = s.spawn(|| rx.collect(QUIET, LIMIT));
+        let reader = s.spawn(|| rx.collect_at_least(frames.len(), QUIET, LIMIT));
         for (i, f) in frames.iter().enumerate() {
             tx.send(f).unwrap();
             if pause_after(i) {

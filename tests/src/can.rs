@@ -175,10 +175,21 @@ impl Bus {
 
     /// [`Self::recv_raw`] until `quiet` passes without a frame (at most `limit` total).
     pub fn collect_raw(&self, quiet: Duration, limit: Duration) -> Vec<(CanFrame, bool)> {
+        self.collect_raw_at_least(0, quiet, limit)
+    }
+
+    /// [`Self::collect_raw`], but a quiet spell ends it only once `n` frames arrived: a link
+    /// that stalls a while (a WireGuard handshake, a VM's vCPU descheduled) must not end it.
+    pub fn collect_raw_at_least(
+        &self,
+        n: usize,
+        quiet: Duration,
+        limit: Duration,
+    ) -> Vec<(CanFrame, bool)> {
         let start = Instant::now();
         let mut last = Instant::now();
         let mut out = Vec::new();
-        while start.elapsed() < limit && last.elapsed() < quiet {
+        while start.elapsed() < limit && (out.len() < n || last.elapsed() < quiet) {
             if let Some(f) = self.recv_raw() {
                 out.push(f);
                 last = Instant::now();
@@ -195,7 +206,12 @@ impl Bus {
 
     /// Everything that arrives until `quiet` passes without a frame (at most `limit` total).
     pub fn collect(&self, quiet: Duration, limit: Duration) -> Vec<Frame> {
-        (self.collect_raw(quiet, limit).into_iter())
+        self.collect_at_least(0, quiet, limit)
+    }
+
+    /// [`Self::collect`] that a quiet spell ends only once `n` frames arrived.
+    pub fn collect_at_least(&self, n: usize, quiet: Duration, limit: Duration) -> Vec<Frame> {
+        (self.collect_raw_at_least(n, quiet, limit).into_iter())
             .map(|(raw, fd)| Frame::from_raw(&raw, fd))
             .collect()
     }
