@@ -52,7 +52,8 @@ impl Frame {
         Frame {
             can_id: raw.can_id,
             fd,
-            // Kernels from 6.2 mark CAN FD frames with CANFD_FDF (0x04) themselves: not compared.
+            // Newer kernels (Debian's 6.1 among them) mark CAN FD frames with CANFD_FDF (0x04)
+            // themselves: not compared here (`recv_raw` gives the exact bytes).
             flags: if fd { raw.flags & !0x04 } else { 0 },
             len: raw.len,
             data: raw.data[..data_len].to_vec(),
