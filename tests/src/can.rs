@@ -45,6 +45,21 @@ impl Frame {
         }
     }
 
+    /// A frame as the kernel delivered it, CAN FD or not.
+    fn from_raw(raw: &CanFrame, fd: bool) -> Self {
+        let rtr = raw.can_id & edgeplane_common::can::CAN_RTR_FLAG != 0;
+        let data_len = if rtr { 0 } else { usize::from(raw.len.min(64)) };
+        Frame {
+            can_id: raw.can_id,
+            fd,
+            // Newer kernels (Debian's 6.1 among them) mark CAN FD frames with CANFD_FDF (0x04)
+            // themselves: not compared here (`recv_raw` gives the exact bytes).
+            flags: if fd { raw.flags & !0x04 } else { 0 },
+            len: raw.len,
+            data: raw.data[..data_len].to_vec(),
+        }
+    }
+
     fn raw(&self) -> CanFrame {
         let mut f = CanFrame {
             can_id: self.can_id,
@@ -140,8 +155,9 @@ impl Bus {
         Ok(())
     }
 
-    /// The next frame, or None after the read timeout.
-    pub fn recv(&self) -> Option<Frame> {
+    /// The next frame exactly as the kernel delivered it (the bytes past a classic frame's
+    /// CAN_MTU zero) and whether it is CAN FD, or None after the read timeout.
+    pub fn recv_raw(&self) -> Option<(CanFrame, bool)> {
         let mut raw = CanFrame::default();
         // SAFETY: reads at most sizeof(CanFrame) bytes into it.
         let n = unsafe {
@@ -151,35 +167,54 @@ impl Bus {
                 size_of::<CanFrame>(),
             )
         };
-        let fd = match usize::try_from(n).ok()? {
-            CAN_MTU => false,
-            CANFD_MTU => true,
-            _ => return None,
-        };
-        let rtr = raw.can_id & edgeplane_common::can::CAN_RTR_FLAG != 0;
-        let data_len = if rtr { 0 } else { usize::from(raw.len.min(64)) };
-        Some(Frame {
-            can_id: raw.can_id,
-            fd,
-            // Kernels from 6.2 mark CAN FD frames with CANFD_FDF (0x04) themselves: not compared.
-            flags: if fd { raw.flags & !0x04 } else { 0 },
-            len: raw.len,
-            data: raw.data[..data_len].to_vec(),
-        })
+        match usize::try_from(n).ok()? {
+            CAN_MTU => Some((raw, false)),
+            CANFD_MTU => Some((raw, true)),
+            _ => None,
+        }
     }
 
-    /// Everything that arrives until `quiet` passes without a frame (at most `limit` total).
-    pub fn collect(&self, quiet: Duration, limit: Duration) -> Vec<Frame> {
+    /// [`Self::recv_raw`] until `quiet` passes without a frame (at most `limit` total).
+    pub fn collect_raw(&self, quiet: Duration, limit: Duration) -> Vec<(CanFrame, bool)> {
+        self.collect_raw_at_least(0, quiet, limit)
+    }
+
+    /// [`Self::collect_raw`], but a quiet spell ends it only once `n` frames arrived: a link
+    /// that stalls a while (a WireGuard handshake, a VM's vCPU descheduled) must not end it.
+    pub fn collect_raw_at_least(
+        &self,
+        n: usize,
+        quiet: Duration,
+        limit: Duration,
+    ) -> Vec<(CanFrame, bool)> {
         let start = Instant::now();
         let mut last = Instant::now();
         let mut out = Vec::new();
-        while start.elapsed() < limit && last.elapsed() < quiet {
-            if let Some(f) = self.recv() {
+        while start.elapsed() < limit && (out.len() < n || last.elapsed() < quiet) {
+            if let Some(f) = self.recv_raw() {
                 out.push(f);
                 last = Instant::now();
             }
         }
         out
+    }
+
+    /// The next frame, or None after the read timeout.
+    pub fn recv(&self) -> Option<Frame> {
+        let (raw, fd) = self.recv_raw()?;
+        Some(Frame::from_raw(&raw, fd))
+    }
+
+    /// Everything that arrives until `quiet` passes without a frame (at most `limit` total).
+    pub fn collect(&self, quiet: Duration, limit: Duration) -> Vec<Frame> {
+        self.collect_at_least(0, quiet, limit)
+    }
+
+    /// [`Self::collect`] that a quiet spell ends only once `n` frames arrived.
+    pub fn collect_at_least(&self, n: usize, quiet: Duration, limit: Duration) -> Vec<Frame> {
+        (self.collect_raw_at_least(n, quiet, limit).into_iter())
+            .map(|(raw, fd)| Frame::from_raw(&raw, fd))
+            .collect()
     }
 }
 

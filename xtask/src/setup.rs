@@ -28,6 +28,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "qemu-system-x86",
         "the VM tests on Debian's 5.10 and 6.1 kernels",
     ),
+    (
+        "wireguard-tools",
+        "wg: the WireGuard link of the CAN tunnel test (VM only)",
+    ),
     ("busybox-static", "the VM tests' initramfs userland"),
     ("kmod", "depmod: modules.dep of the VM tests' kernels"),
     ("xz-utils", "decompressing .ko.xz modules for the VM tests"),

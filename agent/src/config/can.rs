@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     str::FromStr,
 };
 
@@ -13,7 +13,7 @@ use edgeplane_common::can::{
 };
 use serde::{Deserialize, Deserializer};
 
-use super::{Problem, check_rule_name};
+use super::{CanReceive, Problem, check_rule_name};
 use crate::{host::Host, host::netdev};
 
 pub const MAX_CAN_ROUTES: usize = edgeplane_common::can::MAX_RULES as usize;
@@ -140,6 +140,14 @@ impl FromStr for CanFilter {
             mask: mask_v & !CAN_ERR_FLAG,
             invert,
         })
+    }
+}
+
+impl CanFilter {
+    /// CAN_RAW's rule: `can_id & mask == id & mask` (flags included), or the opposite when
+    /// inverted.
+    pub fn matches(&self, can_id: u32) -> bool {
+        (can_id & self.mask == self.id & self.mask) != self.invert
     }
 }
 
@@ -324,18 +332,6 @@ impl CanWatchConfig {
             self.id
         }
     }
-}
-
-/// The receiving end of a tunnel: datagrams arriving on `listen` are decoded and their frames
-/// written to `iface`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CanReceive {
-    pub name: String,
-    pub listen: SocketAddr,
-    pub iface: String,
-    /// Accept datagrams only from this address (cannelloni's remote).
-    pub peer: Option<IpAddr>,
 }
 
 impl CanConfig {
@@ -599,34 +595,7 @@ impl CanConfig {
             }
         }
 
-        let mut rnames: HashMap<&str, usize> = HashMap::new();
-        let mut listens: HashMap<SocketAddr, usize> = HashMap::new();
-        for (i, r) in self.receive.iter().enumerate() {
-            let key = |f: &str| format!("can.receive[{i}].{f}");
-            if let Err(why) = check_rule_name(&r.name) {
-                push(key("name"), why);
-            } else if let Some(first) = rnames.insert(&r.name, i) {
-                push(
-                    key("name"),
-                    format!(
-                        "duplicate receive name `{}` (also can.receive[{first}])",
-                        r.name
-                    ),
-                );
-            }
-            if r.listen.port() == 0 {
-                push(key("listen"), "needs a port: the peer sends to it".into());
-            }
-            if let Some(first) = listens.insert(r.listen, i) {
-                push(
-                    key("listen"),
-                    format!("{} is already used by can.receive[{first}]", r.listen),
-                );
-            }
-            if let Err(why) = netdev::check_name(&r.iface) {
-                push(key("iface"), why);
-            }
-        }
+        super::can_receive::problems(&self.receive, out);
     }
 
     /// Host checks: interfaces exist and are CAN netdevs. (Tunnel peers are resolved when the
@@ -796,7 +765,8 @@ mod tests {
                [[can.receive]]
                name = "r"
                listen = "0.0.0.0:0"
-               iface = "can1""#,
+               iface = "can1"
+               peer = "any""#,
         );
         assert_eq!(
             k,

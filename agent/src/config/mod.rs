@@ -4,6 +4,7 @@
 //! (`udp.forward[1].match.dst_port`), so nothing is attached from a config that is wrong.
 
 mod can;
+mod can_receive;
 mod latency;
 mod registry;
 mod udp;
@@ -17,7 +18,7 @@ use std::{
 
 use serde::Deserialize;
 
-pub use self::{can::*, latency::*, registry::*, udp::*};
+pub use self::{can::*, can_receive::*, latency::*, registry::*, udp::*};
 use crate::host::{Host, ThisHost};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -304,7 +305,8 @@ impl Config {
             std::iter::once(&r.ingress).chain(r.to.as_ref().and_then(|t| t.iface.as_ref()))
         });
         let watches = self.can.watch.iter().map(|w| &w.iface);
-        let receivers = self.can.receive.iter().map(|r| &r.iface);
+        let receivers =
+            (self.can.receive.iter()).flat_map(|r| std::iter::once(&r.iface).chain(&r.bind_iface));
         let names: std::collections::BTreeSet<&String> = udp
             .chain(can_routes)
             .chain(watches)
@@ -516,6 +518,7 @@ mod tests {
             name = "rx"
             listen = "0.0.0.0:20000"
             iface = "can3"
+            peer = "192.0.2.1"
             "#
         );
         assert_eq!(

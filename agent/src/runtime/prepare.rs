@@ -237,9 +237,13 @@ fn compile(
         can_watches.push((w.iface.clone(), ifindex, key, value));
     }
     for r in &config.can.receive {
-        if host.ifindex(&r.iface).is_none() {
-            anyhow::ensure!(!strict, "interface {} vanished", r.iface);
-            wait("can_receive", &r.name, &r.iface);
+        // The bound interface (a WireGuard link, say) is waited for like the bus: a socket
+        // bound to a vanished interface's index would never receive again.
+        for iface in std::iter::once(&r.iface).chain(&r.bind_iface) {
+            if host.ifindex(iface).is_none() {
+                anyhow::ensure!(!strict, "interface {iface} vanished");
+                wait("can_receive", &r.name, iface);
+            }
         }
     }
     Ok(Prepared {

@@ -283,7 +283,13 @@ async fn next_frame(sock: &Sock) -> io::Result<(CanFrame, bool)> {
     }
 }
 
-async fn write(sock: &Sock, frame: &CanFrame, fd: bool) -> io::Result<()> {
+/// Writes exactly these bytes: a classic frame's first CAN_MTU bytes or the whole CAN FD
+/// frame, flags as they are (socketcan's frame types would add CANFD_FDF and pad lengths).
+pub(crate) async fn write(
+    sock: &AsyncFd<CanFdSocket>,
+    frame: &CanFrame,
+    fd: bool,
+) -> io::Result<()> {
     let n = if fd { CANFD_MTU } else { CAN_MTU };
     loop {
         let mut ready = sock.writable().await?;

@@ -27,6 +27,7 @@ pub const MODULES: &[&str] = &[
     "vcan",        // virtual CAN interfaces
     "vxcan",       // virtual CAN tunnels between namespaces
     "kvaser_pci",  // the emulated CAN controllers (SJA1000) the VM has, see qemu.rs
+    "wireguard",   // the authenticated link the CAN tunnel test runs over
 ];
 
 /// Host programs the tests run, found on the host's PATH (and the sbin directories).
@@ -39,6 +40,7 @@ const HOST_TOOLS: &[&str] = &[
     "cansend",  // can-utils
     "candump",  // can-utils
     "cangw",    // can-utils
+    "wg",       // wireguard-tools: keys and peers of the WireGuard links
 ];
 
 /// Where the project's binaries go in the guest; /init knows these paths.

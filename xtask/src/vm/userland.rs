@@ -30,6 +30,7 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
     "prometheus",
     "can-utils",
+    "wireguard-tools",
 ];
 /// The suite whose packages make a foreign sysroot: the host's own release (bookworm), whose
 /// glibc the cross-built agent links against.

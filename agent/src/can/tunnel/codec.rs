@@ -2,7 +2,9 @@
 //! frame count, big-endian) and then each frame as can_id (4, big-endian, flags included),
 //! len (1, | 0x80 for CAN FD), flags (1, CAN FD only) and the data (none for remote frames).
 
-use edgeplane_common::can::{CAN_MAX_DLEN, CAN_RTR_FLAG, CANFD_MAX_DLEN, CanFrame};
+use edgeplane_common::can::{
+    CAN_EFF_FLAG, CAN_ERR_FLAG, CAN_MAX_DLEN, CAN_RTR_FLAG, CAN_SFF_MASK, CANFD_MAX_DLEN, CanFrame,
+};
 
 pub const VERSION: u8 = 2;
 pub const OP_DATA: u8 = 0;
@@ -102,35 +104,63 @@ pub enum DecodeError {
     BadVersion(u8),
     #[error("op code {0}, not DATA")]
     BadOpCode(u8),
-    #[error("frame length {0} over the maximum (8 classic, 64 CAN FD)")]
+    #[error(
+        "frame length {0} is no frame's length (0 to 8 classic; 0 to 8, 12, 16, 20, 24, 32, 48 or 64 CAN FD)"
+    )]
     BadLength(u8),
     #[error("{0} bytes after the announced frames")]
     TrailingBytes(usize),
+    #[error("announces {0} frames, over the receiver's max_frames_per_datagram")]
+    TooManyFrames(u16),
+    #[error("CAN FD flags {0:#04x}: only BRS (0x01), ESI (0x02) and FDF (0x04) exist")]
+    BadFlags(u8),
+    #[error("standard (11-bit) ID {0:#x} over 0x7FF")]
+    BadId(u32),
+    #[error("a CAN FD frame with the remote (RTR) flag: CAN FD has no remote frames")]
+    FdRemote,
 }
 
 impl DecodeError {
-    pub const LABELS: [&'static str; 5] = [
+    pub const LABELS: [&'static str; 9] = [
         "truncated",
         "bad_version",
         "bad_op_code",
         "bad_length",
         "trailing_bytes",
+        "too_many_frames",
+        "bad_flags",
+        "bad_id",
+        "fd_remote",
     ];
 
-    /// Metric label.
-    pub fn label(&self) -> &'static str {
+    /// Index of the metric label in [`Self::LABELS`].
+    pub fn index(&self) -> usize {
         match self {
-            Self::Truncated => "truncated",
-            Self::BadVersion(_) => "bad_version",
-            Self::BadOpCode(_) => "bad_op_code",
-            Self::BadLength(_) => "bad_length",
-            Self::TrailingBytes(_) => "trailing_bytes",
+            Self::Truncated => 0,
+            Self::BadVersion(_) => 1,
+            Self::BadOpCode(_) => 2,
+            Self::BadLength(_) => 3,
+            Self::TrailingBytes(_) => 4,
+            Self::TooManyFrames(_) => 5,
+            Self::BadFlags(_) => 6,
+            Self::BadId(_) => 7,
+            Self::FdRemote => 8,
         }
     }
 }
 
-/// Decodes a whole datagram, or rejects it whole.
-pub fn decode(d: &[u8]) -> Result<Vec<TunnelFrame>, DecodeError> {
+/// CAN FD's lengths: 0 to 8, then the eight DLCs 9 to 15 stand for these. The kernel pads any
+/// other length up to the next, so the bus would carry other bytes than the datagram.
+fn is_fd_length(len: u8) -> bool {
+    len <= 8 || matches!(len, 12 | 16 | 20 | 24 | 32 | 48 | 64)
+}
+
+/// The CAN FD flags that exist: BRS, ESI and FDF (the kernel's mark of an FD frame).
+const FD_FLAGS: u8 = 0x07;
+
+/// Decodes a whole datagram of at most `max_frames` frames, or rejects it whole. Each frame
+/// is one the bus can carry exactly as decoded.
+pub fn decode(d: &[u8], max_frames: u16) -> Result<Vec<TunnelFrame>, DecodeError> {
     if d.len() < HEADER_LEN {
         return Err(DecodeError::Truncated);
     }
@@ -141,6 +171,9 @@ pub fn decode(d: &[u8]) -> Result<Vec<TunnelFrame>, DecodeError> {
         return Err(DecodeError::BadOpCode(d[1]));
     }
     let count = u16::from_be_bytes([d[3], d[4]]);
+    if count > max_frames {
+        return Err(DecodeError::TooManyFrames(count));
+    }
     let mut frames = Vec::with_capacity(usize::from(count).min(d.len() / 5));
     let mut at = HEADER_LEN;
     let take = |at: &mut usize, n: usize| -> Result<&[u8], DecodeError> {
@@ -153,17 +186,27 @@ pub fn decode(d: &[u8]) -> Result<Vec<TunnelFrame>, DecodeError> {
         let raw_len = take(&mut at, 1)?[0];
         let fd = raw_len & FD_LEN_FLAG != 0;
         let len = raw_len & !FD_LEN_FLAG;
-        if len > if fd { CANFD_MAX_DLEN } else { CAN_MAX_DLEN } {
+        let rtr = can_id & CAN_RTR_FLAG != 0;
+        if fd && !is_fd_length(len) || !fd && len > CAN_MAX_DLEN {
             return Err(DecodeError::BadLength(len));
         }
+        if fd && rtr {
+            return Err(DecodeError::FdRemote);
+        }
+        if can_id & (CAN_EFF_FLAG | CAN_ERR_FLAG) == 0 && can_id & !CAN_RTR_FLAG > CAN_SFF_MASK {
+            return Err(DecodeError::BadId(can_id & !CAN_RTR_FLAG));
+        }
         let flags = if fd { take(&mut at, 1)?[0] } else { 0 };
+        if flags & !FD_FLAGS != 0 {
+            return Err(DecodeError::BadFlags(flags));
+        }
         let mut frame = CanFrame {
             can_id,
             len,
             flags,
             ..CanFrame::default()
         };
-        if can_id & CAN_RTR_FLAG == 0 {
+        if !rtr {
             frame.data[..usize::from(len)].copy_from_slice(take(&mut at, usize::from(len))?);
         }
         frames.push(TunnelFrame { frame, fd });
@@ -176,9 +219,9 @@ pub fn decode(d: &[u8]) -> Result<Vec<TunnelFrame>, DecodeError> {
 
 #[cfg(test)]
 mod tests {
-    use edgeplane_common::can::CAN_EFF_FLAG;
-
     use super::*;
+
+    const ANY: u16 = u16::MAX;
 
     fn frame(can_id: u32, data: &[u8], fd: bool) -> TunnelFrame {
         let mut f = CanFrame {
@@ -213,7 +256,7 @@ mod tests {
         );
         assert!(e.is_empty());
         assert_eq!(
-            decode(&d).unwrap(),
+            decode(&d, ANY).unwrap(),
             vec![
                 frame(0x123, &[0xde, 0xad], false),
                 frame(0x1234_5678 | CAN_EFF_FLAG, &[1, 2, 3], true),
@@ -237,30 +280,94 @@ mod tests {
         let mut e = Encoder::new(1400);
         e.push(&frame(0x123, &[1, 2, 3, 4], false));
         let good = e.finish(1);
-        assert_eq!(decode(&good).unwrap().len(), 1);
+        assert_eq!(decode(&good, ANY).unwrap().len(), 1);
 
-        assert_eq!(decode(&good[..3]), Err(DecodeError::Truncated));
+        assert_eq!(decode(&good[..3], ANY), Err(DecodeError::Truncated));
         let mut v = good.clone();
         v[0] = 1;
-        assert_eq!(decode(&v), Err(DecodeError::BadVersion(1)));
+        assert_eq!(decode(&v, ANY), Err(DecodeError::BadVersion(1)));
         let mut v = good.clone();
         v[1] = 1;
-        assert_eq!(decode(&v), Err(DecodeError::BadOpCode(1)));
+        assert_eq!(decode(&v, ANY), Err(DecodeError::BadOpCode(1)));
         let mut v = good.clone();
         v[4] = 2; // announces two frames, carries one
-        assert_eq!(decode(&v), Err(DecodeError::Truncated));
+        assert_eq!(decode(&v, ANY), Err(DecodeError::Truncated));
         let mut v = good.clone();
         v[9] = 9; // classic frame longer than 8
-        assert_eq!(decode(&v), Err(DecodeError::BadLength(9)));
+        assert_eq!(decode(&v, ANY), Err(DecodeError::BadLength(9)));
         let mut v = good.clone();
         v[9] = 0x80 | 65;
-        assert_eq!(decode(&v), Err(DecodeError::BadLength(65)));
+        assert_eq!(decode(&v, ANY), Err(DecodeError::BadLength(65)));
         let mut v = good.clone();
         v.push(0);
-        assert_eq!(decode(&v), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(decode(&v, ANY), Err(DecodeError::TrailingBytes(1)));
         let mut v = good;
         v.truncate(v.len() - 1); // data cut short
-        assert_eq!(decode(&v), Err(DecodeError::Truncated));
-        assert_eq!(decode(&[2, 0, 0, 0, 0]).unwrap(), vec![]);
+        assert_eq!(decode(&v, ANY), Err(DecodeError::Truncated));
+        assert_eq!(decode(&[2, 0, 0, 0, 0], ANY).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn frames_the_bus_would_change_are_rejected() {
+        let one = |id: u32, len: u8, rest: &[u8]| {
+            let mut d = vec![2, 0, 9, 0, 1];
+            d.extend_from_slice(&id.to_be_bytes());
+            d.push(len);
+            d.extend_from_slice(rest);
+            d
+        };
+        // A CAN FD length the kernel would pad (13 -> 16), and each valid one.
+        assert_eq!(
+            decode(&one(0x100, 0x80 | 13, &[0; 14]), ANY),
+            Err(DecodeError::BadLength(13))
+        );
+        for len in [0u8, 1, 8, 12, 16, 20, 24, 32, 48, 64] {
+            let mut rest = vec![0x01];
+            rest.resize(1 + usize::from(len), 0xaa);
+            assert_eq!(
+                decode(&one(0x100, 0x80 | len, &rest), ANY).unwrap()[0]
+                    .frame
+                    .len,
+                len
+            );
+        }
+        assert_eq!(
+            decode(&one(0x100 | CAN_RTR_FLAG, 0x80, &[0]), ANY),
+            Err(DecodeError::FdRemote)
+        );
+        assert_eq!(
+            decode(&one(0x800, 0, &[]), ANY),
+            Err(DecodeError::BadId(0x800))
+        );
+        assert_eq!(
+            decode(&one(0x800 | CAN_RTR_FLAG, 0, &[]), ANY),
+            Err(DecodeError::BadId(0x800))
+        );
+        // Extended and error-frame IDs use the 29 bits.
+        assert!(decode(&one(0x800 | CAN_EFF_FLAG, 0, &[]), ANY).is_ok());
+        assert!(decode(&one(0x800 | CAN_ERR_FLAG, 8, &[0; 8]), ANY).is_ok());
+        assert_eq!(
+            decode(&one(0x100, 0x80, &[0x08]), ANY),
+            Err(DecodeError::BadFlags(0x08))
+        );
+        let f = decode(&one(0x100, 0x80, &[0x07]), ANY).unwrap()[0];
+        assert_eq!(
+            (f.fd, f.frame.flags),
+            (true, 0x07),
+            "flags kept exactly, FDF too"
+        );
+        // Too many frames: rejected before anything is decoded.
+        let d = [2, 0, 0, 0x10, 0x00];
+        assert_eq!(decode(&d, 0x0fff), Err(DecodeError::TooManyFrames(0x1000)));
+        assert_eq!(decode(&d, 0x1000), Err(DecodeError::Truncated));
+        for (i, e) in [DecodeError::Truncated, DecodeError::FdRemote]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(
+                DecodeError::LABELS[e.index()],
+                ["truncated", "fd_remote"][i]
+            );
+        }
     }
 }

@@ -12,26 +12,63 @@ use prometheus_client::{
 use super::codec::DecodeError;
 use crate::metrics::encode_log2_hist;
 
-/// Why a received datagram was rejected: decode errors, then `unknown_peer`.
-pub const REJECT_LABELS: [&str; 6] = [
-    DecodeError::LABELS[0],
-    DecodeError::LABELS[1],
-    DecodeError::LABELS[2],
-    DecodeError::LABELS[3],
-    DecodeError::LABELS[4],
-    "unknown_peer",
+/// Why a received datagram was rejected whole: decode errors, then the receiver's own.
+pub const REJECT_LABELS: [&str; 11] = {
+    let d = DecodeError::LABELS;
+    [
+        d[0],
+        d[1],
+        d[2],
+        d[3],
+        d[4],
+        d[5],
+        d[6],
+        d[7],
+        d[8],
+        "unknown_peer",
+        "replay",
+    ]
+};
+pub const UNKNOWN_PEER: usize = 9;
+pub const REPLAY: usize = 10;
+
+/// Why a frame of an accepted datagram was not written, in [`DropReason`] order.
+pub const DROP_LABELS: [&str; 5] = [
+    "error_frame",
+    "remote_frame",
+    "fd_frame",
+    "filter",
+    "rate_limit",
 ];
-pub const UNKNOWN_PEER: usize = 5;
+
+/// A frame the receiver's rules keep off the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    ErrorFrame,
+    RemoteFrame,
+    FdFrame,
+    Filter,
+    RateLimit,
+}
+
+/// What the sequence numbers of a peer's datagrams said, in [`super::sequence::Event`] order.
+pub const SEQUENCE_LABELS: [&str; 4] = ["lost", "reordered", "duplicate", "restart"];
 
 #[derive(Debug, Default, Clone)]
 pub struct TunnelCounters {
+    /// A receiver's (by name), else a sender's (by peer address).
+    pub is_receiver: bool,
     pub tx_datagrams: u64,
     pub tx_frames: u64,
     pub send_errors: u64,
     pub rx_datagrams: u64,
     pub rx_frames: u64,
     pub write_errors: u64,
-    pub rejected: [u64; 6],
+    /// Frames of datagrams whose send failed.
+    pub unsent_frames: u64,
+    pub rejected: [u64; REJECT_LABELS.len()],
+    pub dropped: [u64; DROP_LABELS.len()],
+    pub sequence: [u64; SEQUENCE_LABELS.len()],
     /// From the frame's arrival in the kernel to its datagram being sent.
     pub queue: Log2Hist,
 }
@@ -58,12 +95,16 @@ impl TunnelMetrics {
         }
     }
 
-    /// Keeps exactly these tunnels (new ones start at zero, gone ones disappear).
-    pub fn retain(&self, tunnels: &[String]) {
+    /// Keeps exactly these tunnels, senders by peer address and receivers by name (new ones
+    /// start at zero, gone ones disappear).
+    pub fn retain(&self, senders: &[String], receivers: &[String]) {
         let mut m = self.by_tunnel.lock().expect("lock");
-        m.retain(|k, _| tunnels.contains(k));
-        for t in tunnels {
+        m.retain(|k, _| senders.contains(k) || receivers.contains(k));
+        for t in senders {
             m.entry(t.clone()).or_default();
+        }
+        for t in receivers {
+            m.entry(t.clone()).or_default().is_receiver = true;
         }
     }
 
@@ -111,6 +152,41 @@ impl Collector for TunnelMetrics {
                     family.encode_family(&[("tunnel", t.as_str()), ("reason", *reason)])?,
                 )?;
             }
+        }
+        let mut family = encoder.encode_descriptor(
+            "can_tunnel_dropped",
+            "Frames of accepted datagrams a receiver's rules kept off the bus, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (t, c) in m.iter().filter(|(_, c)| c.is_receiver) {
+            for (reason, v) in DROP_LABELS.iter().zip(c.dropped) {
+                ConstCounter::new(v).encode(
+                    family.encode_family(&[("tunnel", t.as_str()), ("reason", *reason)])?,
+                )?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "can_tunnel_sequence",
+            "Datagrams a receiver's peers sent, by what their sequence numbers said: lost (never came within 64 datagrams), reordered, duplicate (dropped), restart (a jump: the peer started again)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (t, c) in m.iter().filter(|(_, c)| c.is_receiver) {
+            for (event, v) in SEQUENCE_LABELS.iter().zip(c.sequence) {
+                ConstCounter::new(v)
+                    .encode(family.encode_family(&[("tunnel", t.as_str()), ("event", *event)])?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "can_tunnel_unsent_frames",
+            "Frames a sender lost to failed sends (each failed datagram counts its frames)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (t, c) in m.iter().filter(|(_, c)| !c.is_receiver) {
+            ConstCounter::new(c.unsent_frames)
+                .encode(family.encode_family(&[("tunnel", t.as_str())])?)?;
         }
         let mut family = encoder.encode_descriptor(
             "can_tunnel_errors",

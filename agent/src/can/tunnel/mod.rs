@@ -4,21 +4,27 @@
 
 pub mod codec;
 pub mod metrics;
+mod policy;
 mod receiver;
 pub mod sender;
+mod sequence;
 
 use std::{collections::HashMap, net::SocketAddr, os::fd::AsRawFd as _, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
+use socketcan::Socket as _;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use self::{
     metrics::TunnelMetrics,
     sender::{Sender, SenderConfig},
 };
 use super::router::TunnelSockets;
-use crate::config::{CanConfig, CanReceive};
+use crate::{
+    config::{CanConfig, CanReceive, TunnelPeer},
+    userspace::socket,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -32,6 +38,15 @@ pub enum TunnelError {
     Listen {
         name: String,
         addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "can.receive `{name}`: cannot bind to interface {iface} (bind_iface; SO_BINDTODEVICE needs CAP_NET_RAW): {source}"
+    )]
+    BindDevice {
+        name: String,
+        iface: String,
         #[source]
         source: std::io::Error,
     },
@@ -120,7 +135,10 @@ impl Tunnels {
                 iface: r.iface.clone(),
                 source,
             };
-            let can_sock = socketcan::tokio::CanFdSocket::open(&r.iface).map_err(can_err)?;
+            let can_sock = socketcan::CanFdSocket::open(&r.iface)
+                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                .and_then(socket::register)
+                .map_err(can_err)?;
             let cookie = socket_cookie(&can_sock).map_err(can_err)?;
             self.sockets
                 .insert(cookie, 1, 0)
@@ -134,9 +152,9 @@ impl Tunnels {
             max_datagram: usize::from(can.max_datagram),
             bind: can.tunnel_bind,
         };
-        let mut labels: Vec<String> = peers.iter().map(ToString::to_string).collect();
-        labels.extend(can.receive.iter().map(|r| r.name.clone()));
-        self.metrics.retain(&labels);
+        let senders: Vec<String> = peers.iter().map(ToString::to_string).collect();
+        let receivers: Vec<String> = can.receive.iter().map(|r| r.name.clone()).collect();
+        self.metrics.retain(&senders, &receivers);
         match (&self.sender, self.ring.take()) {
             (Some(s), _) => s.reconfigure(config),
             (None, Some(ring)) => {
@@ -162,14 +180,16 @@ impl Tunnels {
             self.stop(&name).await;
         }
         for (config, udp, can_sock, cookie) in started {
-            info!(tunnel = config.name, listen = %config.listen, iface = config.iface, "can tunnel receiver started");
-            let task = receiver::spawn(
-                config.name.clone(),
-                udp,
-                can_sock,
-                config.peer,
-                Arc::clone(&self.metrics),
-            );
+            info!(tunnel = config.name, listen = %config.listen, iface = config.iface, peer = %config.peer, bind_iface = config.bind_iface.as_deref().unwrap_or("(any)"), "can tunnel receiver started");
+            if config.peer == TunnelPeer::Any {
+                warn!(
+                    tunnel = config.name,
+                    "can tunnel receiver accepts datagrams from any sender (peer = \"any\"): anyone who can reach {} can write to {}; name the peer, or bind the receiver to an authenticated link (bind_iface)",
+                    config.listen,
+                    config.iface
+                );
+            }
+            let task = receiver::spawn(config.clone(), udp, can_sock, Arc::clone(&self.metrics));
             self.receivers.insert(
                 config.name.clone(),
                 Receiver {
@@ -226,6 +246,14 @@ fn bind_udp(r: &CanReceive) -> Result<tokio::net::UdpSocket, TunnelError> {
     )
     .map_err(err)?;
     set_receive_buffer(&sock);
+    if let Some(iface) = &r.bind_iface {
+        sock.bind_device(Some(iface.as_bytes()))
+            .map_err(|e| TunnelError::BindDevice {
+                name: r.name.clone(),
+                iface: iface.clone(),
+                source: e,
+            })?;
+    }
     sock.bind(&r.listen.into()).map_err(err)?;
     sock.set_nonblocking(true).map_err(err)?;
     tokio::net::UdpSocket::from_std(sock.into()).map_err(err)

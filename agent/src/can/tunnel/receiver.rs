@@ -1,57 +1,75 @@
-//! The tunnel's receiving side: datagrams on a UDP socket, decoded and checked whole, their
-//! frames written to a CAN netdev through a CAN_RAW socket with CAN FD enabled.
+//! The tunnel's receiving side: datagrams on a UDP socket, from the configured peer only,
+//! decoded and checked whole, replays dropped, and the frames the receiver's rules allow
+//! written to a CAN netdev (CAN_RAW, CAN FD enabled) with exactly the bytes the datagram
+//! carried.
 
 use std::{
-    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use edgeplane_common::can::{CAN_MTU, CanFrame};
-use socketcan::{CanAnyFrame, tokio::CanFdSocket};
-use tokio::{net::UdpSocket, task::JoinHandle};
+use edgeplane_common::can::CanFrame;
+use socketcan::CanFdSocket;
+use tokio::{io::unix::AsyncFd, net::UdpSocket, task::JoinHandle};
 use tracing::debug;
 
 use super::{
-    codec::{TunnelFrame, decode},
-    metrics::{TunnelMetrics, UNKNOWN_PEER},
+    codec::decode,
+    metrics::{REPLAY, TunnelMetrics, UNKNOWN_PEER},
+    policy::FramePolicy,
+    sequence::Sequences,
 };
+use crate::{config::CanReceive, userspace::can_socketcan};
 
 pub fn spawn(
-    name: String,
+    config: CanReceive,
     udp: UdpSocket,
-    can: CanFdSocket,
-    peer: Option<IpAddr>,
+    can: AsyncFd<CanFdSocket>,
     metrics: Arc<TunnelMetrics>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let name = config.name.clone();
+        let (peer, max_frames) = (config.peer, config.max_frames_per_datagram);
+        let mut policy = FramePolicy::new(config, Instant::now());
+        let mut sequences = Sequences::default();
         let mut buf = vec![0u8; 65536];
         loop {
             let Ok((n, from)) = udp.recv_from(&mut buf).await else {
                 continue;
             };
-            if peer.is_some_and(|p| p != from.ip()) {
+            if !peer.admits(from) {
                 metrics.update(&name, |c| c.rejected[UNKNOWN_PEER] += 1);
                 continue;
             }
-            let frames = match decode(&buf[..n]) {
+            let d = &buf[..n];
+            let frames = match decode(d, max_frames) {
                 Ok(f) => f,
                 Err(e) => {
                     debug!(tunnel = name, %from, "rejected datagram: {e}");
-                    metrics.update(&name, |c| {
-                        let i = super::codec::DecodeError::LABELS
-                            .iter()
-                            .position(|l| *l == e.label())
-                            .unwrap_or(0);
-                        c.rejected[i] += 1;
-                    });
+                    metrics.update(&name, |c| c.rejected[e.index()] += 1);
                     continue;
                 }
             };
+            let verdict = sequences.observe(from, d[2], Instant::now());
+            metrics.update(&name, |c| {
+                for (total, n) in c.sequence.iter_mut().zip(verdict.events) {
+                    *total += n;
+                }
+                c.rejected[REPLAY] += u64::from(verdict.duplicate);
+            });
+            if verdict.duplicate {
+                debug!(tunnel = name, %from, seq = d[2], "dropped a replayed datagram");
+                continue;
+            }
             let mut written = 0;
             let mut failed = 0;
+            let mut dropped = [0u64; super::metrics::DROP_LABELS.len()];
             for f in &frames {
-                match write(&can, &to_socketcan(f)).await {
+                if let Err(reason) = policy.admit(f, Instant::now()) {
+                    dropped[reason as usize] += 1;
+                    continue;
+                }
+                match write(&can, &f.frame, f.fd).await {
                     Ok(()) => written += 1,
                     Err(e) => {
                         debug!(tunnel = name, "frame not written: {e}");
@@ -63,6 +81,9 @@ pub fn spawn(
                 c.rx_datagrams += 1;
                 c.rx_frames += written;
                 c.write_errors += failed;
+                for (total, n) in c.dropped.iter_mut().zip(dropped) {
+                    *total += n;
+                }
             });
         }
     })
@@ -76,32 +97,16 @@ const WRITE_PATIENCE: Duration = Duration::from_millis(200);
 /// Writes `frame`, waiting out a full transmit queue: the qdisc refuses a frame with ENOBUFS
 /// rather than blocking (a datagram carries a burst of frames; a real bus takes them at its
 /// bitrate).
-async fn write(can: &CanFdSocket, frame: &CanAnyFrame) -> std::io::Result<()> {
+async fn write(can: &AsyncFd<CanFdSocket>, frame: &CanFrame, fd: bool) -> std::io::Result<()> {
     let deadline = Instant::now() + WRITE_PATIENCE;
     let mut pause = Duration::from_micros(500);
     loop {
-        match can.write_frame(frame).await {
+        match can_socketcan::write(can, frame, fd).await {
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && Instant::now() < deadline => {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(20));
             }
             r => return r,
         }
-    }
-}
-
-fn to_socketcan(f: &TunnelFrame) -> CanAnyFrame {
-    let bytes: &[u8; size_of::<CanFrame>()] =
-        // SAFETY: CanFrame is repr(C) plain data of exactly this size.
-        unsafe { &*(&raw const f.frame).cast() };
-    if f.fd {
-        // SAFETY: CanFrame has canfd_frame's layout (asserted in edgeplane-common).
-        let raw: libc::canfd_frame = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        CanAnyFrame::from(raw)
-    } else {
-        // SAFETY: its first CAN_MTU bytes have can_frame's layout.
-        let raw: libc::can_frame =
-            unsafe { std::ptr::read_unaligned(bytes[..CAN_MTU].as_ptr().cast()) };
-        CanAnyFrame::from(raw)
     }
 }

@@ -224,7 +224,10 @@ fn send(socket: &UdpSocket, b: &mut Batch, metrics: &TunnelMetrics) {
                 c.record_queue(now.saturating_sub(*t));
             }
         }
-        Err(_) => c.send_errors += 1,
+        Err(_) => {
+            c.send_errors += 1;
+            c.unsent_frames += frames;
+        }
     });
     b.arrivals.clear();
 }
