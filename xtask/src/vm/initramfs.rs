@@ -39,6 +39,8 @@ const HOST_TOOLS: &[&str] = &[
     "cansend",  // can-utils
     "candump",  // can-utils
     "cangw",    // can-utils
+    "setpriv",  // util-linux: the agent as a user with only its capabilities
+    "prlimit",  // util-linux: RLIMIT_MEMLOCK as the unit sets it
 ];
 
 /// Where the project's binaries go in the guest; /init knows these paths.
