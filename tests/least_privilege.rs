@@ -56,28 +56,15 @@ impl UserBpffs {
         let dir = PathBuf::from(format!("/run/edgeplane-tests/user-bpffs-{tag}"));
         let _ = umount(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
-        // SAFETY: NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                c"mode=0700".as_ptr().cast(),
-            )
-        };
-        assert_eq!(rc, 0, "mount bpffs: {}", std::io::Error::last_os_error());
-        // SAFETY: chown on a NUL-terminated path.
-        let rc = unsafe { libc::chown(target.as_ptr(), UID, UID) };
-        assert_eq!(rc, 0, "chown: {}", std::io::Error::last_os_error());
+        edgeplane_testbed::bpffs::mount(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(UID), Some(UID)).unwrap();
         Self { dir }
     }
 }
 
 fn umount(dir: &Path) -> std::io::Result<()> {
     let target = CString::new(dir.as_os_str().as_bytes())?;
-    // SAFETY: as above.
+    // SAFETY: umount2 of a NUL-terminated path.
     if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
         return Err(std::io::Error::last_os_error());
     }

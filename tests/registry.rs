@@ -418,33 +418,12 @@ fn tls_and_mutual_tls_with_the_spiffe_id_checked() {
     }
 
     // A certificate for another workload: refused at start, before anything is attached.
-    let path = host.dir.join("other.toml");
-    std::fs::write(&path, config("lidar", "a0", &mtls(&other_cert, &other_key))).unwrap();
-    let log = host.dir.join("other.log");
-    let mut child = host
-        .ns
-        .command(edgeplane_testbed::agent::binary().to_str().unwrap())
-        .args(["run", "--config", path.to_str().unwrap()])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the agent did not refuse the certificate:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stderr = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    let (code, stderr) = run_until_exit(
+        &host,
+        "other",
+        &config("lidar", "a0", &mtls(&other_cert, &other_key)),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("URI SAN spiffe://fleet.example/vehicle/other")
             && stderr.contains(&format!("agent.spiffe_id is {SPIFFE_ID}")),

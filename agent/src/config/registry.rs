@@ -528,6 +528,42 @@ mod tests {
     }
 
     #[test]
+    fn pushed_rules_and_server_identity_are_checked() {
+        let base = format!("[agent]\nservice_name = \"gw\"\nvin = \"{VIN}\"\n[registry]\n");
+        let plain = format!("{base}endpoints = [\"http://127.0.0.1:2379\"]\n");
+        let p = problems(&format!("{plain}watch_rules = true\n"));
+        assert_eq!(p[0].0, "registry.watch_rules");
+        assert!(p[0].1.contains("allow_insecure_rules = true"), "{p:?}");
+        assert!(
+            problems(&format!(
+                "{plain}watch_rules = true\nallow_insecure_rules = true\n"
+            ))
+            .is_empty()
+        );
+        let keys = |extra: &str| -> Vec<String> {
+            problems(&format!("{plain}{extra}"))
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(keys("rules_max_bytes = 0\n"), ["registry.rules_max_bytes"]);
+        assert_eq!(keys("rules_burst = 0\n"), ["registry.rules_per_minute"]);
+        assert_eq!(
+            keys("handshake_timeout = 0\n"),
+            ["registry.handshake_timeout"]
+        );
+        assert_eq!(keys("server_name = \"etcd\"\n"), ["registry.server_name"]);
+        let tls = format!("{base}endpoints = [\"https://127.0.0.1:2379\"]\nca = \"/ca.pem\"\n");
+        assert!(problems(&format!("{tls}server_name = \"etcd.fleet.example\"\n")).is_empty());
+        let p = problems(&format!("{tls}server_spiffe_id = \"etcd\"\n"));
+        assert_eq!(p[0].0, "registry.server_spiffe_id");
+        let p = problems(&format!(
+            "{tls}server_name = \"a.example\"\nserver_spiffe_id = \"spiffe://x/etcd\"\n"
+        ));
+        assert_eq!(p[0].0, "registry.server_spiffe_id");
+    }
+
+    #[test]
     fn vins_follow_iso_3779() {
         assert!(check_vin(VIN).is_ok());
         assert!(check_vin("1M8GDM9AXKP042788").is_ok());
