@@ -14,7 +14,9 @@ use edgeplane_testbed::{
     http,
     netns::Netns,
 };
-use edgeplane_tests::etcd::{Etcd, PLAIN_URL, Pki, Security, TLS_URL};
+use edgeplane_tests::etcd::{
+    Etcd, PLAIN_URL, Pki, SERVER_DNS_NAME, SERVER_SPIFFE_ID, Security, TLS_URL,
+};
 use prost::Message as _;
 
 const VIN: &str = "WVWZZZ1JZXW000001";
@@ -416,33 +418,12 @@ fn tls_and_mutual_tls_with_the_spiffe_id_checked() {
     }
 
     // A certificate for another workload: refused at start, before anything is attached.
-    let path = host.dir.join("other.toml");
-    std::fs::write(&path, config("lidar", "a0", &mtls(&other_cert, &other_key))).unwrap();
-    let log = host.dir.join("other.log");
-    let mut child = host
-        .ns
-        .command(edgeplane_testbed::agent::binary().to_str().unwrap())
-        .args(["run", "--config", path.to_str().unwrap()])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the agent did not refuse the certificate:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stderr = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    let (code, stderr) = run_until_exit(
+        &host,
+        "other",
+        &config("lidar", "a0", &mtls(&other_cert, &other_key)),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("URI SAN spiffe://fleet.example/vehicle/other")
             && stderr.contains(&format!("agent.spiffe_id is {SPIFFE_ID}")),
@@ -456,7 +437,10 @@ fn tls_and_mutual_tls_with_the_spiffe_id_checked() {
 fn pushed_rule_sets_are_applied_or_rejected() {
     let host = Host::new("regpush");
     let etcd = Etcd::start(&host.ns, &host.dir, Security::Plain, None).unwrap();
-    let watching = format!("{}\nwatch_rules = true", plain());
+    let watching = format!(
+        "{}\nwatch_rules = true\nallow_insecure_rules = true",
+        plain()
+    );
     let agent = Agent::start(&host.ns, &config("lidar", "a0", &watching), "info").unwrap();
     let before = wait_for("the record", Duration::from_secs(10), || {
         record(&etcd, &host.ns)
@@ -577,4 +561,234 @@ fn command_line_identity_survives_sighup() {
     let log = agent.stop_and_log().unwrap();
     assert!(!log.contains("reload rejected"), "{log}");
     assert!(!log.contains("[agent] or [registry] changed"), "{log}");
+}
+
+/// Runs `edgeplane run` on `config` until it exits (10 s at most); its exit code and stderr.
+fn run_until_exit(host: &Host, name: &str, config: &str) -> (Option<i32>, String) {
+    let path = host.dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let log = host.dir.join(format!("{name}.log"));
+    let mut child = host
+        .ns
+        .command(edgeplane_testbed::agent::binary().to_str().unwrap())
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the agent did not exit:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status.code(), std::fs::read_to_string(&log).unwrap())
+}
+
+/// Pushed rule sets over plain http:// are refused at start unless allowed explicitly, and
+/// the error says how to fix it.
+#[test]
+fn pushed_rules_over_plain_http_need_allow_insecure_rules() {
+    let host = Host::new("reginsec");
+    let watching = format!("{}\nwatch_rules = true", plain());
+    let (code, stderr) = run_until_exit(&host, "insecure", &config("lidar", "a0", &watching));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("registry.watch_rules")
+            && stderr.contains("allow_insecure_rules = true")
+            && stderr.contains("https://"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("edgeplane running"), "{stderr}");
+    let path = host.dir.join("insecure.toml");
+    let out = host.edgeplane(&["check-config", "--offline", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("registry.watch_rules"));
+}
+
+/// A push larger than rules_max_bytes, and one past the rate, are refused before they are
+/// applied: the running rules stay, the record says why, and each is counted.
+#[test]
+fn oversize_and_too_frequent_pushes_are_refused() {
+    let host = Host::new("reglimit");
+    let etcd = Etcd::start(&host.ns, &host.dir, Security::Plain, None).unwrap();
+    let limited = format!(
+        "{}\nwatch_rules = true\nallow_insecure_rules = true\nrules_max_bytes = 2048\n\
+         rules_per_minute = 1\nrules_burst = 1",
+        plain()
+    );
+    let agent = Agent::start(&host.ns, &config("lidar", "a0", &limited), "info").unwrap();
+    let before = wait_for("the record", Duration::from_secs(10), || {
+        record(&etcd, &host.ns)
+    });
+    let refused = |reason: &str| {
+        host.metric(
+            &agent,
+            &format!("edgeplane_registry_pushes_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    let rejection_of = |revision: i64| {
+        wait_for("the refusal in the record", Duration::from_secs(10), || {
+            record(&etcd, &host.ns).filter(|r| {
+                r.last_rules_rejection
+                    .as_ref()
+                    .is_some_and(|j| j.revision == revision)
+            })
+        })
+    };
+
+    // 3000 bytes: a valid rule set padded with a comment, over the 2048-byte cap.
+    let mut big = rules("camera", "a0");
+    big.push_str(&format!("# {}\n", "x".repeat(3000 - big.len() - 3)));
+    assert_eq!(big.len(), 3000);
+    let revision = etcd.put(&host.ns, RULES_KEY, &big).unwrap();
+    let r = rejection_of(revision);
+    let error = r.last_rules_rejection.unwrap().error;
+    assert!(
+        error.contains("3000 bytes, more than registry.rules_max_bytes (2048)"),
+        "{error}"
+    );
+    assert_eq!(refused("too_large"), 1.0);
+    assert_eq!(r.rules_revision, 0);
+    assert_eq!(r.programs, before.programs, "the running program changed");
+    assert_eq!(host.metric(&agent, "edgeplane_udp_forward_rules"), 1.0);
+    host.metric(
+        &agent,
+        "edgeplane_udp_forward_packets_total{rule=\"lidar\"}",
+    );
+
+    // The one push of the burst is taken; the next, right after, is refused.
+    let good = etcd
+        .put(&host.ns, RULES_KEY, &rules("camera", "a0"))
+        .unwrap();
+    wait_for("the push to apply", Duration::from_secs(10), || {
+        record(&etcd, &host.ns).filter(|r| r.rules_revision == good)
+    });
+    let again = etcd
+        .put(&host.ns, RULES_KEY, &rules("radar", "a0"))
+        .unwrap();
+    let r = rejection_of(again);
+    let error = r.last_rules_rejection.unwrap().error;
+    assert!(
+        error.contains("rules_per_minute") && error.contains("again later"),
+        "{error}"
+    );
+    assert_eq!(refused("too_frequent"), 1.0);
+    assert_eq!(r.rules_revision, good);
+    let text = host.scrape(&agent, "/metrics").1;
+    assert!(
+        text.contains("rule=\"camera\"") && !text.contains("rule=\"radar\""),
+        "{text}"
+    );
+    assert_eq!(
+        host.metric(&agent, "edgeplane_config_reloads_total{result=\"success\"}"),
+        1.0
+    );
+}
+
+/// etcd's certificate must carry the configured identity: the endpoint's address by default,
+/// a DNS name (server_name) or a SPIFFE ID (server_spiffe_id). A wrong one is refused (the
+/// agent forwards regardless, its registry degraded with the reason).
+#[test]
+fn the_servers_identity_is_checked() {
+    let host = Host::new("regsrv");
+    let pki = Pki::new(&host.dir.join("pki")).unwrap();
+    let ca = pki.ca.to_str().unwrap();
+    let etcd = Etcd::start(&host.ns, &host.dir.join("tls"), Security::Tls, Some(&pki)).unwrap();
+    let tls = |extra: &str| format!("endpoints = [\"{TLS_URL}\"]\nca = \"{ca}\"\n{extra}");
+
+    for good in [
+        format!("server_name = \"{SERVER_DNS_NAME}\""),
+        format!("server_spiffe_id = \"{SERVER_SPIFFE_ID}\""),
+    ] {
+        let agent = Agent::start(&host.ns, &config("lidar", "a0", &tls(&good)), "info").unwrap();
+        wait_for(
+            &format!("registration with {good}"),
+            Duration::from_secs(10),
+            || (host.metric(&agent, "edgeplane_registry_up") == 1.0).then_some(()),
+        );
+    }
+
+    for (bad, reason) in [
+        (
+            "server_name = \"etcd.elsewhere.example\"".to_owned(),
+            "not valid for name",
+        ),
+        (
+            "server_spiffe_id = \"spiffe://fleet.example/impostor\"".to_owned(),
+            "not registry.server_spiffe_id spiffe://fleet.example/impostor",
+        ),
+    ] {
+        let agent = Agent::start(&host.ns, &config("lidar", "a0", &tls(&bad)), "info").unwrap();
+        let body = wait_for(
+            &format!("the refusal of {bad}"),
+            Duration::from_secs(10),
+            || {
+                let (code, body) = host.scrape(&agent, "/readyz");
+                assert_eq!(code, 200, "{body}");
+                body.contains(reason).then_some(body)
+            },
+        );
+        assert!(
+            body.contains(r#""name":"registry","state":"degraded""#),
+            "{body}"
+        );
+        assert_eq!(host.metric(&agent, "edgeplane_registry_up"), 0.0);
+        assert!(record(&etcd, &host.ns).is_none(), "registered with {bad}");
+    }
+}
+
+/// A server that accepts the connection and never answers the TLS handshake is given up on
+/// after handshake_timeout, and tried again.
+#[test]
+fn a_stalled_tls_handshake_times_out() {
+    let host = Host::new("regstall");
+    let pki = Pki::new(&host.dir.join("pki")).unwrap();
+    let ca = pki.ca.to_str().unwrap();
+    let listener = {
+        let _in = host.ns.enter().unwrap();
+        std::net::TcpListener::bind("127.0.0.1:2379").unwrap()
+    };
+    // Accepts and holds every connection, silent.
+    let held = std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let mut conns = Vec::new();
+        let until = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < until {
+            if let Ok((c, _)) = listener.accept() {
+                conns.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        conns.len()
+    });
+    let stalled = format!("endpoints = [\"{TLS_URL}\"]\nca = \"{ca}\"\nhandshake_timeout = 1");
+    let started = Instant::now();
+    let agent = Agent::start(&host.ns, &config("lidar", "a0", &stalled), "info").unwrap();
+    let body = wait_for("the handshake timeout", Duration::from_secs(5), || {
+        let (_, body) = host.scrape(&agent, "/readyz");
+        body.contains("TLS handshake did not finish within 1 s")
+            .then_some(body)
+    });
+    let after = started.elapsed();
+    assert!(
+        body.contains(r#""name":"registry","state":"degraded""#),
+        "{body}"
+    );
+    assert!(after < Duration::from_secs(5), "noticed after {after:?}");
+    // Retried: the backoff brings a second attempt, and that one is bounded too.
+    wait_for("a reconnect attempt", Duration::from_secs(8), || {
+        (host.metric(&agent, "edgeplane_registry_reconnects_total") >= 2.0).then_some(())
+    });
+    drop(agent);
+    let conns = held.join().unwrap();
+    assert!(conns >= 2, "{conns} connections reached the silent server");
 }

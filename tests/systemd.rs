@@ -149,8 +149,14 @@ fn unit_file_verifies() {
         "Type=notify",
         "WatchdogSec=30s",
         "ExecReload=/bin/kill -HUP $MAINPID",
-        "ExecStart=/usr/local/bin/edgeplane run --config /etc/edgeplane/edgeplane.toml",
+        "ExecStart=/usr/local/bin/edgeplane run --config /etc/edgeplane/edgeplane.toml --bpffs /run/edgeplane/bpffs",
         "NoNewPrivileges=yes",
+        "User=edgeplane",
+        // tests/least_privilege.rs forwards with exactly these.
+        "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
+        "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
+        "SystemCallFilter=bpf",
+        "MemoryDenyWriteExecute=yes",
     ] {
         assert!(unit.lines().any(|l| l == line), "`{line}` missing");
     }
@@ -178,4 +184,30 @@ fn unit_file_verifies() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // verify exits 0 on directives it ignores, but names them: any output is a finding.
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}
+
+/// The unit's exposure as `systemd-analyze security` rates it (0 safest, 10 unsafe): 3.0 or
+/// lower. The hardening added for it is checked against the agent by tests/least_privilege.rs
+/// (user, capabilities) and the unit's comments (system calls seen under strace).
+#[test]
+fn unit_exposure_is_at_most_3() {
+    let unit = edgeplane_testbed::workspace().join("configs/edgeplane.service");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (apt-get install systemd)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = stdout
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for edgeplane.service: "))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level in:\n{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    println!("exposure {score}");
+    assert!(score <= 3.0, "exposure {score} > 3.0:\n{stdout}");
 }

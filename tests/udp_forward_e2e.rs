@@ -811,3 +811,73 @@ fn interfaces_that_come_and_go_are_followed() {
         "{m}"
     );
 }
+
+/// `edgeplane down` removes only what edgeplane pinned: another tool's pins in the same
+/// bpffs directory (beside the agent's maps, and at its top) survive, and so does the
+/// directory that holds them.
+#[test]
+fn down_leaves_foreign_pins_alone() {
+    use aya::maps::{Array, MapData};
+
+    edgeplane_testbed::require_root();
+    let line = Line::new("dnfor").unwrap();
+    line.resolve_neighbours().unwrap();
+    let dir = edgeplane_testbed::bpffs::dir_for(&line.gateway.name).unwrap();
+    let _cleanup = LeftRunning(&line, dir.clone());
+    let opts = agent::Start {
+        leave_running: true,
+        bpffs: Some(dir.clone()),
+        ..agent::Start::default()
+    };
+    let mut running = Agent::start_with(&line.gateway, &config("tc", true), "info", &opts).unwrap();
+    running.stop_and_log().unwrap();
+    assert_eq!(
+        exchange(&line, true).len(),
+        N as usize,
+        "the data plane left running"
+    );
+
+    let foreign = [
+        dir.join("maps/other_tool_map"),
+        dir.join("other_tool_state"),
+    ];
+    for path in &foreign {
+        let map = Array::<MapData, u32>::create(1, 0).unwrap();
+        map.pin(path).unwrap();
+    }
+    let out = agent::down(&line.gateway.name, &dir).unwrap();
+    assert!(
+        out.contains("left 2 entries edgeplane did not pin"),
+        "{out}"
+    );
+    for path in &foreign {
+        assert!(path.exists(), "{} removed by down:\n{out}", path.display());
+    }
+    let left: Vec<String> = walk(&dir);
+    assert_eq!(
+        left,
+        ["maps", "maps/other_tool_map", "other_tool_state"],
+        "{out}"
+    );
+    assert!(exchange(&line, true).is_empty(), "forwarded after down");
+    for path in &foreign {
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+/// Every path under `dir`, relative, sorted.
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            if p.is_dir() {
+                todo.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -18,6 +18,10 @@ use rcgen::{
 pub const PLAIN_URL: &str = "http://127.0.0.1:2379";
 pub const TLS_URL: &str = "https://127.0.0.1:2379";
 
+/// The DNS name and SPIFFE ID etcd's certificate carries besides 127.0.0.1.
+pub const SERVER_DNS_NAME: &str = "etcd.fleet.example";
+pub const SERVER_SPIFFE_ID: &str = "spiffe://fleet.example/etcd";
+
 /// How etcd serves clients.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Security {
@@ -28,7 +32,7 @@ pub enum Security {
     MutualTls,
 }
 
-/// A CA, a server certificate for 127.0.0.1, and client certificates, as PEM files in `dir`.
+/// A CA, a server certificate for 127.0.0.1 ([`SERVER_DNS_NAME`], [`SERVER_SPIFFE_ID`]), and client certificates, as PEM files in `dir`.
 pub struct Pki {
     pub dir: PathBuf,
     pub ca: PathBuf,
@@ -52,7 +56,11 @@ impl Pki {
             ca,
             issuer: Issuer::new(params, key),
         };
-        let mut server = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+        let mut server =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), SERVER_DNS_NAME.to_owned()])?;
+        server
+            .subject_alt_names
+            .push(SanType::URI(SERVER_SPIFFE_ID.try_into()?));
         // ClientAuth too: etcdctl uses it as its identity when etcd requires client certificates.
         server.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

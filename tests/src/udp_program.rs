@@ -101,7 +101,9 @@ struct ScratchPins(PinDir);
 
 impl Drop for ScratchPins {
     fn drop(&mut self) {
-        let _ = self.0.remove();
+        if let Ok(ours) = edgeplane::kernel::loader::pin_names() {
+            let _ = self.0.remove(&ours);
+        }
     }
 }
 

@@ -60,7 +60,7 @@ async fn get(args: GetArgs) -> anyhow::Result<()> {
         }
         None => format!("{}/vehicles/", args.prefix),
     };
-    let tls = tls::client_config_from_files(
+    let tls = tls::cli_config(
         args.ca.as_deref(),
         args.cert.as_deref().zip(args.key.as_deref()),
     )?;

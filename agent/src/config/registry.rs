@@ -15,6 +15,15 @@ pub const DEFAULT_LEASE_TTL: u64 = 10;
 /// etcd grants no lease shorter than about 1.5 election timeouts (2 s with its defaults).
 const MIN_LEASE_TTL: u64 = 2;
 const MAX_LEASE_TTL: u64 = 3600;
+/// A pushed rule set larger than this is refused: a config with hundreds of rules is far
+/// smaller, and etcd itself takes values up to 1.5 MiB.
+pub const DEFAULT_RULES_MAX_BYTES: u64 = 256 * 1024;
+const MAX_RULES_MAX_BYTES: u64 = 1536 * 1024;
+pub const DEFAULT_RULES_PER_MINUTE: u32 = 6;
+pub const DEFAULT_RULES_BURST: u32 = 3;
+/// Seconds for TCP connect plus TLS handshake with an etcd endpoint.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: u64 = 5;
+const MAX_HANDSHAKE_TIMEOUT: u64 = 60;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +43,25 @@ pub struct RegistryConfig {
     /// Apply the rule sets pushed to `<prefix>/vehicles/<vin>/rules`.
     #[serde(default)]
     pub watch_rules: bool,
+    /// Take pushed rule sets over plain-text `http://` endpoints, where anyone on the path can
+    /// change them.
+    #[serde(default)]
+    pub allow_insecure_rules: bool,
+    /// Pushed rule sets larger than this (bytes) are refused.
+    #[serde(default = "RegistryConfig::default_rules_max_bytes")]
+    pub rules_max_bytes: u64,
+    /// Pushes taken per minute, sustained, after a burst of `rules_burst`; more are refused.
+    #[serde(default = "RegistryConfig::default_rules_per_minute")]
+    pub rules_per_minute: u32,
+    #[serde(default = "RegistryConfig::default_rules_burst")]
+    pub rules_burst: u32,
+    /// The DNS name etcd's certificate must carry (default: each endpoint's host).
+    pub server_name: Option<String>,
+    /// The SPIFFE ID (URI SAN) etcd's certificate must carry, instead of a name.
+    pub server_spiffe_id: Option<String>,
+    /// Seconds allowed for TCP connect plus TLS handshake with an endpoint.
+    #[serde(default = "RegistryConfig::default_handshake_timeout")]
+    pub handshake_timeout: u64,
 }
 
 impl RegistryConfig {
@@ -45,6 +73,22 @@ impl RegistryConfig {
         "/edgeplane/v1".into()
     }
 
+    fn default_rules_max_bytes() -> u64 {
+        DEFAULT_RULES_MAX_BYTES
+    }
+
+    fn default_rules_per_minute() -> u32 {
+        DEFAULT_RULES_PER_MINUTE
+    }
+
+    fn default_rules_burst() -> u32 {
+        DEFAULT_RULES_BURST
+    }
+
+    fn default_handshake_timeout() -> u64 {
+        DEFAULT_HANDSHAKE_TIMEOUT
+    }
+
     fn with_endpoints(endpoints: Vec<String>) -> Self {
         Self {
             endpoints,
@@ -54,6 +98,13 @@ impl RegistryConfig {
             cert: None,
             key: None,
             watch_rules: false,
+            allow_insecure_rules: false,
+            rules_max_bytes: DEFAULT_RULES_MAX_BYTES,
+            rules_per_minute: DEFAULT_RULES_PER_MINUTE,
+            rules_burst: DEFAULT_RULES_BURST,
+            server_name: None,
+            server_spiffe_id: None,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 
@@ -197,6 +248,7 @@ impl Config {
             )),
             _ => {}
         }
+        r.push_problems(tls, out);
         if r.cert.is_some() && a.spiffe_id.is_none() {
             out.push(problem(
                 "agent.spiffe_id",
@@ -220,6 +272,87 @@ impl Config {
                     message: format!("cannot read {}: {e}", path.display()),
                 });
             }
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// Pushed rule sets and the server's identity.
+    fn push_problems(&self, tls: bool, out: &mut Vec<Problem>) {
+        let mut problem = |key: &str, message: String| {
+            out.push(Problem {
+                key: format!("registry.{key}"),
+                message,
+            })
+        };
+        if self.watch_rules && !tls && !self.allow_insecure_rules {
+            problem(
+                "watch_rules",
+                "pushed rule sets over plain http:// can be changed by anyone on the path: use \
+                 https:// endpoints (set registry.ca), or set registry.allow_insecure_rules = true \
+                 on a network you trust"
+                    .into(),
+            );
+        }
+        if !(1..=MAX_RULES_MAX_BYTES).contains(&self.rules_max_bytes) {
+            problem(
+                "rules_max_bytes",
+                format!(
+                    "{} is out of range: give 1 to {MAX_RULES_MAX_BYTES} bytes (etcd's own limit)",
+                    self.rules_max_bytes
+                ),
+            );
+        }
+        if self.rules_per_minute == 0 || self.rules_burst == 0 {
+            problem(
+                "rules_per_minute",
+                "rules_per_minute and rules_burst must be at least 1 (to take no pushes, set \
+                 watch_rules = false)"
+                    .into(),
+            );
+        }
+        if !(1..=MAX_HANDSHAKE_TIMEOUT).contains(&self.handshake_timeout) {
+            problem(
+                "handshake_timeout",
+                format!(
+                    "{} s is out of range: give 1 to {MAX_HANDSHAKE_TIMEOUT} seconds",
+                    self.handshake_timeout
+                ),
+            );
+        }
+        if !tls {
+            for key in ["server_name", "server_spiffe_id"] {
+                let set = match key {
+                    "server_name" => self.server_name.is_some(),
+                    _ => self.server_spiffe_id.is_some(),
+                };
+                if set {
+                    problem(
+                        key,
+                        "checks etcd's certificate: needs https:// endpoints and registry.ca"
+                            .into(),
+                    );
+                }
+            }
+        }
+        if self.server_name.is_some() && self.server_spiffe_id.is_some() {
+            problem(
+                "server_spiffe_id",
+                "give either server_name (a DNS name) or server_spiffe_id, not both".into(),
+            );
+        }
+        if let Some(name) = &self.server_name
+            && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            problem(
+                "server_name",
+                format!("`{name}` is not a DNS name or IP address"),
+            );
+        }
+        if let Some(id) = &self.server_spiffe_id
+            && let Err(e) = check_spiffe_id(id)
+        {
+            problem("server_spiffe_id", e);
         }
     }
 }
@@ -392,6 +525,42 @@ mod tests {
                 "required with registry.cert: the certificate's URI SAN must be this ID".to_owned()
             )]
         );
+    }
+
+    #[test]
+    fn pushed_rules_and_server_identity_are_checked() {
+        let base = format!("[agent]\nservice_name = \"gw\"\nvin = \"{VIN}\"\n[registry]\n");
+        let plain = format!("{base}endpoints = [\"http://127.0.0.1:2379\"]\n");
+        let p = problems(&format!("{plain}watch_rules = true\n"));
+        assert_eq!(p[0].0, "registry.watch_rules");
+        assert!(p[0].1.contains("allow_insecure_rules = true"), "{p:?}");
+        assert!(
+            problems(&format!(
+                "{plain}watch_rules = true\nallow_insecure_rules = true\n"
+            ))
+            .is_empty()
+        );
+        let keys = |extra: &str| -> Vec<String> {
+            problems(&format!("{plain}{extra}"))
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(keys("rules_max_bytes = 0\n"), ["registry.rules_max_bytes"]);
+        assert_eq!(keys("rules_burst = 0\n"), ["registry.rules_per_minute"]);
+        assert_eq!(
+            keys("handshake_timeout = 0\n"),
+            ["registry.handshake_timeout"]
+        );
+        assert_eq!(keys("server_name = \"etcd\"\n"), ["registry.server_name"]);
+        let tls = format!("{base}endpoints = [\"https://127.0.0.1:2379\"]\nca = \"/ca.pem\"\n");
+        assert!(problems(&format!("{tls}server_name = \"etcd.fleet.example\"\n")).is_empty());
+        let p = problems(&format!("{tls}server_spiffe_id = \"etcd\"\n"));
+        assert_eq!(p[0].0, "registry.server_spiffe_id");
+        let p = problems(&format!(
+            "{tls}server_name = \"a.example\"\nserver_spiffe_id = \"spiffe://x/etcd\"\n"
+        ));
+        assert_eq!(p[0].0, "registry.server_spiffe_id");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use aya::{
 };
 use tracing::{debug, level_filters::LevelFilter, warn};
 
-use crate::kernel::pins::PinDir;
+use crate::kernel::pins::{PinDir, PinNames};
 
 /// The compiled eBPF programs, built by `build.rs` and embedded in the agent.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgeplane"));
@@ -104,6 +104,21 @@ fn load_with(programs: &[&'static str], pins: Option<&PinDir>) -> Result<Ebpf, L
     Ok(ebpf)
 }
 
+/// The names under which the agent pins: the object's own maps and its programs.
+pub fn pin_names() -> Result<PinNames, LoadError> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT)
+        .map_err(|e| LoadError::Object(Box::new(EbpfError::ParseError(e))))?;
+    Ok(PinNames {
+        maps: obj.maps.keys().filter(|n| is_own_map(n)).cloned().collect(),
+        programs: obj.programs.keys().cloned().collect(),
+    })
+}
+
+/// Not a data section nor aya-log's.
+fn is_own_map(name: &str) -> bool {
+    !(name.starts_with('.') || name.starts_with("AYA_"))
+}
+
 /// The object's own maps (not its data sections nor aya-log's), with their pin paths. A pinned
 /// map whose layout differs from this build's (an upgrade changed it) is unpinned, so a new
 /// one replaces it: the old programs keep theirs until their links are taken over.
@@ -112,7 +127,7 @@ fn pinned_maps(pins: &PinDir) -> Result<Vec<(String, std::path::PathBuf)>, LoadE
         .map_err(|e| LoadError::Object(Box::new(EbpfError::ParseError(e))))?;
     let mut out = Vec::new();
     for (name, def) in &obj.maps {
-        if name.starts_with('.') || name.starts_with("AYA_") {
+        if !is_own_map(name) {
             continue;
         }
         let path = pins.map(name);

@@ -23,6 +23,8 @@ pub enum PinnedError {
     Pins(#[from] PinError),
     #[error(transparent)]
     State(#[from] crate::kernel::state::StateError),
+    #[error(transparent)]
+    Load(#[from] crate::kernel::loader::LoadError),
     #[error(
         "the running agent (pid {pid}) manages the data plane in {dir}: change its config and \
          reload it (SIGHUP, `systemctl reload edgeplane`), or stop it first"
@@ -289,6 +291,8 @@ pub struct Removed {
     pub detached: Vec<AttachmentRecord>,
     pub can_gw_jobs: usize,
     pub unpinned: Option<PathBuf>,
+    /// What others pinned in the same directory: left alone (and so is the directory).
+    pub foreign: Vec<PathBuf>,
 }
 
 /// Removes the data plane pinned in `dir`: stops a running agent first (SIGTERM, then waits up
@@ -342,8 +346,20 @@ pub fn down(
     if removed.can_gw_jobs > 0 {
         progress(&format!("removed {} can-gw job(s)", removed.can_gw_jobs));
     }
-    pins.remove()?;
+    removed.foreign = pins.remove(&crate::kernel::loader::pin_names()?)?;
     drop(lock);
+    if !removed.foreign.is_empty() {
+        progress(&format!(
+            "left {} entries edgeplane did not pin: {}",
+            removed.foreign.len(),
+            removed
+                .foreign
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     progress(&format!("unpinned {}", dir.display()));
     removed.unpinned = Some(dir.to_owned());
     Ok(removed)

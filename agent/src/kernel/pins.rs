@@ -9,6 +9,7 @@
 //! ```
 
 use std::{
+    collections::BTreeSet,
     ffi::CString,
     fs::File,
     io,
@@ -164,13 +165,70 @@ impl PinDir {
         matches!(self.lock(|| None), Err(PinError::Locked { .. }))
     }
 
-    /// Unpins everything and removes the directory. Objects still in use elsewhere (an open
-    /// fd, an attached tc filter) live on until released.
-    pub fn remove(&self) -> Result<(), PinError> {
-        match std::fs::remove_dir_all(&self.root) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&self.root)(e)),
-            _ => Ok(()),
+    /// Unpins what the agent pinned (`ours` names it) and removes the directories it made,
+    /// unless something else was put there: another tool's pins in the same directory stay,
+    /// and are returned. Objects still in use elsewhere (an open fd, an attached tc filter)
+    /// live on until released.
+    pub fn remove(&self, ours: &PinNames) -> Result<Vec<PathBuf>, PinError> {
+        let mut foreign = Vec::new();
+        for sub in ["maps", "progs", "links"] {
+            let dir = self.root.join(sub);
+            for name in list(&dir)? {
+                let is_ours = match sub {
+                    "maps" => ours.maps.contains(&name),
+                    "progs" => ours.programs.contains(&name),
+                    _ => name
+                        .split_once('@')
+                        .is_some_and(|(program, _)| ours.programs.contains(program)),
+                };
+                if is_ours {
+                    remove_entry(&dir.join(&name))?;
+                } else {
+                    foreign.push(dir.join(&name));
+                }
+            }
+            remove_empty_dir(&dir)?;
         }
+        for name in list(&self.root)? {
+            let path = self.root.join(&name);
+            if matches!(name.as_str(), "state" | "state-new") {
+                remove_entry(&path)?;
+            } else if !matches!(name.as_str(), "maps" | "progs" | "links") {
+                foreign.push(path);
+            }
+        }
+        remove_empty_dir(&self.root)?;
+        foreign.sort();
+        Ok(foreign)
+    }
+}
+
+/// The names under which the agent pins its objects: its maps in `maps/`, its programs in
+/// `progs/` and their links (`<program>@<iface>`) in `links/`; the rest of a pin directory is
+/// not the agent's to remove.
+#[derive(Debug, Clone, Default)]
+pub struct PinNames {
+    pub maps: BTreeSet<String>,
+    pub programs: BTreeSet<String>,
+}
+
+fn remove_entry(path: &Path) -> Result<(), PinError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Removes `dir` if it exists and is empty.
+fn remove_empty_dir(dir: &Path) -> Result<(), PinError> {
+    match std::fs::remove_dir(dir) {
+        Err(e)
+            if e.kind() != io::ErrorKind::NotFound
+                && e.kind() != io::ErrorKind::DirectoryNotEmpty =>
+        {
+            Err(io_err(dir)(e))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -10,10 +10,10 @@ use tokio::sync::mpsc;
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{
     Streaming,
-    transport::{Channel, ClientTlsConfig, Endpoint},
+    transport::{Channel, Endpoint, Uri},
 };
 
-use super::RegistryError;
+use super::{RegistryError, tls::Tls};
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {
@@ -40,10 +40,7 @@ pub struct Etcd {
 
 impl Etcd {
     /// Connects to the first endpoint that answers, in order.
-    pub async fn connect(
-        endpoints: &[String],
-        tls: Option<&ClientTlsConfig>,
-    ) -> Result<Self, RegistryError> {
+    pub async fn connect(endpoints: &[String], tls: Option<&Tls>) -> Result<Self, RegistryError> {
         let mut errors = Vec::new();
         for url in endpoints {
             match connect_one(url, tls).await {
@@ -191,15 +188,67 @@ impl KeepAlive {
     }
 }
 
-async fn connect_one(
-    url: &str,
-    tls: Option<&ClientTlsConfig>,
-) -> Result<Channel, tonic::transport::Error> {
-    let mut endpoint = Endpoint::from_shared(url.to_owned())?.connect_timeout(CONNECT_TIMEOUT);
-    if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls.clone())?;
+async fn connect_one(url: &str, tls: Option<&Tls>) -> Result<Channel, tonic::transport::Error> {
+    let Some(tls) = tls else {
+        return Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await;
+    };
+    // The handshake is ours (see tls.rs): tonic gets a TLS stream and speaks HTTP/2 on it, so
+    // its endpoint is plain http:// (gRPC servers do not look at the :scheme).
+    let uri: Uri = Endpoint::from_shared(url.to_owned())?.uri().clone();
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(2379);
+    let tls = tls.clone();
+    let connector = tower_service_fn(move |_: Uri| {
+        let (tls, host) = (tls.clone(), host.clone());
+        async move { tls.connect(&host, port).await }
+    });
+    let authority = uri
+        .authority()
+        .map_or_else(String::new, ToString::to_string);
+    Endpoint::from_shared(format!("http://{authority}"))?
+        .connect_with_connector(connector)
+        .await
+}
+
+/// A `tower::Service<Uri>` from a closure (tower's `service_fn`, without the dependency).
+fn tower_service_fn<F, Fut, T>(f: F) -> ServiceFn<F>
+where
+    F: FnMut(Uri) -> Fut,
+    Fut: Future<Output = std::io::Result<T>>,
+{
+    ServiceFn(f)
+}
+
+#[derive(Clone)]
+struct ServiceFn<F>(F);
+
+impl<F, Fut, T> tower_service::Service<Uri> for ServiceFn<F>
+where
+    F: FnMut(Uri) -> Fut,
+    Fut: Future<Output = std::io::Result<T>>,
+{
+    type Response = T;
+    type Error = std::io::Error;
+    type Future = Fut;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
     }
-    endpoint.connect().await
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        (self.0)(uri)
+    }
 }
 
 /// Runs one call with [`CALL_TIMEOUT`].

@@ -8,12 +8,14 @@
 
 mod backoff;
 pub mod client;
+mod limit;
 pub mod record;
 pub mod tls;
 
 use std::{
     net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     sync::atomic::{AtomicI64, AtomicU64},
     time::{Duration, SystemTime},
 };
@@ -28,13 +30,14 @@ use tokio::{
     task::JoinHandle,
     time::MissedTickBehavior,
 };
-use tonic::transport::ClientTlsConfig;
 use tracing::{info, warn};
 
 use self::{
     backoff::Backoff,
     client::{Etcd, KeepAlive, pb::event::EventType},
+    limit::{PushLimit, Refusal},
     record::{Identity, RulesRejection, RulesState},
+    tls::Tls,
 };
 use crate::{
     config::Config,
@@ -90,10 +93,11 @@ pub enum RegistryError {
 /// certificate's SPIFFE ID checked), so a wrong setting stops the agent before it attaches.
 pub struct Settings {
     endpoints: Vec<String>,
-    tls: Option<ClientTlsConfig>,
+    tls: Option<Tls>,
     lease_ttl: i64,
     key: String,
     rules_key: Option<String>,
+    limit: PushLimit,
     identity: Identity,
 }
 
@@ -108,12 +112,21 @@ impl Settings {
         let (Some(service_name), Some(vin)) = (&a.service_name, &a.vin) else {
             unreachable!("validated: [registry] requires agent.service_name and agent.vin")
         };
+        let tls = tls::client_config(r, a.spiffe_id.as_deref())?;
+        if r.watch_rules && tls.is_none() {
+            // Validation refuses this without allow_insecure_rules.
+            warn!(
+                "registry: taking pushed rule sets over plain http:// (allow_insecure_rules): \
+                 anyone on the path to etcd can change what this agent forwards"
+            );
+        }
         Ok(Some(Self {
             endpoints: r.endpoints.clone(),
-            tls: tls::client_config(r, a.spiffe_id.as_deref())?,
+            tls,
             lease_ttl: r.lease_ttl as i64,
             key: r.agent_key(vin, service_name),
             rules_key: r.watch_rules.then(|| r.rules_key(vin)),
+            limit: PushLimit::new(r.rules_max_bytes, r.rules_per_minute, r.rules_burst),
             identity: Identity {
                 service_name: service_name.clone(),
                 vin: vin.clone(),
@@ -184,11 +197,14 @@ impl Health {
     }
 }
 
-/// `edgeplane_registry_up` and `edgeplane_registry_reconnects_total`.
+/// `edgeplane_registry_up`, `edgeplane_registry_reconnects_total` and
+/// `edgeplane_registry_pushes_refused_total{reason}`.
 #[derive(Debug, Default, Clone)]
 struct RegistryMetrics {
     up: Gauge<i64, AtomicI64>,
     reconnects: Counter<u64, AtomicU64>,
+    too_large: Counter<u64, AtomicU64>,
+    too_frequent: Counter<u64, AtomicU64>,
 }
 
 impl Collector for RegistryMetrics {
@@ -204,14 +220,27 @@ impl Collector for RegistryMetrics {
             "Attempts to reach etcd again after a failure",
             None,
             MetricType::Counter,
-        )?)
+        )?)?;
+        let mut refused = encoder.encode_descriptor(
+            "registry_pushes_refused",
+            "Pushed rule sets refused before they were applied, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, counter) in [
+            ("too_large", &self.too_large),
+            ("too_frequent", &self.too_frequent),
+        ] {
+            counter.encode(refused.encode_family(&[("reason", reason)])?)?;
+        }
+        Ok(())
     }
 }
 
 /// The running registration task.
 pub struct Registry {
     pushes: mpsc::Receiver<Push>,
-    rules: watch::Sender<RulesState>,
+    rules: Arc<watch::Sender<RulesState>>,
     health: watch::Receiver<Health>,
     metrics: RegistryMetrics,
     stop: oneshot::Sender<()>,
@@ -223,6 +252,7 @@ impl Registry {
     pub fn spawn(settings: Settings, programs: watch::Receiver<Vec<AttachedProgram>>) -> Self {
         let (push_tx, pushes) = mpsc::channel(4);
         let (rules, rules_rx) = watch::channel(RulesState::default());
+        let rules = Arc::new(rules);
         let (health_tx, health) = watch::channel(Health::Degraded("connecting to etcd".into()));
         let metrics = RegistryMetrics::default();
         let (stop, stopped) = oneshot::channel();
@@ -230,6 +260,7 @@ impl Registry {
             settings,
             programs,
             rules: rules_rx,
+            outcomes: rules.clone(),
             pushes: push_tx,
             health: health_tx,
             metrics: metrics.clone(),
@@ -254,19 +285,7 @@ impl Registry {
 
     /// Records the outcome of applying `push`; the record shows it.
     pub fn report(&self, push: &Push, result: Result<(), String>) {
-        self.rules.send_modify(|s| match result {
-            Ok(()) => {
-                s.applied_revision = push.revision;
-                s.rejection = None;
-            }
-            Err(error) => {
-                s.rejection = Some(RulesRejection {
-                    revision: push.revision,
-                    error,
-                    time_unix_ms: record::unix_ms(SystemTime::now()),
-                });
-            }
-        });
+        report(&self.rules, push.revision, result);
     }
 
     pub fn health(&self) -> watch::Receiver<Health> {
@@ -292,10 +311,29 @@ impl Registry {
     }
 }
 
+/// Records the outcome of the push of `revision` in the state the record shows.
+fn report(rules: &watch::Sender<RulesState>, revision: i64, result: Result<(), String>) {
+    rules.send_modify(|s| match result {
+        Ok(()) => {
+            s.applied_revision = revision;
+            s.rejection = None;
+        }
+        Err(error) => {
+            s.rejection = Some(RulesRejection {
+                revision,
+                error,
+                time_unix_ms: record::unix_ms(SystemTime::now()),
+            });
+        }
+    });
+}
+
 struct Session {
     settings: Settings,
     programs: watch::Receiver<Vec<AttachedProgram>>,
     rules: watch::Receiver<RulesState>,
+    /// For refusing a push without the agent's loop (its result goes in the record).
+    outcomes: Arc<watch::Sender<RulesState>>,
     pushes: mpsc::Sender<Push>,
     health: watch::Sender<Health>,
     metrics: RegistryMetrics,
@@ -476,6 +514,18 @@ impl Session {
         }
         self.last_push_revision = kv.mod_revision;
         let push = Push::new(&kv.key, kv.mod_revision, kv.value);
+        if let Err(refusal) = self.settings.limit.admit(push.value.len()) {
+            match refusal {
+                Refusal::TooLarge { .. } => self.metrics.too_large.inc(),
+                Refusal::TooFrequent { .. } => self.metrics.too_frequent.inc(),
+            };
+            warn!(
+                origin = %push.origin.display(),
+                "registry: pushed rule set refused, the running rules stay: {refusal}"
+            );
+            report(&self.outcomes, push.revision, Err(refusal.to_string()));
+            return;
+        }
         info!(origin = %push.origin.display(), "registry: rule set pushed");
         // The agent's loop takes pushes one at a time; it is gone only when shutting down.
         let _ = self.pushes.send(push).await;

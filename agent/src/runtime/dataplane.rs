@@ -329,8 +329,17 @@ impl Dataplane {
         self.tunnels.shutdown();
         self.udp.shutdown();
         self.can.shutdown();
-        if let Err(e) = self.pins.remove() {
-            warn!("{e}");
+        let removed = crate::kernel::loader::pin_names()
+            .map_err(|e| e.to_string())
+            .and_then(|ours| self.pins.remove(&ours).map_err(|e| e.to_string()));
+        match removed {
+            Ok(foreign) if !foreign.is_empty() => warn!(
+                "left {} entries in {} that edgeplane did not pin",
+                foreign.len(),
+                self.pins.root().display()
+            ),
+            Ok(_) => {}
+            Err(e) => warn!("{e}"),
         }
     }
 

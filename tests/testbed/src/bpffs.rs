@@ -21,26 +21,33 @@ pub fn dir_for(name: &str) -> anyhow::Result<PathBuf> {
     let root = Path::new(ROOT);
     if !*mounted && !is_bpffs(root) {
         std::fs::create_dir_all(root)?;
-        let target = CString::new(root.as_os_str().as_bytes())?;
-        // SAFETY: NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                c"mode=0700".as_ptr().cast(),
-            )
-        };
-        if rc != 0 && !is_bpffs(root) {
-            bail!(
-                "mounting bpffs at {ROOT}: {}",
-                std::io::Error::last_os_error()
-            );
+        if let Err(e) = mount(root)
+            && !is_bpffs(root)
+        {
+            bail!("mounting bpffs at {ROOT}: {e}");
         }
     }
     *mounted = true;
     Ok(root.join(name))
+}
+
+/// Mounts a new bpffs instance (mode 0700) at the existing directory `at`.
+pub fn mount(at: &Path) -> std::io::Result<()> {
+    let target = CString::new(at.as_os_str().as_bytes())?;
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn is_bpffs(p: &Path) -> bool {

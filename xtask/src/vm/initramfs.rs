@@ -41,6 +41,8 @@ const HOST_TOOLS: &[&str] = &[
     "candump",  // can-utils
     "cangw",    // can-utils
     "wg",       // wireguard-tools: keys and peers of the WireGuard links
+    "setpriv",  // util-linux: the agent as a user with only its capabilities
+    "prlimit",  // util-linux: RLIMIT_MEMLOCK as the unit sets it
 ];
 
 /// Where the project's binaries go in the guest; /init knows these paths.

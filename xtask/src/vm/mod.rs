@@ -77,6 +77,10 @@ pub const VM_TESTS: &[VmTest] = &[
         name: "can_latency",
         needs: None,
     },
+    VmTest {
+        name: "least_privilege",
+        needs: None,
+    },
 ];
 
 const DEFAULT_TIMEOUT_SECS: u64 = 20 * 60;

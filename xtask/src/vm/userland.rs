@@ -31,6 +31,7 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "can-utils",
     "wireguard-tools",
+    "util-linux",
 ];
 /// The suite whose packages make a foreign sysroot: the host's own release (bookworm), whose
 /// glibc the cross-built agent links against.
