@@ -4,6 +4,7 @@
 //! (`udp.forward[1].match.dst_port`), so nothing is attached from a config that is wrong.
 
 mod can;
+mod export;
 mod latency;
 mod registry;
 mod udp;
@@ -17,7 +18,7 @@ use std::{
 
 use serde::Deserialize;
 
-pub use self::{can::*, latency::*, registry::*, udp::*};
+pub use self::{can::*, export::*, latency::*, registry::*, udp::*};
 use crate::host::{Host, ThisHost};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -35,6 +36,9 @@ pub struct Config {
     pub latency: LatencyCapture,
     /// Fleet registration in etcd; absent: the agent does not register.
     pub registry: Option<RegistryConfig>,
+    /// Pushing telemetry (remote write); read at start.
+    #[serde(default)]
+    pub export: ExportConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -326,6 +330,9 @@ impl Config {
             });
         }
         self.identity_problems(&mut out);
+        if let Some(rw) = &self.export.remote_write {
+            rw.problems(&mut out);
+        }
         out
     }
 }

@@ -1,8 +1,13 @@
 //! TLS to etcd (rustls through tonic): the CA that signed etcd's certificate, and for mutual TLS
-//! a client certificate that must carry the agent's SPIFFE ID as its URI SAN.
+//! a client certificate that must carry the agent's SPIFFE ID as its URI SAN. The same files
+//! load into a plain rustls config for the remote-write push (`export`).
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
+use tokio_rustls::rustls::{
+    self, RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use x509_parser::{extensions::GeneralName, pem::parse_x509_pem};
 
@@ -58,9 +63,48 @@ pub fn client_config_from_files(
     Ok(Some(tls))
 }
 
-fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, RegistryError> {
+/// A rustls client config trusting the certificates in `ca`, with a client certificate chain
+/// and key for mutual TLS; `section` names the keys in errors (`export.remote_write...`).
+pub fn rustls_client_config(
+    section: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig, RegistryError> {
+    let bad = |path: &Path, reason: String| RegistryError::Certificate {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&read(format!("{section}.ca"), ca)?) {
+        let cert = cert.map_err(|e| bad(ca, e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(ca, e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(ca, "no certificate in it".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(ca, e.to_string()))?
+        .with_root_certificates(roots);
+    Ok(match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(&read(format!("{section}.cert"), cert)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(cert, e.to_string()))?;
+            let key_der = PrivateKeyDer::from_pem_slice(&read(format!("{section}.key"), key)?)
+                .map_err(|e| bad(key, e.to_string()))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| bad(cert, e.to_string()))?
+        }
+    })
+}
+
+fn read(key: impl Into<String>, path: &Path) -> Result<Vec<u8>, RegistryError> {
     std::fs::read(path).map_err(|source| RegistryError::File {
-        key,
+        key: key.into(),
         path: path.to_owned(),
         source,
     })
