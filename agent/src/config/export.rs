@@ -111,7 +111,10 @@ impl RemoteWriteConfig {
         if self.max_bytes < MIN_MAX_BYTES {
             problem(
                 key("max_bytes"),
-                format!("{} is too small: at least {MIN_MAX_BYTES} bytes", self.max_bytes),
+                format!(
+                    "{} is too small: at least {MIN_MAX_BYTES} bytes",
+                    self.max_bytes
+                ),
             );
         }
         if self.max_backfill_rate == 0 {
@@ -149,20 +152,18 @@ impl RemoteWriteConfig {
             } else if self.endpoints[..i].iter().any(|o| o.name == e.name) {
                 problem(key("name"), format!("duplicate endpoint name `{}`", e.name));
             }
-            let https = match check_url(&e.url) {
-                Ok(https) => https,
-                Err(m) => {
-                    problem(key("url"), m);
-                    false
-                }
-            };
-            if https && e.ca.is_none() {
+            // Whether TLS settings fit the URL says nothing until the URL is right.
+            let https = check_url(&e.url)
+                .inspect_err(|m| problem(key("url"), m.clone()))
+                .ok();
+            if https == Some(true) && e.ca.is_none() {
                 problem(
                     key("ca"),
-                    "required with https: the CA certificate (PEM) that signed the endpoint's".into(),
+                    "required with https: the CA certificate (PEM) that signed the endpoint's"
+                        .into(),
                 );
             }
-            if !https && (e.ca.is_some() || e.cert.is_some()) {
+            if https == Some(false) && (e.ca.is_some() || e.cert.is_some()) {
                 problem(key("url"), "ca and cert need an https:// URL".into());
             }
             match (&e.cert, &e.key) {
@@ -261,7 +262,10 @@ mod tests {
         assert_eq!(rw.endpoints[0].timeout_ms, 10_000);
         assert_eq!(
             rw.extra_labels(&c.agent),
-            [("site".into(), "a".into()), ("vin".into(), "WVWZZZ1JZXW000001".into())]
+            [
+                ("site".into(), "a".into()),
+                ("vin".into(), "WVWZZZ1JZXW000001".into())
+            ]
         );
     }
 
@@ -283,12 +287,23 @@ mod tests {
                 "export.remote_write.endpoints[0].url",
                 "export.remote_write.endpoints[1].name",
                 "export.remote_write.endpoints[1].url",
-                "export.remote_write.endpoints[1].ca",
                 "export.remote_write.endpoints[1].key",
             ],
             "{p:?}"
         );
         assert!(p[4].1.contains("http:// or https://"), "{}", p[4].1);
+        let p = problems(
+            "[export.remote_write]\n[[export.remote_write.endpoints]]\nname = \"a\"\nurl = \"https://x/w\"\n\
+             [[export.remote_write.endpoints]]\nname = \"b\"\nurl = \"http://x/w\"\nca = \"/ca\"\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "export.remote_write.endpoints[0].ca",
+                "export.remote_write.endpoints[1].url"
+            ]
+        );
         let p = problems("[export.remote_write]\nendpoints = []\n");
         assert_eq!(p[0].0, "export.remote_write.endpoints");
     }

@@ -22,7 +22,10 @@ pub fn from_text(text: &str, extra: &[(String, String)], timestamp_ms: i64) -> W
             continue;
         }
         let Some((mut labels, value)) = parse_line(line) else {
-            tracing::warn!(line, "remote write: a line of /metrics did not parse; skipped");
+            tracing::warn!(
+                line,
+                "remote write: a line of /metrics did not parse; skipped"
+            );
             continue;
         };
         for (name, value) in extra {
@@ -99,14 +102,21 @@ mod tests {
     fn every_line_of_metrics_becomes_one_series_with_sorted_labels() {
         let text = "# HELP a_total x\n# TYPE a_total counter\na_total{rule=\"lidar\",iface=\"g0\"} 3\n\
                     h_bucket{le=\"+Inf\"} 7\nb 2.5\nq{v=\"a \\\"b\\\" \\\\ c\\n\"} NaN\n";
-        let wr = from_text(text, &[("vin".into(), "V1".into()), ("rule".into(), "no".into())], 9);
+        let wr = from_text(
+            text,
+            &[("vin".into(), "V1".into()), ("rule".into(), "no".into())],
+            9,
+        );
         let series: Vec<(Vec<(&str, &str)>, f64)> = wr
             .timeseries
             .iter()
             .map(|t| {
                 assert_eq!(t.samples[0].timestamp, 9);
                 (
-                    t.labels.iter().map(|l| (l.name.as_str(), l.value.as_str())).collect(),
+                    t.labels
+                        .iter()
+                        .map(|l| (l.name.as_str(), l.value.as_str()))
+                        .collect(),
                     t.samples[0].value,
                 )
             })
@@ -115,11 +125,21 @@ mod tests {
             series[..3],
             [
                 (
-                    vec![("__name__", "a_total"), ("iface", "g0"), ("rule", "lidar"), ("vin", "V1")],
+                    vec![
+                        ("__name__", "a_total"),
+                        ("iface", "g0"),
+                        ("rule", "lidar"),
+                        ("vin", "V1")
+                    ],
                     3.0
                 ),
                 (
-                    vec![("__name__", "h_bucket"), ("le", "+Inf"), ("rule", "no"), ("vin", "V1")],
+                    vec![
+                        ("__name__", "h_bucket"),
+                        ("le", "+Inf"),
+                        ("rule", "no"),
+                        ("vin", "V1")
+                    ],
                     7.0
                 ),
                 (vec![("__name__", "b"), ("rule", "no"), ("vin", "V1")], 2.5),
@@ -136,6 +156,10 @@ mod tests {
         let lines = served.lines().filter(|l| !l.starts_with('#')).count();
         let wr = collect(&registry, &[], 1);
         assert_eq!(wr.timeseries.len(), lines);
-        assert!(wr.timeseries.iter().any(|t| t.labels[0].value == "edgeplane_build_info"));
+        assert!(
+            wr.timeseries
+                .iter()
+                .any(|t| t.labels[0].value == "edgeplane_build_info")
+        );
     }
 }

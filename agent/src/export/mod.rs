@@ -39,8 +39,13 @@ const MAX_SAMPLES_PER_SEND: u64 = 5_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("cannot open the remote-write queue {dir}: {source}; check export.remote_write.dir is writable")]
-    Queue { dir: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot open the remote-write queue {dir}: {source}; check export.remote_write.dir is writable"
+    )]
+    Queue {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("`{0}` is not a usable remote-write URL")]
     Url(String),
     #[error("cannot read {key} {path}: {source}")]
@@ -81,8 +86,10 @@ impl RemoteWrite {
         let mut endpoints = Vec::new();
         for e in &rw.endpoints {
             let dir = rw.dir.join(&e.name);
-            let queue = Queue::open(&dir, rw.max_bytes)
-                .map_err(|source| ExportError::Queue { dir: dir.clone(), source })?;
+            let queue = Queue::open(&dir, rw.max_bytes).map_err(|source| ExportError::Queue {
+                dir: dir.clone(),
+                source,
+            })?;
             let status = Arc::new(EndpointStatus::new(&e.name, queue.stats()));
             let s = queue.stats().lock().expect("stats").clone();
             info!(
@@ -152,6 +159,21 @@ impl RemoteWrite {
         for t in self.tasks {
             let _ = t.await;
         }
+        for e in &self.endpoints {
+            let q = e.queue.lock().expect("queue lock");
+            let s = q.stats();
+            let s = s.lock().expect("stats").clone();
+            info!(
+                endpoint = e.name,
+                queued = s.queued_total,
+                sent = s.sent_total,
+                dropped_queue_full = s.dropped_full_total,
+                rejected = s.dropped_rejected_total,
+                write_errors = s.dropped_write_error_total,
+                remaining = s.samples,
+                "remote write stopped; the remaining samples stay queued for the next start"
+            );
+        }
     }
 }
 
@@ -186,8 +208,14 @@ async fn collect_loop(
             let samples = wr.timeseries.len() as u32;
             let payload = queue::format::compress(&prost::Message::encode_to_vec(&wr));
             for q in &queues {
-                if let Err(e) = q.lock().expect("queue lock").append(samples, timestamp_ms, &payload) {
-                    warn!("remote write: cannot queue a collection ({samples} samples dropped): {e}");
+                if let Err(e) =
+                    q.lock()
+                        .expect("queue lock")
+                        .append(samples, timestamp_ms, &payload)
+                {
+                    warn!(
+                        "remote write: cannot queue a collection ({samples} samples dropped): {e}"
+                    );
                 }
             }
         })
@@ -254,7 +282,10 @@ async fn send_loop(
             Err(SendError::Rejected(_)) => false,
             Err(SendError::Retry(e)) => {
                 if status.set_error(e.clone()) {
-                    warn!(endpoint = name, "remote write: {e}; samples wait in the queue");
+                    warn!(
+                        endpoint = name,
+                        "remote write: {e}; samples wait in the queue"
+                    );
                 }
                 status.retried(samples);
                 tokio::time::sleep(backoff.next_delay()).await;
@@ -262,7 +293,10 @@ async fn send_loop(
             }
         };
         if let Err(SendError::Rejected(e)) = &outcome {
-            warn!(endpoint = name, samples, "remote write: {e}; these samples are dropped");
+            warn!(
+                endpoint = name,
+                samples, "remote write: {e}; these samples are dropped"
+            );
         }
         backoff.reset();
         let q = queue.clone();
@@ -270,15 +304,23 @@ async fn send_loop(
             tokio::task::spawn_blocking(move || q.lock().expect("queue lock").ack(last, delivered))
                 .await;
         if let Ok(Err(e)) = acked {
-            warn!(endpoint = name, "remote write: recording the acknowledgement: {e}");
+            warn!(
+                endpoint = name,
+                "remote write: recording the acknowledgement: {e}"
+            );
         }
         if status.set_sent(unix_now()) {
-            info!(endpoint = name, "remote write: the endpoint takes samples again");
+            info!(
+                endpoint = name,
+                "remote write: the endpoint takes samples again"
+            );
         }
         // More waiting: a backlog, sent no faster than the backfill rate.
         if status.queued_samples() > 0 {
-            tokio::time::sleep(Duration::from_secs_f64(samples as f64 / max_backfill_rate as f64))
-                .await;
+            tokio::time::sleep(Duration::from_secs_f64(
+                samples as f64 / max_backfill_rate as f64,
+            ))
+            .await;
         }
     }
 }

@@ -41,19 +41,24 @@ impl Sender {
         let uri: Uri = e.url.parse().map_err(|_| ExportError::Url(e.url.clone()))?;
         let https = uri.scheme_str() == Some("https");
         let host = uri.host().ok_or_else(|| ExportError::Url(e.url.clone()))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tls = if https {
             let identity = e.cert.as_deref().zip(e.key.as_deref());
             // Validation requires a CA with https.
-            let ca = e.ca.as_deref().ok_or_else(|| ExportError::Url(e.url.clone()))?;
+            let ca =
+                e.ca.as_deref()
+                    .ok_or_else(|| ExportError::Url(e.url.clone()))?;
             let config = crate::registry::tls::rustls_client_config(
                 "export.remote_write.endpoints",
                 ca,
                 identity,
             )?;
-            let name = ServerName::try_from(host.clone())
-                .map_err(|_| ExportError::Url(e.url.clone()))?;
+            let name =
+                ServerName::try_from(host.clone()).map_err(|_| ExportError::Url(e.url.clone()))?;
             Some((TlsConnector::from(Arc::new(config)), name))
         } else {
             None
@@ -122,7 +127,10 @@ impl Sender {
             .header(header::HOST, self.authority())
             .header(header::CONTENT_TYPE, "application/x-protobuf")
             .header(header::CONTENT_ENCODING, "snappy")
-            .header(header::USER_AGENT, concat!("edgeplane/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::USER_AGENT,
+                concat!("edgeplane/", env!("CARGO_PKG_VERSION")),
+            )
             .header("X-Prometheus-Remote-Write-Version", "0.1.0")
             .body(Full::new(Bytes::from(body)))
             .expect("a valid request");
@@ -139,7 +147,13 @@ impl Sender {
             .into_body()
             .collect()
             .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().chars().take(300).collect())
+            .map(|b| {
+                String::from_utf8_lossy(&b.to_bytes())
+                    .trim()
+                    .chars()
+                    .take(300)
+                    .collect()
+            })
             .unwrap_or_default();
         self.connection = Some(conn);
         if status.is_success() {
@@ -196,7 +210,11 @@ fn base64(input: &[u8]) -> String {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

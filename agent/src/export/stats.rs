@@ -72,7 +72,10 @@ impl EndpointStatus {
         let error = self.error.lock().expect("lock").clone();
         let mut detail = format!("queue {} samples, {} bytes", q.samples, q.bytes);
         if q.oldest_ms > 0 {
-            detail += &format!(", oldest {:.1} s old", (unix_now() - q.oldest_ms as f64 / 1e3).max(0.0));
+            detail += &format!(
+                ", oldest {:.1} s old",
+                (unix_now() - q.oldest_ms as f64 / 1e3).max(0.0)
+            );
         }
         let last = self.last_success();
         detail += &if last > 0.0 {
@@ -110,25 +113,51 @@ impl Collector for ExportCollector {
             .map(|s| (s.name.as_str(), s.queue(), &**s))
             .collect();
         let gauges: [(&str, &str, fn(&QueueStats, &EndpointStatus) -> f64); 3] = [
-            ("remote_write_queue_bytes", "Bytes of samples in the remote-write queue on disk", |q, _| q.bytes as f64),
-            ("remote_write_queue_samples", "Samples in the remote-write queue, not yet acknowledged by the endpoint", |q, _| q.samples as f64),
-            ("remote_write_last_success_timestamp_seconds", "When the endpoint last acknowledged a request (0: never since start)", |_, s| s.last_success()),
+            (
+                "remote_write_queue_bytes",
+                "Bytes of samples in the remote-write queue on disk",
+                |q, _| q.bytes as f64,
+            ),
+            (
+                "remote_write_queue_samples",
+                "Samples in the remote-write queue, not yet acknowledged by the endpoint",
+                |q, _| q.samples as f64,
+            ),
+            (
+                "remote_write_last_success_timestamp_seconds",
+                "When the endpoint last acknowledged a request (0: never since start)",
+                |_, s| s.last_success(),
+            ),
         ];
         for (name, help, value) in gauges {
             let mut f = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for (endpoint, q, s) in &rows {
-                ConstGauge::new(value(q, s)).encode(f.encode_family(&[("endpoint", *endpoint)])?)?;
+                ConstGauge::new(value(q, s))
+                    .encode(f.encode_family(&[("endpoint", *endpoint)])?)?;
             }
         }
         let counters: [(&str, &str, fn(&QueueStats, &EndpointStatus) -> u64); 3] = [
-            ("remote_write_samples_queued", "Samples collected and appended to the remote-write queue", |q, _| q.queued_total),
-            ("remote_write_samples_sent", "Samples the endpoint acknowledged", |q, _| q.sent_total),
-            ("remote_write_samples_retried", "Samples in requests that failed and are sent again", |_, s| s.retried.load(Ordering::Relaxed)),
+            (
+                "remote_write_samples_queued",
+                "Samples collected and appended to the remote-write queue",
+                |q, _| q.queued_total,
+            ),
+            (
+                "remote_write_samples_sent",
+                "Samples the endpoint acknowledged",
+                |q, _| q.sent_total,
+            ),
+            (
+                "remote_write_samples_retried",
+                "Samples in requests that failed and are sent again",
+                |_, s| s.retried.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, value) in counters {
             let mut f = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (endpoint, q, s) in &rows {
-                ConstCounter::new(value(q, s)).encode(f.encode_family(&[("endpoint", *endpoint)])?)?;
+                ConstCounter::new(value(q, s))
+                    .encode(f.encode_family(&[("endpoint", *endpoint)])?)?;
             }
         }
         let mut f = encoder.encode_descriptor(
@@ -154,7 +183,10 @@ impl Collector for ExportCollector {
             MetricType::Counter,
         )?;
         for (endpoint, q, _) in &rows {
-            for (reason, n) in [("torn", q.cut_torn_bytes_total), ("corrupt", q.cut_corrupt_bytes_total)] {
+            for (reason, n) in [
+                ("torn", q.cut_torn_bytes_total),
+                ("corrupt", q.cut_corrupt_bytes_total),
+            ] {
                 ConstCounter::new(n)
                     .encode(f.encode_family(&[("endpoint", *endpoint), ("reason", reason)])?)?;
             }

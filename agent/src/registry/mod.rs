@@ -49,7 +49,9 @@ pub enum RegistryError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a usable certificate or key: {reason}; give a PEM X.509 certificate (a PEM private key for a key)")]
+    #[error(
+        "{path} is not a usable certificate or key: {reason}; give a PEM X.509 certificate (a PEM private key for a key)"
+    )]
     Certificate { path: PathBuf, reason: String },
     #[error(
         "the client certificate {cert} has {found}, but agent.spiffe_id is {configured}: use a \

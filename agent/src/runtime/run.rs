@@ -377,13 +377,15 @@ async fn apply(
             next.config.http.listen
         );
     }
-    if (&next.config.agent, &next.config.registry, &next.config.export)
-        != (
-            &current.config.agent,
-            &current.config.registry,
-            &current.config.export,
-        )
-    {
+    if (
+        &next.config.agent,
+        &next.config.registry,
+        &next.config.export,
+    ) != (
+        &current.config.agent,
+        &current.config.registry,
+        &current.config.export,
+    ) {
         warn!("[agent], [registry] or [export] changed: that takes effect on restart");
     }
     dataplane.apply(&next, Some(current)).await?;

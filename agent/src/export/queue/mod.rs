@@ -69,6 +69,9 @@ pub struct Queue {
     writer: Option<(File, u64)>,
     stats: QueueStats,
     shared: Arc<Mutex<QueueStats>>,
+    /// The last record of the batch being sent, and the samples of it dropped meanwhile
+    /// (queue full): if the endpoint takes the batch, those were sent, not lost.
+    in_flight: Option<(Position, u64)>,
 }
 
 impl Queue {
@@ -92,6 +95,7 @@ impl Queue {
             writer: None,
             stats: QueueStats::default(),
             shared: Arc::default(),
+            in_flight: None,
         };
         let last = ids.last().copied();
         for id in ids {
@@ -167,7 +171,10 @@ impl Queue {
             self.rotate()?;
         }
         let (file, len) = self.writer.as_mut().expect("a segment open for writing");
-        if let Err(e) = file.write_all_at(record, *len).and_then(|()| file.sync_data()) {
+        if let Err(e) = file
+            .write_all_at(record, *len)
+            .and_then(|()| file.sync_data())
+        {
             // Whatever part was written is overwritten by the next append.
             return Err(e);
         }
@@ -211,11 +218,16 @@ impl Queue {
     }
 
     fn drop_oldest(&mut self) {
-        if let Some(r) = self
+        if let Some((id, r)) = self
             .segments
             .iter_mut()
-            .find_map(|s| s.records.pop_front())
+            .find_map(|s| Some((s.id, s.records.pop_front()?)))
         {
+            if let Some((last, dropped)) = &mut self.in_flight
+                && Position(id, r.offset) <= *last
+            {
+                *dropped += u64::from(r.samples);
+            }
             self.stats.bytes -= r.size();
             self.stats.samples -= u64::from(r.samples);
             self.stats.dropped_full_total += u64::from(r.samples);
@@ -231,16 +243,12 @@ impl Queue {
             let file = File::open(&s.path)?;
             for r in &s.records {
                 let n = u64::from(r.samples);
-                if batch
-                    .as_ref()
-                    .is_some_and(|b| b.samples + n > max_samples)
-                {
+                if batch.as_ref().is_some_and(|b| b.samples + n > max_samples) {
                     break 'segments;
                 }
                 let mut buf = vec![0; r.size() as usize];
                 let ok = file.read_exact_at(&mut buf, r.offset).is_ok();
-                let Some(payload) = ok.then(|| format::verified_payload(&buf, r)).flatten()
-                else {
+                let Some(payload) = ok.then(|| format::verified_payload(&buf, r)).flatten() else {
                     corrupt.push(Position(s.id, r.offset));
                     continue;
                 };
@@ -254,6 +262,7 @@ impl Queue {
                 b.last = Position(s.id, r.offset);
             }
         }
+        self.in_flight = batch.as_ref().map(|b| (b.last, 0));
         if !corrupt.is_empty() {
             for s in &mut self.segments {
                 s.records.retain(|r| {
@@ -266,7 +275,10 @@ impl Queue {
                     !bad
                 });
             }
-            tracing::warn!(records = corrupt.len(), "remote-write queue: corrupt records dropped");
+            tracing::warn!(
+                records = corrupt.len(),
+                "remote-write queue: corrupt records dropped"
+            );
             self.publish();
         }
         Ok(batch)
@@ -275,6 +287,13 @@ impl Queue {
     /// Removes the records up to `last` (those the queue still holds: the oldest may have
     /// been dropped meanwhile), counting them sent, or dropped as rejected by the endpoint.
     pub fn ack(&mut self, last: Position, delivered: bool) -> io::Result<()> {
+        if let Some((l, dropped)) = self.in_flight.take()
+            && l == last
+            && delivered
+        {
+            self.stats.dropped_full_total -= dropped;
+            self.stats.sent_total += dropped;
+        }
         for s in &mut self.segments {
             while let Some(r) = s.records.front() {
                 if Position(s.id, r.offset) > last {
@@ -332,7 +351,14 @@ impl Queue {
 /// `(timestamp_ms, samples)` of each valid record not yet acknowledged, oldest first.
 pub fn inspect(dir: &Path) -> io::Result<Vec<(i64, u32)>> {
     let mut ids: Vec<u64> = fs::read_dir(dir)?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".seg")?
+                .parse()
+                .ok()
+        })
         .collect();
     ids.sort_unstable();
     let head = read_head(dir);

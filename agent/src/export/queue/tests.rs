@@ -124,12 +124,16 @@ fn a_full_queue_drops_the_oldest_and_counts_them() {
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
     assert!(on_disk <= 10 * record + q.segment_bytes + 100, "{on_disk}");
-    // A batch in flight while its records are dropped counts only what was still queued.
+    // Records dropped while their batch was in flight were sent after all, once it is taken.
     let b = q.peek(6).unwrap().unwrap();
     q.append(3, 26, &payload(26)).unwrap();
+    assert_eq!(stats(&q).dropped_full_total, 48);
     q.ack(b.last, true).unwrap();
     let s = stats(&q);
-    assert_eq!((s.sent_total, s.dropped_full_total, s.samples), (3, 48, 27));
-    assert_eq!(s.queued_total, s.sent_total + s.dropped_full_total + s.samples);
+    assert_eq!((s.sent_total, s.dropped_full_total, s.samples), (6, 45, 27));
+    assert_eq!(
+        s.queued_total,
+        s.sent_total + s.dropped_full_total + s.samples
+    );
     fs::remove_dir_all(&d).unwrap();
 }
