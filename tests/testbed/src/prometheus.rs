@@ -153,6 +153,27 @@ impl Prometheus {
             .collect()
     }
 
+    /// The raw samples of every series a range selector picks (e.g. `{job="x"}[1m]`) at
+    /// `time`: `(series labels as JSON, timestamp_ms)`. Counting them needs no PromQL function,
+    /// which would drop `__name__` and make series collide.
+    pub fn raw_samples(&self, selector: &str, time: Option<f64>) -> Vec<(String, i64)> {
+        self.query_result(selector, time)
+            .into_iter()
+            .flatten()
+            .flat_map(|series| {
+                let labels = series["metric"].to_string();
+                series["values"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(move |v| {
+                        Some((labels.clone(), (v[0].as_f64()? * 1000.0).round() as i64))
+                    })
+            })
+            .collect()
+    }
+
     /// Polls `promql` until it equals `want` or `limit` passes; returns the last value.
     pub fn wait_for(&self, promql: &str, want: f64, limit: Duration) -> Option<f64> {
         let start = Instant::now();
