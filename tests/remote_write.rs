@@ -584,3 +584,81 @@ fn kill_9_during_writes_loses_at_most_the_torn_record() {
     agent::down(&line.gateway.name, &bpffs).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn mutual_tls_to_a_server_that_requires_client_certificates() {
+    edgeplane_testbed::require_root();
+    let tag = "rw5";
+    let line = Line::new(tag).unwrap();
+    let dir = queue_dir(tag);
+    let pki = edgeplane_tests::etcd::Pki::new(&dir.join("pki")).unwrap();
+    let (client_cert, client_key) = pki.client("agent", "spiffe://test/agent").unwrap();
+    let (server_cert, server_key) = pki.server();
+    let web = dir.join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {}\n",
+            server_cert.display(),
+            server_key.display(),
+            pki.ca.display()
+        ),
+    )
+    .unwrap();
+    let listen = free_port(&line.gateway);
+    let web_arg = format!("--web.config.file={}", web.display());
+    let _prometheus = Prometheus::start(
+        &line.gateway,
+        listen,
+        " []",
+        &["--web.enable-remote-write-receiver", &web_arg],
+    );
+    // Two endpoints, one queue each: with the client certificate, and without.
+    let config = format!(
+        "{}\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[[export.remote_write.endpoints]]\nname = \"nocert\"\nurl = \"https://{listen}/api/v1/write\"\nca = \"{}\"\n",
+        config(tag, listen, &dir, "").replace("http://", "https://"),
+        pki.ca.display(),
+        client_cert.display(),
+        client_key.display(),
+        pki.ca.display()
+    );
+    let mut agent = Agent::start(&line.gateway, &config, "info").unwrap();
+    let sent = |a: &Agent, e: &str| {
+        http::metric(
+            &a.scrape(),
+            &format!("edgeplane_remote_write_samples_sent_total{{endpoint=\"{e}\"}}"),
+        )
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sent(&agent, "prom") < 1000.0 {
+        assert!(Instant::now() < deadline, "{}", agent.log_so_far());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(sent(&agent, "nocert"), 0.0);
+    let readyz = agent.get("/readyz").unwrap().1;
+    let json: serde_json::Value = serde_json::from_str(&readyz).unwrap();
+    let state = |name: &str| {
+        json["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| {
+                (
+                    c["state"].as_str().unwrap().to_owned(),
+                    c["detail"].to_string(),
+                )
+            })
+            .unwrap()
+    };
+    assert_eq!(state("remote_write/prom").0, "up", "{readyz}");
+    let (nocert, detail) = state("remote_write/nocert");
+    assert_eq!(nocert, "degraded", "{readyz}");
+    eprintln!(
+        "mTLS: the server took {} samples with the client certificate; without: {detail}",
+        sent(&agent, "prom")
+    );
+    agent.stop_and_log().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

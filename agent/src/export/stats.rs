@@ -102,6 +102,13 @@ impl EndpointStatus {
     }
 }
 
+/// A metric of every endpoint: name, help, and how to read its value.
+type PerEndpoint<T> = (
+    &'static str,
+    &'static str,
+    fn(&QueueStats, &EndpointStatus) -> T,
+);
+
 #[derive(Debug)]
 pub struct ExportCollector(pub Vec<Arc<EndpointStatus>>);
 
@@ -112,7 +119,7 @@ impl Collector for ExportCollector {
             .iter()
             .map(|s| (s.name.as_str(), s.queue(), &**s))
             .collect();
-        let gauges: [(&str, &str, fn(&QueueStats, &EndpointStatus) -> f64); 3] = [
+        let gauges: [PerEndpoint<f64>; 3] = [
             (
                 "remote_write_queue_bytes",
                 "Bytes of samples in the remote-write queue on disk",
@@ -136,7 +143,7 @@ impl Collector for ExportCollector {
                     .encode(f.encode_family(&[("endpoint", *endpoint)])?)?;
             }
         }
-        let counters: [(&str, &str, fn(&QueueStats, &EndpointStatus) -> u64); 3] = [
+        let counters: [PerEndpoint<u64>; 3] = [
             (
                 "remote_write_samples_queued",
                 "Samples collected and appended to the remote-write queue",

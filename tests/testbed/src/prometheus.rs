@@ -71,7 +71,16 @@ impl Prometheus {
             .expect("starting prometheus (Debian package prometheus; `cargo xtask setup`)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.get("/-/ready").map(|(c, _)| c) != Some(200) {
+        // Behind TLS (a web config) it is ready for this test bed when it accepts connections.
+        let tls = self.args.iter().any(|a| a.starts_with("--web.config.file"));
+        let ready = |p: &Self| match tls {
+            true => {
+                let _in = crate::netns::enter(&p.ns).unwrap();
+                std::net::TcpStream::connect(p.listen).is_ok()
+            }
+            false => p.get("/-/ready").map(|(c, _)| c) == Some(200),
+        };
+        while !ready(self) {
             assert!(
                 Instant::now() < deadline,
                 "prometheus not ready in 30 s\n{}",

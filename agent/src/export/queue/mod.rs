@@ -171,13 +171,9 @@ impl Queue {
             self.rotate()?;
         }
         let (file, len) = self.writer.as_mut().expect("a segment open for writing");
-        if let Err(e) = file
-            .write_all_at(record, *len)
-            .and_then(|()| file.sync_data())
-        {
-            // Whatever part was written is overwritten by the next append.
-            return Err(e);
-        }
+        // On failure, whatever part was written is overwritten by the next append.
+        file.write_all_at(record, *len)?;
+        file.sync_data()?;
         let meta = RecordMeta {
             offset: *len,
             payload_len: (record.len() - format::HEADER) as u32,
