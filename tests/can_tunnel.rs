@@ -119,7 +119,7 @@ fn frames(n: u32) -> Vec<Frame> {
         .map(|i| match i % 3 {
             // A few IDs, each seen many times: CAN's ordering promise is per ID.
             0 => Frame::classic(0x100 + (i / 3) % 4, &i.to_be_bytes()),
-            1 => Frame::fd(0x1234_0000 | (i / 3) % 4 | CAN_EFF_FLAG, &[i as u8; 48]),
+            1 => Frame::fd(0x1234_0000 | ((i / 3) % 4) | CAN_EFF_FLAG, &[i as u8; 48]),
             _ => Frame::fd(0x7ff, &[(i >> 8) as u8, i as u8]),
         })
         .collect()

@@ -4,6 +4,7 @@
 
 pub mod can;
 pub mod config;
+pub mod export;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod host;

@@ -32,6 +32,7 @@ pub const TARGETS: &[(&str, Option<&str>)] = &[
     ("rules_push", Some("toml.dict")),
     ("netlink", None),
     ("registry_record", None),
+    ("remote_write_queue", None),
 ];
 
 /// Where cargo-fuzz puts the target binaries (its default --target).

@@ -5,6 +5,7 @@
 
 mod can;
 mod can_receive;
+mod export;
 mod latency;
 mod registry;
 mod udp;
@@ -18,7 +19,7 @@ use std::{
 
 use serde::Deserialize;
 
-pub use self::{can::*, can_receive::*, latency::*, registry::*, udp::*};
+pub use self::{can::*, can_receive::*, export::*, latency::*, registry::*, udp::*};
 use crate::host::{Host, ThisHost};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -36,6 +37,9 @@ pub struct Config {
     pub latency: LatencyCapture,
     /// Fleet registration in etcd; absent: the agent does not register.
     pub registry: Option<RegistryConfig>,
+    /// Pushing telemetry (remote write); read at start.
+    #[serde(default)]
+    pub export: ExportConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -328,6 +332,9 @@ impl Config {
             });
         }
         self.identity_problems(&mut out);
+        if let Some(rw) = &self.export.remote_write {
+            rw.problems(&mut out);
+        }
         out
     }
 }

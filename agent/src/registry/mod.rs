@@ -6,7 +6,7 @@
 //! it needs from the data plane comes through a watch channel of attached programs; pushed rule
 //! sets go to the agent's reload path, which reports the outcome back.
 
-mod backoff;
+pub(crate) mod backoff;
 pub mod client;
 mod limit;
 pub mod record;
@@ -48,12 +48,12 @@ use crate::{
 pub enum RegistryError {
     #[error("cannot read {key} {path}: {source}")]
     File {
-        key: &'static str,
+        key: String,
         path: PathBuf,
         source: std::io::Error,
     },
     #[error(
-        "{path} is not a usable certificate: {reason}; give registry.cert a PEM X.509 certificate"
+        "{path} is not a usable certificate or key: {reason}; give a PEM X.509 certificate (a PEM private key for a key)"
     )]
     Certificate { path: PathBuf, reason: String },
     #[error(

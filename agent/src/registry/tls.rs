@@ -3,7 +3,8 @@
 //! handshake, and for mutual TLS a client certificate that must carry the agent's SPIFFE ID.
 //!
 //! tonic's own TLS can do neither the SPIFFE check nor the bound, so the agent connects and
-//! shakes hands itself and gives tonic the finished stream (see [`Tls::connect`]).
+//! shakes hands itself and gives tonic the finished stream (see [`Tls::connect`]). The same
+//! certificate files load into a plain rustls config for the remote-write push (`export`).
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -90,20 +91,7 @@ pub fn client_config_from_files(
             None => Ok(None),
         };
     };
-    let bad = |path: &Path, reason: String| RegistryError::Certificate {
-        path: path.to_owned(),
-        reason,
-    };
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&read("registry.ca", ca)?) {
-        let cert = cert.map_err(|e| bad(ca, format!("unreadable PEM ({e})")))?;
-        roots
-            .add(cert)
-            .map_err(|e| bad(ca, format!("not a CA certificate ({e})")))?;
-    }
-    if roots.is_empty() {
-        return Err(bad(ca, "no certificate in it".into()));
-    }
+    let roots = roots("registry", ca)?;
     let provider = Arc::new(ring::default_provider());
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
@@ -120,23 +108,7 @@ pub fn client_config_from_files(
         .map_err(|e| bad(ca, e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_slice_iter(&read("registry.cert", cert)?)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(cert, format!("unreadable PEM ({e})")))?;
-            let key = PrivateKeyDer::from_pem_slice(&read("registry.key", key)?).map_err(|e| {
-                bad(
-                    key,
-                    format!("no private key ({e}); give registry.key a PEM key"),
-                )
-            })?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| bad(cert, e.to_string()))?
-        }
-    };
+    let mut config = with_identity(builder, "registry", identity)?;
     // gRPC over TLS is HTTP/2, negotiated by ALPN (etcd insists).
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Some(Tls {
@@ -144,6 +116,69 @@ pub fn client_config_from_files(
         identity: server,
         handshake_timeout,
     }))
+}
+
+/// A rustls client config trusting the certificates in `ca` (checked against the server's
+/// name by webpki), with a client certificate chain and key for mutual TLS; `section` names
+/// the keys in errors (`export.remote_write.endpoints`).
+pub fn rustls_client_config(
+    section: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, RegistryError> {
+    let roots = roots(section, ca)?;
+    let builder = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(ca, e.to_string()))?
+        .with_root_certificates(roots);
+    with_identity(builder, section, identity)
+}
+
+fn bad(path: &Path, reason: String) -> RegistryError {
+    RegistryError::Certificate {
+        path: path.to_owned(),
+        reason,
+    }
+}
+
+/// The CA certificates in `ca` (`<section>.ca`).
+fn roots(section: &str, ca: &Path) -> Result<RootCertStore, RegistryError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&read(format!("{section}.ca"), ca)?) {
+        let cert = cert.map_err(|e| bad(ca, format!("unreadable PEM ({e})")))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad(ca, format!("not a CA certificate ({e})")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(ca, "no certificate in it".into()));
+    }
+    Ok(roots)
+}
+
+/// The config with the client certificate chain and key of mutual TLS
+/// (`<section>.cert`, `<section>.key`), or none.
+fn with_identity(
+    builder: rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>,
+    section: &str,
+    identity: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, RegistryError> {
+    let Some((cert, key)) = identity else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let chain = CertificateDer::pem_slice_iter(&read(format!("{section}.cert"), cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, format!("unreadable PEM ({e})")))?;
+    let key_der =
+        PrivateKeyDer::from_pem_slice(&read(format!("{section}.key"), key)?).map_err(|e| {
+            bad(
+                key,
+                format!("no private key ({e}); give {section}.key a PEM key"),
+            )
+        })?;
+    builder
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|e| bad(cert, e.to_string()))
 }
 
 /// For the CLI: endpoints' hosts checked, the default handshake bound.
@@ -305,9 +340,9 @@ fn describe_uris(uris: &[String]) -> String {
     }
 }
 
-fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, RegistryError> {
+fn read(key: impl Into<String>, path: &Path) -> Result<Vec<u8>, RegistryError> {
     std::fs::read(path).map_err(|source| RegistryError::File {
-        key,
+        key: key.into(),
         path: path.to_owned(),
         source,
     })

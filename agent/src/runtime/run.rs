@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::Overrides,
+    export::RemoteWrite,
     host::link_events::LinkEvents,
     host::resolve::{Backoff, Peers, RESOLVE_TIMEOUT, ResolveError, resolve_all},
     host::systemd::Notifier,
@@ -50,6 +51,8 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
     let overrides = &options.overrides;
     let mut current = prepare(&config_path, overrides, &Peers::new()).await?;
     let registration = registry::Settings::from_config(&current.config)?;
+    let mut remote_write =
+        RemoteWrite::open(&current.config).context("starting [export.remote_write]")?;
     let notifier = Arc::new(Notifier::from_env());
     let listen = current.config.http.listen;
     let listener = http::server::bind(listen)
@@ -81,8 +84,12 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
     let mut fleet = registration.map(|s| Registry::spawn(s, programs_rx));
     let mut collectors = dataplane.collectors();
     collectors.extend(fleet.as_ref().map(Registry::collector));
+    collectors.extend(remote_write.as_ref().map(RemoteWrite::collector));
     let agent_metrics = Arc::new(AgentMetrics::default());
     let registry = Arc::new(metrics::registry(&agent_metrics, collectors));
+    if let Some(rw) = &mut remote_write {
+        rw.start(registry.clone());
+    }
     http::server::raise_fd_limit(current.config.http.max_connections);
     let (http_config, http_config_rx) = watch::channel(current.config.http.clone());
     let (stop_http, http_stopped) = oneshot::channel::<()>();
@@ -92,6 +99,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
             registry,
             views: dataplane.views(),
             fleet: fleet.as_ref().map(Registry::health),
+            export: remote_write.as_ref().map(RemoteWrite::health),
             events: dataplane.events(),
         },
         http_config_rx,
@@ -142,6 +150,7 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
                 let next = next.map(|mut p| {
                     p.config.agent.clone_from(&current.config.agent);
                     p.config.registry.clone_from(&current.config.registry);
+                    p.config.export.clone_from(&current.config.export);
                     p
                 });
                 let result = reload(next, &mut current, &mut dataplane, &agent_metrics).await;
@@ -215,6 +224,9 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
     notifier.stopping();
     if let Some(f) = fleet {
         f.shutdown().await;
+    }
+    if let Some(rw) = remote_write {
+        rw.shutdown().await;
     }
     if options.detach_on_exit {
         info!("detaching the data plane (--detach-on-exit)");
@@ -365,10 +377,16 @@ async fn apply(
             next.config.http.listen
         );
     }
-    if (&next.config.agent, &next.config.registry)
-        != (&current.config.agent, &current.config.registry)
-    {
-        warn!("[agent] or [registry] changed: that takes effect on restart");
+    if (
+        &next.config.agent,
+        &next.config.registry,
+        &next.config.export,
+    ) != (
+        &current.config.agent,
+        &current.config.registry,
+        &current.config.export,
+    ) {
+        warn!("[agent], [registry] or [export] changed: that takes effect on restart");
     }
     dataplane.apply(&next, Some(current)).await?;
     info!(

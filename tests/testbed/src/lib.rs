@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod http;
 pub mod netns;
+pub mod prometheus;
 pub mod usage;
 
 use std::{

@@ -46,6 +46,8 @@ pub struct HttpState {
     pub views: Views,
     /// Fleet registration's state, when configured.
     pub fleet: Option<tokio::sync::watch::Receiver<Health>>,
+    /// The remote-write endpoints, when configured.
+    pub export: Option<crate::export::Health>,
     /// Slow-frame events, when the kernel path runs.
     pub events: Option<broadcast::Sender<Arc<Event>>>,
 }
@@ -134,6 +136,10 @@ async fn readyz(State(Routes { agent: s, .. }): State<Routes>) -> impl IntoRespo
     // Shown, but readiness is the data plane's: etcd trouble does not stop traffic.
     if let Some(r) = &s.fleet {
         readiness.components.push(r.borrow().component());
+    }
+    // Likewise: an endpoint away is degraded, its samples wait on disk.
+    if let Some(e) = &s.export {
+        readiness.components.extend(e.components());
     }
     let code = if readiness.ready {
         StatusCode::OK
