@@ -19,6 +19,8 @@ const UNIT_BINARY: &str = "/usr/local/bin/edgeplane";
 pub const PACKAGE_BINARY: &str = "/usr/bin/edgeplane";
 pub const CONFFILE: &str = "/etc/edgeplane/edgeplane.toml";
 pub const UNIT_PATH: &str = "/lib/systemd/system/edgeplane.service";
+/// The service's user, for systemd-sysusers (postinst runs it).
+pub const SYSUSERS_PATH: &str = "/usr/lib/sysusers.d/edgeplane.conf";
 
 pub struct Inputs {
     pub arch: Arch,
@@ -26,6 +28,7 @@ pub struct Inputs {
     pub binary: PathBuf,
     pub unit: PathBuf,
     pub config: PathBuf,
+    pub sysusers: PathBuf,
     pub example: PathBuf,
     pub scripts: PathBuf,
     pub out: PathBuf,
@@ -65,6 +68,7 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
         .with_context(|| inputs.unit.display().to_string())?;
     write(&stage, UNIT_PATH, unit.as_bytes(), 0o644)?;
     write(&stage, CONFFILE, &fs::read(&inputs.config)?, 0o644)?;
+    write(&stage, SYSUSERS_PATH, &fs::read(&inputs.sysusers)?, 0o644)?;
     write(
         &stage,
         "/usr/share/doc/edgeplane/examples/edgeplane.toml",

@@ -108,8 +108,7 @@ fn installed_checks() -> anyhow::Result<Vec<String>> {
 
     let user = output(Command::new("getent").args(["passwd", "edgeplane"]))?;
     ensure!(
-        user.trim_end()
-            .ends_with(":/var/lib/edgeplane:/usr/sbin/nologin"),
+        user.contains(":/var/lib/edgeplane:") && user.trim_end().ends_with("/nologin"),
         "user entry {user:?}"
     );
     let uid: u32 = user.split(':').nth(2).context("passwd entry")?.parse()?;

@@ -72,6 +72,7 @@ pub fn package(arch: Arch) -> anyhow::Result<PathBuf> {
         binary,
         unit: root.join("configs/edgeplane.service"),
         config: root.join("configs/package/edgeplane.toml"),
+        sysusers: root.join("configs/edgeplane.sysusers"),
         example: root.join("configs/edgeplane.toml"),
         scripts: root.join("configs/package"),
         out,
