@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod fuzz;
 mod setup;
 mod test;
@@ -28,6 +29,8 @@ enum Command {
     Test(test::Options),
     /// Run the kernel tests inside qemu on each supported Debian kernel (5.10, 6.1).
     VmTest(vm::Options),
+    /// Build the agent as shipped: target/ship/edgeplane (stripped) and edgeplane.debug.
+    Dist(dist::Options),
     /// Benchmark every engine side by side; writes target/bench/latest.{md,json}.
     Bench(bench::Options),
     /// Run the fuzz targets (cargo-fuzz, libFuzzer) for a bounded time each; fails on a crash.
@@ -40,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(opts) => demo::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::VmTest(opts) => vm::run(&opts),
+        Command::Dist(opts) => dist::run(&opts).map(drop),
         Command::Bench(opts) => bench::run(&opts),
         Command::Fuzz(opts) => fuzz::run(&opts),
     }

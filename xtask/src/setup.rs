@@ -45,6 +45,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "the userspace relay `cargo xtask bench` compares the engines with",
     ),
     ("g++", "libFuzzer, which the fuzz targets link, is C++"),
+    (
+        "binutils",
+        "objcopy: `cargo xtask dist` splits the debug symbols off",
+    ),
 ];
 
 #[derive(clap::Args, Default)]
