@@ -14,10 +14,7 @@ use edgeplane_testbed::{
     usage,
 };
 
-use crate::{
-    report::{Report, Row},
-    table::markdown,
-};
+use crate::report::{Report, Row};
 
 /// The targets (issue 15), in bytes.
 const RSS_IDLE_TARGET: u64 = 20_000_000;
