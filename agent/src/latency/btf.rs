@@ -221,7 +221,7 @@ impl<'a> Btf<'a> {
                 return Err(BtfError::Bitfield(format!("{name}.{path}")));
             }
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::Unaligned(format!("{name}.{path}")));
         }
         Ok(bits / 8)
