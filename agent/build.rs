@@ -1,5 +1,6 @@
 //! Builds the eBPF programs (nightly, bpfel-unknown-none, bpf-linker) and leaves the object in
 //! OUT_DIR for `include_bytes!`, so `cargo build` alone yields an agent with its programs inside.
+//! The object's DWARF is dropped there: bpf-linker needs it to emit BTF, aya needs only the BTF.
 //! Also generates Rust from the .proto files in proto/ (the registry record, etcd's API).
 
 use std::{env, path::PathBuf};
@@ -28,7 +29,47 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::Custom(&channel),
     )
-    .context("building the eBPF programs failed; `cargo xtask setup` installs what they need")
+    .context("building the eBPF programs failed; `cargo xtask setup` installs what they need")?;
+    strip_dwarf(&PathBuf::from(env::var("OUT_DIR")?).join("edgeplane"))
+}
+
+/// Removes the DWARF sections (and their relocations) from the eBPF object: about 80% of its
+/// bytes, embedded in the agent and read by aya at every start, and of no use to the kernel.
+/// `.BTF` and `.BTF.ext` (types, CO-RE relocations, line info for verifier logs) stay.
+fn strip_dwarf(path: &std::path::Path) -> anyhow::Result<()> {
+    use object::build::elf::{Builder, SectionData};
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut elf = Builder::read(data.as_slice()).context("parsing the eBPF object")?;
+    let is_dwarf = |name: &[u8]| name.starts_with(b".debug_");
+    // Collected first: the table's iterators skip what is marked deleted.
+    let dwarf: Vec<_> = elf
+        .sections
+        .iter()
+        .filter(|s| is_dwarf(&s.name))
+        .map(|s| s.id())
+        .collect();
+    for section in elf.sections.iter_mut() {
+        // The DWARF sections and their relocations (`.rel.debug_*`).
+        section.delete = dwarf.contains(&section.id())
+            || section.sh_info_section.is_some_and(|t| dwarf.contains(&t));
+    }
+    elf.delete_orphans();
+    // LLVM keeps section names in .strtab with the symbols' names; the writer wants its own.
+    if !elf
+        .sections
+        .iter()
+        .any(|s| matches!(s.data, SectionData::SectionString))
+    {
+        let names = elf.sections.add();
+        names.name = b".shstrtab"[..].into();
+        names.sh_type = object::elf::SHT_STRTAB;
+        names.sh_addralign = 1;
+        names.data = SectionData::SectionString;
+    }
+    let mut out = Vec::new();
+    elf.write(&mut out)
+        .context("writing the stripped eBPF object")?;
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
 fn pinned_channel(path: &std::path::Path) -> anyhow::Result<String> {

@@ -1,5 +1,6 @@
 //! `edgeplane-bench`: measurements that compare in one run. `cargo xtask bench` runs it as root.
 
+mod footprint;
 mod host_metrics;
 mod merge;
 mod metrics_render;
@@ -28,6 +29,8 @@ enum Suite {
     HostMetrics(host_metrics::Options),
     /// UDP forwarding: XDP, tc, the userspace engines and socat on one veth topology.
     Udp(udp::Options),
+    /// The agent's resident memory (no rules, 1,000 rules), idle CPU and binary size.
+    Footprint(footprint::Options),
     /// Merge the suites' rows (and criterion's estimates) into latest.json and latest.md.
     Report(merge::Options),
 }
@@ -43,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Suite::MetricsRender(o) => metrics_render::run(&o),
         Suite::HostMetrics(o) => host_metrics::run(&o),
         Suite::Udp(o) => udp::run(&o),
+        Suite::Footprint(o) => footprint::run(&o),
         Suite::Report(o) => merge::run(&o),
     }
 }

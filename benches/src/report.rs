@@ -35,6 +35,9 @@ pub struct Row {
     pub latency_received: Option<String>,
     /// Micro benchmarks (suite `micro`): time per operation.
     pub ns_per_op: Option<f64>,
+    /// Suite `footprint`: a file's size (the shipped binary).
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
     pub note: Option<String>,
 }
 
@@ -54,6 +57,7 @@ impl Row {
             process_cpu_ns_per_packet: None,
             latency_received: None,
             ns_per_op: Some(ns),
+            size_bytes: None,
             note: Some(note.into()),
         }
     }
@@ -142,6 +146,33 @@ impl Report {
                     ],
                     &table
                 )
+            );
+        }
+        let footprint: Vec<&Row> = self
+            .rows
+            .iter()
+            .filter(|r| r.suite == "footprint")
+            .collect();
+        if !footprint.is_empty() {
+            let table: Vec<Vec<String>> = footprint
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.engine.clone(),
+                        r.rss_bytes.or(r.size_bytes).map_or("-".into(), |b| {
+                            format!(
+                                "{:.1} MB ({:.1} MiB)",
+                                b as f64 / 1e6,
+                                b as f64 / (1 << 20) as f64
+                            )
+                        }),
+                        r.note.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            out += &format!(
+                "### Footprint\n\n{}\n",
+                markdown(&["what", "bytes", "how"], &table)
             );
         }
         let micro: Vec<&Row> = self.rows.iter().filter(|r| r.suite == "micro").collect();

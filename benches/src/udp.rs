@@ -205,6 +205,7 @@ fn summarize(engine: &str, runs: &[Run]) -> Row {
             runs.iter().map(|r| r.latency_sent).sum::<u64>()
         )),
         ns_per_op: None,
+        size_bytes: None,
         note: Some(format!("median of {} rounds", runs.len())),
     }
 }

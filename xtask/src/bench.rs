@@ -4,7 +4,8 @@
 //! Suites, in order: criterion's userspace micro benchmarks; BPF_PROG_TEST_RUN ns/packet of
 //! the eBPF programs; /metrics rendering with 1,000 kernel rules and with the host metrics of
 //! 256 interfaces; UDP forwarding with XDP, tc, both userspace engines and socat on one veth
-//! topology; CAN routing inside qemu (TCG).
+//! topology; the agent's footprint (RSS idle and with 1,000 rules, idle CPU, the shipped
+//! binary's size from `cargo xtask dist`); CAN routing inside qemu (TCG).
 
 use std::{fs, path::Path, process::Command, time::Instant};
 
@@ -26,6 +27,10 @@ pub struct Options {
     /// Skip the CAN suite (qemu with software emulation, the slowest part).
     #[arg(long)]
     no_can: bool,
+    /// Run only these suites (comma-separated: criterion, prog-run, metrics-render,
+    /// host-metrics, udp, footprint, can); the report holds what ran.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Seconds of saturation per UDP engine.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
@@ -47,6 +52,20 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         )
     };
     let path = |name: &str| out.join(name).to_string_lossy().into_owned();
+    let wanted = |suite: &str| opts.only.is_empty() || opts.only.iter().any(|s| s == suite);
+    const SUITES: [&str; 7] = [
+        "criterion",
+        "prog-run",
+        "metrics-render",
+        "host-metrics",
+        "udp",
+        "footprint",
+        "can",
+    ];
+    if let Some(unknown) = opts.only.iter().find(|s| !SUITES.contains(&s.as_str())) {
+        anyhow::bail!("unknown suite {unknown}: choose from {}", SUITES.join(", "));
+    }
+    let mut parts = Vec::new();
 
     step("building the agent and the benchmarks (release)");
     run_checked(crate::toolchain::cargo().current_dir(&root).args([
@@ -57,35 +76,60 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         "-p",
         "edgeplane-benches",
     ]))?;
-    step("criterion: tunnel codec, userspace rule lookup, /metrics with 1,000 userspace rules");
-    run_checked(crate::toolchain::cargo().current_dir(&root).args([
-        "bench",
-        "-p",
-        "edgeplane-benches",
-        "--bench",
-        "userspace",
-        "--",
-        "--warm-up-time",
-        "1",
-        "--measurement-time",
-        "2",
-    ]))?;
-    step("BPF_PROG_TEST_RUN: ns per packet of udp_forward (XDP, tc), matched and unmatched");
-    bench(&["prog-run", "--json", &path("prog-run.json")])?;
-    step("/metrics rendering with 1,000 kernel rules");
-    bench(&["metrics-render", "--json", &path("metrics-render.json")])?;
-    step("/metrics host metrics of 256 interfaces (one rtnetlink dump)");
-    bench(&["host-metrics", "--json", &path("host-metrics.json")])?;
-    step("UDP forwarding: xdp, tc, tokio, tokio-uring, socat");
-    bench(&[
-        "udp",
-        "--seconds",
-        &opts.seconds.to_string(),
-        "--json",
-        &path("udp.json"),
-    ])?;
-    let mut parts = vec![path("udp.json")];
-    if opts.no_can {
+    if wanted("criterion") {
+        step("criterion: tunnel codec, userspace rule lookup, /metrics with 1,000 userspace rules");
+        run_checked(crate::toolchain::cargo().current_dir(&root).args([
+            "bench",
+            "-p",
+            "edgeplane-benches",
+            "--bench",
+            "userspace",
+            "--",
+            "--warm-up-time",
+            "1",
+            "--measurement-time",
+            "2",
+        ]))?;
+    }
+    // Run before the UDP suite as always; reported after it.
+    let mut micro = Vec::new();
+    for (suite, what, file) in [
+        (
+            "prog-run",
+            "BPF_PROG_TEST_RUN: ns per packet of udp_forward (XDP, tc), matched and unmatched",
+            "prog-run.json",
+        ),
+        (
+            "metrics-render",
+            "/metrics rendering with 1,000 kernel rules",
+            "metrics-render.json",
+        ),
+        (
+            "host-metrics",
+            "/metrics host metrics of 256 interfaces (one rtnetlink dump)",
+            "host-metrics.json",
+        ),
+    ] {
+        if wanted(suite) {
+            step(what);
+            bench(&[suite, "--json", &path(file)])?;
+            micro.push(path(file));
+        }
+    }
+    if wanted("udp") {
+        step("UDP forwarding: xdp, tc, tokio, tokio-uring, socat");
+        bench(&[
+            "udp",
+            "--seconds",
+            &opts.seconds.to_string(),
+            "--json",
+            &path("udp.json"),
+        ])?;
+        parts.push(path("udp.json"));
+    }
+    if !wanted("can") {
+        step("CAN suite skipped");
+    } else if opts.no_can {
         step("CAN suite skipped (--no-can)");
     } else {
         step(format_args!(
@@ -96,11 +140,21 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             Err(e) => eprintln!("[bench] the CAN suite failed, reporting without it: {e:#}"),
         }
     }
-    parts.extend([
-        path("prog-run.json"),
-        path("metrics-render.json"),
-        path("host-metrics.json"),
-    ]);
+    if wanted("footprint") {
+        let shipped = crate::dist::run(&crate::dist::Options::default())?;
+        step(
+            "footprint: RSS with no rules (and idle CPU over 20 s), with 1,000 UDP rules; binary size",
+        );
+        run_checked(
+            Command::new(&bench_bin)
+                .args(["footprint", "--shipped"])
+                .arg(&shipped)
+                .args(["--json", &path("footprint.json")])
+                .env("EDGEPLANE_BIN", &shipped),
+        )?;
+        parts.push(path("footprint.json"));
+    }
+    parts.extend(micro);
     step(format_args!(
         "report: {} and {} ({:.0} s in all)",
         out.join("latest.md").display(),
@@ -111,9 +165,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         "report".to_owned(),
         "--out".to_owned(),
         out.to_string_lossy().into_owned(),
-        "--criterion".to_owned(),
-        root.join("target/criterion").to_string_lossy().into_owned(),
     ];
+    if wanted("criterion") {
+        args.push("--criterion".to_owned());
+        args.push(root.join("target/criterion").to_string_lossy().into_owned());
+    }
     args.extend(parts);
     run_checked(Command::new(&bench_bin).args(&args))
 }

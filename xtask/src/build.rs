@@ -150,6 +150,36 @@ fn smoke_run(arch: Arch, binary: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Splits `built` into `binary` (no symbols or debug info, with a `.gnu_debuglink` naming
+/// `debug`) and `debug` (the symbols and debug info), with `arch`'s binutils. gdb and perf find
+/// the debug file beside the binary, by its name, or under /usr/lib/debug by build ID.
+pub fn split_debug(
+    arch: Arch,
+    built: &std::path::Path,
+    binary: &std::path::Path,
+    debug: &std::path::Path,
+) -> anyhow::Result<()> {
+    let objcopy = format!("{}objcopy", arch.binutils_prefix());
+    let run = |args: &[&std::ffi::OsStr]| {
+        run_checked(std::process::Command::new(&objcopy).args(args)).with_context(|| {
+            format!("{objcopy} (Debian: binutils, or gcc-aarch64-linux-gnu for arm64)")
+        })
+    };
+    run(&[
+        "--only-keep-debug".as_ref(),
+        built.as_os_str(),
+        debug.as_os_str(),
+    ])?;
+    // The debug link names the file only; the directory is wherever gdb looks.
+    let link = format!("--add-gnu-debuglink={}", debug.display());
+    run(&[
+        "--strip-all".as_ref(),
+        link.as_ref(),
+        built.as_os_str(),
+        binary.as_os_str(),
+    ])
+}
+
 fn elf_machine(path: &std::path::Path) -> anyhow::Result<u16> {
     let mut header = [0u8; 20];
     std::io::Read::read_exact(

@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod dist;
 mod fuzz;
 mod package;
 mod setup;
@@ -30,6 +31,8 @@ enum Command {
     Test(test::Options),
     /// Run the kernel tests inside qemu on each supported Debian kernel (5.10, 6.1).
     VmTest(vm::Options),
+    /// Build the agent as shipped: target/ship/edgeplane (stripped) and edgeplane.debug.
+    Dist(dist::Options),
     /// Benchmark every engine side by side; writes target/bench/latest.{md,json}.
     Bench(bench::Options),
     /// Build the release agent with its eBPF programs for one architecture (cross builds too).
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(opts) => demo::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::VmTest(opts) => vm::run(&opts),
+        Command::Dist(opts) => dist::run(&opts).map(drop),
         Command::Bench(opts) => bench::run(&opts),
         Command::Fuzz(opts) => fuzz::run(&opts),
         Command::Build(opts) => build::run(&opts),

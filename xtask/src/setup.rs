@@ -65,6 +65,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "qemu-user",
         "running the cross-built agent once after building it (`edgeplane --version`)",
     ),
+    (
+        "binutils",
+        "objcopy: `cargo xtask dist` splits the debug symbols off",
+    ),
 ];
 
 /// Rust targets the agent is cross-built for (`cargo xtask build --target`, `package`).

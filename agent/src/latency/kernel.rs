@@ -9,10 +9,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use btfparse::{Offset, Readable, TypeInformation};
 use edgeplane_common::latency::KernelOffsets;
 
-use super::LatencyError;
+use super::{LatencyError, btf::Btf};
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
@@ -164,38 +163,19 @@ fn parse_format_offset(format: &str, field: &str) -> Option<u32> {
     })
 }
 
-struct Bytes(Vec<u8>);
-
-impl Readable for Bytes {
-    fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let src = start
-            .checked_add(buffer.len())
-            .and_then(|end| self.0.get(start..end))
-            .ok_or_else(|| btfparse::Error::new(btfparse::ErrorKind::EOF, "read past the end"))?;
-        buffer.copy_from_slice(src);
-        Ok(())
-    }
-}
-
 /// Offsets of the socket and skb fields the delivery programs read, from the running kernel's
 /// BTF, plus the tracepoint fields they and the XDP flush program read.
 pub fn offsets(tracefs: &Path) -> Result<KernelOffsets, LatencyError> {
     let bytes = std::fs::read(VMLINUX_BTF).map_err(LatencyError::NoBtf)?;
-    let btf = TypeInformation::new(&Bytes(bytes)).map_err(|e| LatencyError::Btf {
+    let btf = Btf::parse(&bytes).map_err(|e| LatencyError::Btf {
         field: "(parse)".into(),
-        reason: format!("{e:?}"),
+        reason: e.to_string(),
     })?;
     let byte_offset = |ty: &str, path: &str| -> Result<u32, LatencyError> {
-        let err = |reason: String| LatencyError::Btf {
+        btf.offset_of(ty, path).map_err(|e| LatencyError::Btf {
             field: format!("{ty}.{path}"),
-            reason,
-        };
-        let id = btf.id_of(ty).ok_or_else(|| err("no such type".into()))?;
-        match btf.offset_of(id, path).map_err(|e| err(format!("{e:?}")))? {
-            (_, Offset::ByteOffset(o)) => Ok(o),
-            (_, Offset::BitOffsetAndSize(..)) => Err(err("a bitfield".into())),
-        }
+            reason: e.to_string(),
+        })
     };
     Ok(KernelOffsets {
         skb_tstamp: byte_offset("sk_buff", "tstamp")?,

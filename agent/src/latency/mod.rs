@@ -6,6 +6,7 @@
 //! Capture runs while the agent runs: the egress filters and probes go with it (forwarding
 //! does not), and the histograms, pinned, continue when the next agent starts.
 
+mod btf;
 pub mod events;
 pub mod kernel;
 mod stats;

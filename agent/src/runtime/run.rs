@@ -114,6 +114,8 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
         can_routes = current.config.can.route.len(),
         "edgeplane running; metrics on http://{listen}/metrics"
     );
+    // What loading needed (the kernel's BTF above all) is freed by now.
+    crate::sys::memory::release_free_heap();
     notifier.ready(&status_line(&current));
     let watchdog = notifier.spawn_watchdog();
 
@@ -213,6 +215,8 @@ pub async fn run(config_path: PathBuf, options: RunOptions) -> anyhow::Result<()
         if resolving.is_none() {
             schedule_resolution(&current, &mut retry_at, &mut backoff);
         }
+        // A reload's buffers (the config, compiled rules, netlink dumps) are freed by now.
+        crate::sys::memory::release_free_heap();
     }
     if let Some(r) = resolving {
         r.abort();

@@ -40,16 +40,47 @@ pub fn process_cpu_ns(pid: u32) -> anyhow::Result<u64> {
 
 /// Peak resident set size of a process in bytes (VmHWM).
 pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// Resident set size of a process in bytes now (VmRSS).
+pub fn rss(pid: u32) -> anyhow::Result<u64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// A `kB` field of /proc/<pid>/status, in bytes.
+fn status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .context("no VmHWM")?
+        .find_map(|l| l.strip_prefix(field))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?
         .trim()
         .trim_end_matches("kB")
         .trim()
         .parse()?;
     Ok(kb * 1024)
+}
+
+/// CPU time (ns) of every thread of a process, from the scheduler's own accounting
+/// (/proc/<pid>/task/*/schedstat): nanoseconds, where /proc/<pid>/stat counts 10 ms ticks,
+/// too coarse for an idle process.
+pub fn threads_cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("schedstat");
+        // A thread that ended meanwhile has no file any more; its time is gone with it.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let on_cpu: u64 = text
+            .split_whitespace()
+            .next()
+            .with_context(|| format!("empty {}", path.display()))?
+            .parse()?;
+        total += on_cpu;
+    }
+    Ok(total)
 }
 
 /// CPU time (ns) of this process, all threads, user and system.

@@ -47,21 +47,7 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
     let debug = inputs.out.join(format!("{stem}.debug"));
     let shipped = stage.join(PACKAGE_BINARY.trim_start_matches('/'));
     fs::create_dir_all(shipped.parent().unwrap())?;
-    let objcopy = format!("{}objcopy", inputs.arch.binutils_prefix());
-    run_checked(
-        Command::new(&objcopy)
-            .arg("--only-keep-debug")
-            .arg(&inputs.binary)
-            .arg(&debug),
-    )
-    .with_context(|| format!("{objcopy} (Debian: binutils, or gcc-aarch64-linux-gnu for arm64)"))?;
-    run_checked(
-        Command::new(&objcopy)
-            .arg("--strip-all")
-            .arg(format!("--add-gnu-debuglink={}", debug.display()))
-            .arg(&inputs.binary)
-            .arg(&shipped),
-    )?;
+    crate::build::split_debug(inputs.arch, &inputs.binary, &shipped, &debug)?;
     fs::set_permissions(&shipped, fs::Permissions::from_mode(0o755))?;
 
     let unit = packaged_unit(&fs::read_to_string(&inputs.unit)?)
