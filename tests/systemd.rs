@@ -155,7 +155,7 @@ fn unit_file_verifies() {
         // tests/least_privilege.rs forwards with exactly these.
         "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
         "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
-        "SystemCallFilter=bpf",
+        "SystemCallFilter=bpf perf_event_open",
         "MemoryDenyWriteExecute=yes",
     ] {
         assert!(unit.lines().any(|l| l == line), "`{line}` missing");
