@@ -42,7 +42,7 @@ pub enum TunnelError {
         source: std::io::Error,
     },
     #[error(
-        "can.receive `{name}`: cannot bind to interface {iface} (bind_iface; SO_BINDTODEVICE needs CAP_NET_RAW): {source}"
+        "can.receive `{name}`: cannot bind to interface {iface} (bind_iface: check that it exists; binding a new socket needs no capability since Linux 5.7): {source}"
     )]
     BindDevice {
         name: String,
