@@ -64,12 +64,20 @@ impl Arch {
         }
     }
 
+    /// Debian's multiarch triple: library directories, cross tools' prefix, cross sysroot.
+    pub fn multiarch(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "x86_64-linux-gnu",
+            Arch::Arm64 => "aarch64-linux-gnu",
+        }
+    }
+
     /// Prefix of Debian's cross binutils (gcc-aarch64-linux-gnu); none for the host's own.
-    pub fn binutils_prefix(self) -> &'static str {
-        match (self == Arch::host(), self) {
-            (true, _) => "",
-            (false, Arch::Amd64) => "x86_64-linux-gnu-",
-            (false, Arch::Arm64) => "aarch64-linux-gnu-",
+    pub fn binutils_prefix(self) -> String {
+        if self == Arch::host() {
+            String::new()
+        } else {
+            format!("{}-", self.multiarch())
         }
     }
 }
@@ -133,12 +141,14 @@ fn smoke_run(arch: Arch, binary: &std::path::Path) -> anyhow::Result<()> {
     let mut cmd = if arch == Arch::host() {
         std::process::Command::new(binary)
     } else {
-        let (qemu, sysroot) = match arch {
-            Arch::Amd64 => ("qemu-x86_64", "/usr/x86_64-linux-gnu"),
-            Arch::Arm64 => ("qemu-aarch64", "/usr/aarch64-linux-gnu"),
+        let qemu = match arch {
+            Arch::Amd64 => "qemu-x86_64",
+            Arch::Arm64 => "qemu-aarch64",
         };
         let mut cmd = std::process::Command::new(qemu);
-        cmd.args(["-L", sysroot]).arg(binary);
+        cmd.arg("-L")
+            .arg(format!("/usr/{}", arch.multiarch()))
+            .arg(binary);
         cmd
     };
     let printed = toolchain::output(cmd.arg("--version"))

@@ -172,10 +172,7 @@ fn sysroot_libraries(
     root: &Path,
     binary: &Path,
 ) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let multiarch = match arch {
-        Arch::Amd64 => "x86_64-linux-gnu",
-        Arch::Arm64 => "aarch64-linux-gnu",
-    };
+    let multiarch = arch.multiarch();
     let dirs = [
         format!("/lib/{multiarch}"),
         format!("/usr/lib/{multiarch}"),
