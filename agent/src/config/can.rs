@@ -223,21 +223,26 @@ pub struct HexBytes(pub Vec<u8>);
 impl<'de> Deserialize<'de> for HexBytes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let digits: String = s
-            .chars()
-            .filter(|c| !matches!(c, '.' | ':' | ' '))
-            .collect();
-        if !digits.len().is_multiple_of(2) {
+        // Digits are read as chars, never by byte index: a pushed rule set may carry any UTF-8.
+        let mut nibbles = Vec::with_capacity(s.len());
+        for c in s.chars().filter(|c| !matches!(c, '.' | ':' | ' ')) {
+            match c.to_digit(16) {
+                Some(n) => nibbles.push(n as u8),
+                None => {
+                    return Err(serde::de::Error::custom(format!(
+                        "`{s}` is not hex: `{c}` is not a hex digit"
+                    )))
+                }
+            }
+        }
+        if !nibbles.len().is_multiple_of(2) {
             return Err(serde::de::Error::custom(format!(
                 "`{s}`: an odd number of hex digits"
             )));
         }
-        (0..digits.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16))
-            .collect::<Result<Vec<u8>, _>>()
-            .map(HexBytes)
-            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not hex: {e}")))
+        Ok(HexBytes(
+            nibbles.chunks_exact(2).map(|p| p[0] << 4 | p[1]).collect(),
+        ))
     }
 }
 
@@ -672,6 +677,23 @@ mod tests {
         assert_eq!("0:0".parse::<CanFilter>().unwrap().mask, 0);
         assert!("123".parse::<CanFilter>().is_err());
         assert!("12g:7FF".parse::<CanFilter>().is_err());
+    }
+
+    #[test]
+    fn hex_bytes_reject_non_ascii_without_panicking() {
+        // Fuzz regression (rules_push): a multi-byte char where a hex digit pair was sliced.
+        for data in ["0011223344556677889900aaƼ", "Ƽ0", "1Ƽ", "ä", "0x11", "0Ƽ0", "00aƼ0"] {
+            let text = format!(
+                "[[can.route]]\nname = \"a\"\ningress = \"can0\"\nfilter = \"100:700\"\nto = {{ iface = \"can1\" }}\nmodify = [ {{ op = \"set\", data = \"{data}\" }} ]"
+            );
+            let err = format!("{:?}", can(&text).expect_err(data));
+            assert!(err.contains("hex"), "{data}: {err}");
+        }
+        let ok = "[[can.route]]\nname = \"a\"\ningress = \"can0\"\nfilter = \"100:700\"\nto = { iface = \"can1\" }\nmodify = [ { op = \"set\", data = \"aB:0f 10\" } ]";
+        assert_eq!(
+            can(ok).unwrap().route[0].modify[0].data,
+            Some(HexBytes(vec![0xab, 0x0f, 0x10]))
+        );
     }
 
     #[test]
