@@ -93,34 +93,59 @@ pub fn fetch(
         series.name, series.suite
     ));
     apt.update()?;
-    let image = apt.image_package(&metapackage(arch))?;
-    let version = apt.candidate_version(&image)?;
-    let package = format!("{image} {version}");
-    if !version.starts_with(&format!("{}.", series.name)) {
-        bail!(
-            "Debian {} now ships {package}, not a {} kernel: update vm::kernels::SERIES",
-            series.suite,
-            series.name
-        );
-    }
-    if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == package)
-        && let Ok(kernel) = describe(series, arch, package.clone(), &root)
-    {
-        step(format_args!("kernel {}: {package} is current", series.name));
-        return Ok(kernel);
-    }
-
-    step(format_args!(
-        "kernel {}: downloading {package}",
-        series.name
-    ));
-    // Remove the stamp first: an interrupted download or extraction must not look complete.
-    let _ = fs::remove_file(&stamp);
-    let _ = fs::remove_dir_all(&root);
+    // Newest first: the security suite's kernel, then the point release's. A mirror may lack
+    // the newest .deb for a while (this one lacked arm64's 5.10 security kernel): the next
+    // version still tests the same series.
+    let candidates = apt.image_versions(&metapackage(arch))?;
     let debs = dir.join("debs");
-    let _ = fs::remove_dir_all(&debs);
-    fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
-    apt.download(&image, &debs)?;
+    let mut failures = Vec::new();
+    let mut fetched = None;
+    for (image, version) in candidates {
+        let package = format!("{image} {version}");
+        if !version.starts_with(&format!("{}.", series.name)) {
+            bail!(
+                "Debian {} now ships {package}, not a {} kernel: update vm::kernels::SERIES",
+                series.suite,
+                series.name
+            );
+        }
+        if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == package)
+            && let Ok(kernel) = describe(series, arch, package.clone(), &root)
+        {
+            step(format_args!("kernel {}: {package} is current", series.name));
+            return Ok(kernel);
+        }
+        step(format_args!(
+            "kernel {}: downloading {package}",
+            series.name
+        ));
+        // Remove the stamp first: an interrupted download or extraction must not look complete.
+        let _ = fs::remove_file(&stamp);
+        let _ = fs::remove_dir_all(&root);
+        let _ = fs::remove_dir_all(&debs);
+        fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+        match apt.download(&format!("{image}={version}"), &debs) {
+            Ok(()) => {
+                fetched = Some(package);
+                break;
+            }
+            Err(e) => {
+                step(format_args!(
+                    "kernel {}: {package} could not be downloaded, trying an older one",
+                    series.name
+                ));
+                failures.push(format!("{package}: {e:#}"));
+            }
+        }
+    }
+    let Some(package) = fetched else {
+        bail!(
+            "no {} kernel of Debian {} could be downloaded:\n{}",
+            series.name,
+            series.suite,
+            failures.join("\n")
+        );
+    };
     let deb = only_file(&debs)?;
 
     step(format_args!(
@@ -246,25 +271,29 @@ impl Apt {
         run_checked(self.command("apt-get").args(["update", "--error-on=any"]))
     }
 
-    /// The image package the metapackage depends on, e.g. `linux-image-6.1.0-41-amd64`.
-    fn image_package(&self, metapackage: &str) -> anyhow::Result<String> {
-        let out = output(self.command("apt-cache").args(["depends", metapackage]))?;
-        out.lines()
-            .filter_map(|l| l.trim().strip_prefix("Depends: "))
-            .find(|p| p.starts_with("linux-image-"))
-            .map(str::to_owned)
-            .with_context(|| format!("no linux-image dependency of {metapackage} in:\n{out}"))
-    }
-
-    fn candidate_version(&self, package: &str) -> anyhow::Result<String> {
-        let out = output(
-            self.command("apt-cache")
-                .args(["show", "--no-all-versions", package]),
-        )?;
-        out.lines()
-            .find_map(|l| l.strip_prefix("Version: "))
-            .map(str::to_owned)
-            .with_context(|| format!("no Version in apt-cache show {package}:\n{out}"))
+    /// Every version of `metapackage` the sources carry, newest first, each as the image
+    /// package it depends on and that package's version (the same), e.g.
+    /// `(linux-image-6.1.0-41-amd64, 6.1.158-1)`.
+    fn image_versions(&self, metapackage: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let out = output(self.command("apt-cache").args(["madison", metapackage]))?;
+        let versions = madison_versions(&out);
+        if versions.is_empty() {
+            bail!("no version of {metapackage} in the package lists:\n{out}");
+        }
+        versions
+            .into_iter()
+            .map(|version| {
+                let show = output(
+                    self.command("apt-cache")
+                        .arg("show")
+                        .arg(format!("{metapackage}={version}")),
+                )?;
+                let image = image_dependency(&show).with_context(|| {
+                    format!("no linux-image dependency of {metapackage} {version} in:\n{show}")
+                })?;
+                Ok((image, version))
+            })
+            .collect()
     }
 
     /// `packages` and everything they depend on (an empty dpkg status: all of it), as .debs
@@ -291,5 +320,59 @@ impl Apt {
                 .args(["download", package])
                 .current_dir(into),
         )
+    }
+}
+
+/// The versions in `apt-cache madison` output (`name | version | source`), in its order
+/// (newest first), each once.
+fn madison_versions(out: &str) -> Vec<String> {
+    let mut versions: Vec<String> = Vec::new();
+    for v in out
+        .lines()
+        .filter_map(|l| l.split('|').nth(1))
+        .map(str::trim)
+    {
+        if !v.is_empty() && !versions.iter().any(|seen| seen == v) {
+            versions.push(v.to_owned());
+        }
+    }
+    versions
+}
+
+/// The `linux-image-*` package a metapackage's `Depends:` line names.
+fn image_dependency(show: &str) -> Option<String> {
+    show.lines()
+        .filter_map(|l| l.strip_prefix("Depends: "))
+        .flat_map(|d| d.split(','))
+        .map(|d| d.trim().split(' ').next().unwrap_or(""))
+        .find(|p| p.starts_with("linux-image-"))
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn madison_lists_versions_newest_first_once() {
+        let out = " linux-image-arm64 | 5.10.262-1 | http://deb.debian.org/debian-security bullseye-security/main arm64 Packages\n \
+                    linux-image-arm64 | 5.10.223-1 | http://deb.debian.org/debian bullseye/main arm64 Packages\n \
+                    linux-image-arm64 | 5.10.223-1 | http://deb.debian.org/debian bullseye/main Sources\n";
+        assert_eq!(madison_versions(out), ["5.10.262-1", "5.10.223-1"]);
+        assert!(madison_versions("").is_empty());
+    }
+
+    #[test]
+    fn the_image_is_the_linux_image_dependency() {
+        let show = "Package: linux-image-arm64\nVersion: 5.10.223-1\nDepends: linux-image-5.10.0-32-arm64 (= 5.10.223-1)\n";
+        assert_eq!(
+            image_dependency(show).as_deref(),
+            Some("linux-image-5.10.0-32-arm64")
+        );
+        assert_eq!(
+            image_dependency("Depends: foo, linux-image-6.1.0-41-amd64 (= 6.1.158-1)\n").as_deref(),
+            Some("linux-image-6.1.0-41-amd64")
+        );
+        assert_eq!(image_dependency("Depends: foo\n"), None);
     }
 }
