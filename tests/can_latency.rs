@@ -42,14 +42,7 @@ filter = "100:700"
 to = { iface = "b0" }
 "#;
     let mut agent = Agent::start(&ns, config, "info").unwrap();
-    let mut events = ns
-        .command(agent::binary().to_str().unwrap())
-        .args(["events", "--json", "--count", &EVENTS.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut events = agent.stream_events(EVENTS).unwrap();
 
     // The application's socket exists before the frames come, so they queue on it while it
     // sleeps; it reads them all only afterwards.

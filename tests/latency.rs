@@ -11,7 +11,7 @@
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    process::{Command, Stdio},
+    process::Command,
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -136,15 +136,7 @@ fn captures(mode: &str) {
     let mut agent = Agent::start(&line.gateway, &config(mode), "info").unwrap();
 
     // Slow events (over 1 µs: forwarded datagrams among them) streamed while traffic flows.
-    let mut events = line
-        .gateway
-        .command(agent::binary().to_str().unwrap())
-        .args(["events", "--json", "--count", &EVENTS.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut events = agent.stream_events(EVENTS).unwrap();
 
     // Forwarded, read at once by the receiver.
     let gw: SocketAddr = format!("{}:5000", Line::GATEWAY_IN_V4).parse().unwrap();

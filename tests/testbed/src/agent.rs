@@ -163,6 +163,49 @@ impl Agent {
         }
     }
 
+    /// Starts `edgeplane events --json --count N` beside the agent and returns it once the
+    /// agent counts its stream open (`edgeplane_http_event_streams`; the agent subscribes before
+    /// it counts), so no event after this returns is missed. A CLI that starts slowly (an
+    /// emulated CPU) would otherwise miss the first events and wait for ever.
+    pub fn stream_events(&self, count: u32) -> anyhow::Result<Child> {
+        let open = |a: &Self| -> anyhow::Result<f64> {
+            http::metric(&a.get("/metrics")?.1, "edgeplane_http_event_streams")
+        };
+        let before = open(self)?;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(binary())
+            .args(["events", "--json", "--count", &count.to_string()])
+            .arg("--agent")
+            .arg(self.metrics.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting edgeplane events")?;
+        let limit = ready_within();
+        let deadline = Instant::now() + limit;
+        loop {
+            if open(self)? > before {
+                return Ok(child);
+            }
+            match child.try_wait()? {
+                // It had all its events already.
+                Some(status) if status.success() => return Ok(child),
+                Some(status) => {
+                    let printed = output_within(&mut child, Duration::ZERO).unwrap_or_else(|e| e);
+                    bail!("edgeplane events exited with {status} before it streamed: {printed}");
+                }
+                None => {}
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("edgeplane events not streaming after {} s", limit.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// GET `path` from the agent's HTTP endpoint, from inside its namespace.
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         let _in = crate::netns::enter(&self.ns)?;

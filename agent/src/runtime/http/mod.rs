@@ -160,6 +160,9 @@ async fn events(State(r): State<Routes>) -> impl IntoResponse {
         )
             .into_response();
     };
+    // Subscribed before the stream is counted open: a client that sees the count (a test) misses
+    // nothing sent after.
+    let events = BroadcastStream::new(tx.subscribe());
     let permit = match r.event_streams.open() {
         Ok(p) => p,
         Err(max) => {
@@ -174,7 +177,7 @@ async fn events(State(r): State<Routes>) -> impl IntoResponse {
     };
     let mut stop = r.stop;
     let lines = EventLines {
-        events: BroadcastStream::new(tx.subscribe()),
+        events,
         stopped: Box::pin(async move {
             let _ = stop.wait_for(|s| *s).await;
         }),
