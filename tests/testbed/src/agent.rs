@@ -264,6 +264,13 @@ fn ready_within() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// Whether the tests run on a CPU qemu translates from another architecture (the VM harness's
+/// arm64 guests on x86_64): tens of times slower than native, so bounds on how long the data
+/// path may take are set for that there.
+pub fn foreign_cpu() -> bool {
+    std::env::var("EDGEPLANE_TEST_FOREIGN_CPU").is_ok_and(|v| v == "1")
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.stop_and_log();

@@ -8,13 +8,14 @@
 #   TEST_TIMEOUT   seconds each run may take; a run over it dumps the kernel's stacks and ends
 #                  the VM (its state is suspect), and the harness boots again for what is left
 #   EDGEPLANE_TEST_READY_SECS  how long the tests wait for a starting agent
+#   EDGEPLANE_TEST_FOREIGN_CPU 1 when qemu translates another architecture (far slower), else 0
 # The harness parses the lines starting with EDGEPLANE-VM; everything else is for humans.
 
 export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
 export EDGEPLANE_BIN=/opt/edgeplane/bin/edgeplane
 . /etc/edgeplane-vm.conf
-export EDGEPLANE_TEST_READY_SECS
+export EDGEPLANE_TEST_READY_SECS EDGEPLANE_TEST_FOREIGN_CPU
 
 setup_ok=1
 must() {

@@ -64,6 +64,9 @@ pub struct Payload<'a> {
     pub test_timeout_secs: u64,
     /// How long the tests wait for a starting agent (the testbed's default is 20 s).
     pub agent_ready_secs: u64,
+    /// Whether qemu translates another architecture's instructions: timing bounds set for a
+    /// native CPU do not hold there (the tests read `EDGEPLANE_TEST_FOREIGN_CPU`).
+    pub foreign_cpu: bool,
 }
 
 /// Writes the initramfs for `kernel` to `out` (an uncompressed cpio: see [`super::qemu`]) and
@@ -116,12 +119,13 @@ pub fn build(kernel: &Kernel, payload: &Payload, out: &Path) -> anyhow::Result<u
         .map(|(test, run)| format!("{test}:{run}"))
         .collect();
     let config = format!(
-        "MODULES={}\nJOBS={}\nFILTER={}\nTEST_TIMEOUT={}\nEDGEPLANE_TEST_READY_SECS={}\n",
+        "MODULES={}\nJOBS={}\nFILTER={}\nTEST_TIMEOUT={}\nEDGEPLANE_TEST_READY_SECS={}\nEDGEPLANE_TEST_FOREIGN_CPU={}\n",
         sh_quote(&modules.join(" ")),
         sh_quote(&jobs.join(" ")),
         sh_quote(payload.filter.unwrap_or_default()),
         payload.test_timeout_secs,
         payload.agent_ready_secs,
+        u8::from(payload.foreign_cpu),
     );
     archive.bytes(CONFIG_PATH, config, 0o644)?;
 
