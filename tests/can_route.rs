@@ -171,7 +171,13 @@ checksum = { crc8 = { from = 0, to = 5, result = 6, init = 0xFF, final_xor = 0xF
     // the id is ANDed then SET, so SET wins. Then CRC8 over data[0..=5] into data[6] (SAE
     // J1850 polynomial 0x1D), then XOR over data[0..=6] into data[7].
     let mut d = input;
-    d[0] = ((0x12 & 0x0f) | 0x00) ^ 0xff;
+    #[expect(
+        clippy::identity_op,
+        reason = "written as the route's and, or and xor steps"
+    )]
+    {
+        d[0] = ((0x12 & 0x0f) | 0x00) ^ 0xff;
+    }
     d[1] = (0x34 & 0x0f) | 0x01;
     let table = crc8_table(0x1d);
     d[6] = d[..=5]
