@@ -231,7 +231,7 @@ impl<'de> Deserialize<'de> for HexBytes {
                 None => {
                     return Err(serde::de::Error::custom(format!(
                         "`{s}` is not hex: `{c}` is not a hex digit"
-                    )))
+                    )));
                 }
             }
         }
@@ -682,7 +682,15 @@ mod tests {
     #[test]
     fn hex_bytes_reject_non_ascii_without_panicking() {
         // Fuzz regression (rules_push): a multi-byte char where a hex digit pair was sliced.
-        for data in ["0011223344556677889900aaƼ", "Ƽ0", "1Ƽ", "ä", "0x11", "0Ƽ0", "00aƼ0"] {
+        for data in [
+            "0011223344556677889900aaƼ",
+            "Ƽ0",
+            "1Ƽ",
+            "ä",
+            "0x11",
+            "0Ƽ0",
+            "00aƼ0",
+        ] {
             let text = format!(
                 "[[can.route]]\nname = \"a\"\ningress = \"can0\"\nfilter = \"100:700\"\nto = {{ iface = \"can1\" }}\nmodify = [ {{ op = \"set\", data = \"{data}\" }} ]"
             );

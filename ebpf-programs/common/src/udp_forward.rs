@@ -16,6 +16,10 @@ pub const EGRESS_MAP: &str = "UDP_EGRESS";
 /// Program names, as the programs declare them.
 pub const XDP_PROGRAM: &str = "udp_forward_xdp";
 pub const TC_PROGRAM: &str = "udp_forward_tc";
+/// The benchmark's reference program (see `udp_forward_limit.rs`): never attached by the agent.
+pub const LIMIT_PROGRAM: &str = "udp_forward_limit";
+/// The global the limit program reads its one rewrite from, set at load time.
+pub const LIMIT_REWRITE_GLOBAL: &str = "UDP_FORWARD_LIMIT_REWRITE";
 
 /// Address family of a rule key: the packet's, never "any" (userspace expands those).
 pub const FAMILY_IPV4: u8 = 4;
@@ -116,6 +120,22 @@ pub struct UdpForwardAction {
 }
 crate::assert_size!(UdpForwardAction, 48);
 
+/// The limit program's fixed rewrite of every IPv4/UDP frame: destination address and port,
+/// MACs, egress. A global of the object, not a map value: the program looks nothing up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitRewrite {
+    /// As in [`UdpMatchKey`] (see [`ip_words`]).
+    pub dst_ip: [u16; 2],
+    /// Network byte order.
+    pub dst_port: u16,
+    pub _pad: u16,
+    pub egress_ifindex: u32,
+    /// Destination MAC, then source MAC, as the Ethernet header holds them.
+    pub macs: [u8; 12],
+}
+crate::assert_size!(LimitRewrite, 24);
+
 /// Per-ingress settings, keyed by ifindex.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -212,7 +232,13 @@ pub struct UdpStats {
 }
 crate::assert_size!(UdpStats, 16 + 8 * PassReason::COUNT);
 
-crate::pod!(UdpMatchKey, UdpForwardAction, UdpIngress, UdpStats);
+crate::pod!(
+    UdpMatchKey,
+    UdpForwardAction,
+    UdpIngress,
+    UdpStats,
+    LimitRewrite
+);
 
 #[cfg(test)]
 mod tests {

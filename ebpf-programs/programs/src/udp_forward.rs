@@ -87,13 +87,13 @@ pub enum Action {
 }
 
 /// The header fields the forwarder reads, copied out of the frame.
-struct Packet {
+pub struct Packet {
     v6: bool,
     /// Offset of the UDP header.
     l4: usize,
     /// IP total length (IPv4 `tot_len`, IPv6 payload + 40), host order.
     ip_len: u16,
-    ttl: u8,
+    pub ttl: u8,
     /// The 16-bit word holding the TTL / hop limit, as loaded.
     ttl_word: [u8; 2],
     udp_check: u16,
@@ -202,7 +202,7 @@ fn parse<F: Frame>(f: &F) -> Result<Packet, PassReason> {
 }
 
 #[inline(always)]
-fn parse_ipv4(data: usize, end: usize, len: u64) -> Result<Packet, PassReason> {
+pub fn parse_ipv4(data: usize, end: usize, len: u64) -> Result<Packet, PassReason> {
     let ip: *const Ipv4Hdr = ptr_at(data, end, ETH_HLEN).ok_or(PassReason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
@@ -452,7 +452,7 @@ fn try_route_and_rewrite<F: Frame>(
 
 /// Rewrites addresses and ports and fixes the IPv4 and UDP checksums incrementally.
 #[inline(always)]
-fn rewrite_addresses<F: Frame>(f: &mut F, p: &Packet, a: &UdpForwardAction) -> Option<()> {
+pub fn rewrite_addresses<F: Frame>(f: &mut F, p: &Packet, a: &UdpForwardAction) -> Option<()> {
     let zero_is_none = !p.v6;
     let (mut l3, mut l4) = (0u32, 0u32);
     let mut addr_changed = false;
@@ -513,7 +513,7 @@ fn rewrite_addresses<F: Frame>(f: &mut F, p: &Packet, a: &UdpForwardAction) -> O
 
 /// We are a router: the TTL / hop limit goes down by one (only the IPv4 header has a checksum).
 #[inline(always)]
-fn decrement_ttl<F: Frame>(f: &mut F, p: &Packet) -> Option<()> {
+pub fn decrement_ttl<F: Frame>(f: &mut F, p: &Packet) -> Option<()> {
     let old = u16::from_ne_bytes(p.ttl_word);
     if p.v6 {
         let new = u16::from_ne_bytes([p.ttl_word[0], p.ttl - 1]);
