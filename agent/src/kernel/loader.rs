@@ -267,6 +267,7 @@ mod tests {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
         let maps = [
             udp_forward::RULES_MAP,
+            udp_forward::RULES_V4_MAP,
             udp_forward::INGRESS_MAP,
             udp_forward::STATS_MAP,
             udp_forward::EGRESS_MAP,
