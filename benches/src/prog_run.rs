@@ -43,6 +43,9 @@ const LIMIT: &str = "limit (udp_forward_limit)";
 const MATCHED: &str = "matched (forwarded)";
 const UNMATCHED: &str = "unmatched (no rule)";
 
+/// Capture (`None`: the limit, both halves of a round), program, its name, frame, frame's name.
+type CaseSpec<'a> = (Option<bool>, Prog, &'static str, &'a [u8], &'static str);
+
 pub fn measure(opts: &Options) -> Vec<Case> {
     let mut f = Fixture::new(
         r#"[[udp.forward]]
@@ -60,8 +63,7 @@ pub fn measure(opts: &Options) -> Vec<Case> {
     let unmatched = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4001, 5000, 255, &payload);
     // Every case runs in every round, capture off and on alternating, so drift in the
     // machine's load hits all of them alike. The limit runs in both halves of a round.
-    let mut cases: Vec<(Option<bool>, Prog, &'static str, &[u8], &'static str)> =
-        vec![(None, Prog::Limit, LIMIT, &matched, MATCHED)];
+    let mut cases: Vec<CaseSpec> = vec![(None, Prog::Limit, LIMIT, &matched, MATCHED)];
     for capture in [false, true] {
         for (prog, program) in [(Prog::Xdp, XDP_PROGRAM), (Prog::Tc, TC_PROGRAM)] {
             cases.push((Some(capture), prog, program, &matched, MATCHED));
