@@ -414,3 +414,48 @@ fn xdp_passes_when_the_egress_is_not_a_redirect_target() {
     assert_eq!(f.run(Prog::Tc, &frame).0, TC_ACT_REDIRECT);
     let _ = &f.ns;
 }
+
+/// The benchmark's limit program must do the work a rule's rewrite does, or the ratio to it
+/// would flatter (or wrong) the real program: it leaves frames byte for byte as udp_forward_xdp
+/// does, and gives the stack what it cannot forward.
+#[test]
+fn limit_program_rewrites_exactly_as_udp_forward_xdp() {
+    let mut f = Fixture::new(
+        r#"[[udp.forward]]
+           name = "lidar"
+           ingress = "in0"
+           match = { dst_port = 5000 }
+           to = { iface = "eg0", dst_ip = "198.18.2.2", dst_port = 6000 }"#,
+        DEFAULTS,
+    );
+    f.load_limit([198, 18, 2, 2], 6000);
+    let mut zero_checksum = f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5000, 64, PAYLOAD);
+    zero_checksum[14 + 20 + 6..14 + 20 + 8].fill(0);
+    let forwarded = [
+        f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5000, 64, PAYLOAD),
+        f.udp4([10, 9, 8, 7], [198, 18, 1, 1], 65535, 5000, 2, &[0xff; 301]),
+        zero_checksum,
+    ];
+    for frame in &forwarded {
+        let (ret, want) = f.run(Prog::Xdp, frame);
+        assert_eq!(ret, Prog::Xdp.redirect());
+        let (ret, got) = f.run(Prog::Limit, frame);
+        assert_eq!(ret, Prog::Limit.redirect());
+        assert_eq!(
+            got, want,
+            "the limit's frame differs from udp_forward_xdp's"
+        );
+        assert_eq!(inspect(&got).dport, 6000);
+    }
+    let mut truncated = forwarded[0].clone();
+    truncated.truncate(14 + 20 + 4);
+    let passed = [
+        f.udp4([198, 18, 1, 2], [198, 18, 1, 1], 4000, 5000, 1, PAYLOAD),
+        f.udp6("fd18:1::2", "fd18:1::1", 4000, 5000, 64, PAYLOAD),
+        truncated,
+    ];
+    for frame in &passed {
+        let (ret, out) = f.run(Prog::Limit, frame);
+        assert_eq!((ret, &out), (XDP_PASS, frame));
+    }
+}

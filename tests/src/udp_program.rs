@@ -13,7 +13,9 @@ use edgeplane::{
     kernel::pins::PinDir,
     udp_forward::{UdpForwarder, rules, stats},
 };
-use edgeplane_common::udp_forward::{TC_PROGRAM, UdpStats, XDP_PROGRAM};
+use edgeplane_common::udp_forward::{
+    LIMIT_PROGRAM, LIMIT_REWRITE_GLOBAL, LimitRewrite, TC_PROGRAM, UdpStats, XDP_PROGRAM, ip_words,
+};
 use edgeplane_testbed::netns::{Entered, Netns};
 use etherparse::{Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
@@ -64,18 +66,20 @@ pub fn bytes_of<T>(v: &T) -> &[u8] {
 pub enum Prog {
     Xdp,
     Tc,
+    /// The benchmark's reference, once [`Fixture::load_limit`] loaded it.
+    Limit,
 }
 
 impl Prog {
     pub fn pass(self) -> u32 {
         match self {
-            Self::Xdp => XDP_PASS,
+            Self::Xdp | Self::Limit => XDP_PASS,
             Self::Tc => TC_ACT_UNSPEC,
         }
     }
     pub fn redirect(self) -> u32 {
         match self {
-            Self::Xdp => XDP_REDIRECT,
+            Self::Xdp | Self::Limit => XDP_REDIRECT,
             Self::Tc => TC_ACT_REDIRECT,
         }
     }
@@ -88,6 +92,8 @@ pub struct Fixture {
     // Drop order: maps and links first, then leave the namespace, then delete it.
     pub udp: UdpForwarder,
     pub ebpf: Ebpf,
+    /// Its own object: the limit program's rewrite is a global set at load time.
+    limit: Option<Ebpf>,
     _entered: Entered,
     pub ns: Netns,
     pub in_ifindex: u32,
@@ -179,6 +185,7 @@ impl Fixture {
         Self {
             udp,
             ebpf,
+            limit: None,
             _entered: entered,
             ns,
             in_ifindex,
@@ -186,6 +193,25 @@ impl Fixture {
             in_mac,
             _pins: ScratchPins(pins),
         }
+    }
+
+    /// Loads the limit program (`udp_forward_limit.rs`) with a fixed rewrite to `dst`:`dst_port`
+    /// out of `eg0` to [`NEXT_HOP_MAC`], what a rule with `to = { iface = "eg0", ... }` does.
+    pub fn load_limit(&mut self, dst: [u8; 4], dst_port: u16) {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&NEXT_HOP_MAC);
+        macs[6..].copy_from_slice(&self.eg_mac);
+        let ip = ip_words(&dst);
+        let rewrite = LimitRewrite {
+            dst_ip: [ip[0], ip[1]],
+            dst_port: dst_port.to_be(),
+            _pad: 0,
+            egress_ifindex: self.ns.ifindex("eg0").unwrap(),
+            macs,
+        };
+        self.limit = Some(
+            loader::load_with_global(&[LIMIT_PROGRAM], LIMIT_REWRITE_GLOBAL, &rewrite).unwrap(),
+        );
     }
 
     /// Runs one frame through a program; returns its verdict and the frame as it left.
@@ -199,13 +225,18 @@ impl Fixture {
     pub fn run_repeated(&self, prog: Prog, frame: &[u8], repeat: u32) -> (u32, Vec<u8>, Duration) {
         let mut out = vec![0u8; frame.len() + 256];
         let (ret, size, took) = match prog {
-            Prog::Xdp => {
+            Prog::Xdp | Prog::Limit => {
                 let ctx = XdpMd {
                     data_end: frame.len() as u32,
                     ingress_ifindex: self.in_ifindex,
                     ..Default::default()
                 };
-                let p: &Xdp = self.ebpf.program(XDP_PROGRAM).unwrap().try_into().unwrap();
+                let p: &Xdp = if prog == Prog::Limit {
+                    let limit = self.limit.as_ref().expect("load_limit first");
+                    limit.program(LIMIT_PROGRAM).unwrap().try_into().unwrap()
+                } else {
+                    self.ebpf.program(XDP_PROGRAM).unwrap().try_into().unwrap()
+                };
                 let r = p
                     .test_run(TestRunOptions {
                         data_in: Some(frame),

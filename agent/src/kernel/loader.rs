@@ -3,7 +3,7 @@
 use std::io;
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
+    Ebpf, EbpfError, EbpfLoader, GlobalData,
     maps::{MapError, MapInfo},
     programs::{Program, ProgramError},
 };
@@ -62,13 +62,23 @@ pub enum LoadError {
 /// Loads the object and every listed program. Kernel log lines at or below the agent's current
 /// tracing level are enabled in the programs themselves, so disabled ones cost nothing.
 pub fn load(programs: &[&'static str]) -> Result<Ebpf, LoadError> {
-    load_with(programs, None)
+    load_with(programs, None, None)
+}
+
+/// [`load`], with a global of the object set first: read-only data the programs see as
+/// constants (the benchmark's limit program takes its rewrite so).
+pub fn load_with_global<T: aya::Pod>(
+    programs: &[&'static str],
+    name: &'static str,
+    value: &T,
+) -> Result<Ebpf, LoadError> {
+    load_with(programs, None, Some((name, GlobalData::from(value))))
 }
 
 /// [`load`], with the programs' maps pinned in `pins` (those pinned already are reused, so
 /// counters and rules carry over from the previous agent) and the programs pinned too.
 pub fn load_pinned(programs: &[&'static str], pins: &PinDir) -> Result<Ebpf, LoadError> {
-    let mut ebpf = load_with(programs, Some(pins))?;
+    let mut ebpf = load_with(programs, Some(pins), None)?;
     for &name in programs {
         let path = pins.program(name);
         // The previous agent's program stays loaded while its links run it.
@@ -85,11 +95,18 @@ pub fn load_pinned(programs: &[&'static str], pins: &PinDir) -> Result<Ebpf, Loa
     Ok(ebpf)
 }
 
-fn load_with(programs: &[&'static str], pins: Option<&PinDir>) -> Result<Ebpf, LoadError> {
+fn load_with<'a>(
+    programs: &[&'static str],
+    pins: Option<&PinDir>,
+    global: Option<(&'a str, GlobalData<'a>)>,
+) -> Result<Ebpf, LoadError> {
     raise_memlock_limit();
     let level = kernel_log_level(LevelFilter::current());
     let mut loader = EbpfLoader::new();
     loader.override_global("AYA_LOG_LEVEL", &level, true);
+    if let Some((name, value)) = global {
+        loader.override_global(name, value, true);
+    }
     let pinned = match pins {
         Some(pins) => pinned_maps(pins)?,
         None => Vec::new(),
@@ -250,6 +267,7 @@ mod tests {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
         let maps = [
             udp_forward::RULES_MAP,
+            udp_forward::RULES_V4_MAP,
             udp_forward::INGRESS_MAP,
             udp_forward::STATS_MAP,
             udp_forward::EGRESS_MAP,
@@ -273,6 +291,7 @@ mod tests {
             XDP_PASS_PROGRAM,
             udp_forward::XDP_PROGRAM,
             udp_forward::TC_PROGRAM,
+            udp_forward::LIMIT_PROGRAM,
             can::PROGRAM,
             latency::EGRESS_PROGRAM,
             latency::XDP_FLUSH_PROGRAM,

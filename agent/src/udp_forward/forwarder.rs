@@ -14,13 +14,16 @@ use aya::{
     maps::{DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, xdp::XdpMapError},
 };
 use edgeplane_common::udp_forward::{
-    EGRESS_MAP, FAMILY_IPV4, INGRESS_MAP, MAX_INGRESS, MAX_RULES, RULES_MAP, STATS_MAP, TC_PROGRAM,
-    UdpForwardAction, UdpIngress, UdpMatchKey, UdpStats, XDP_PROGRAM,
+    EGRESS_MAP, FAMILY_IPV4, INGRESS_MAP, MAX_INGRESS, MAX_RULES, STATS_MAP, TC_PROGRAM,
+    UdpIngress, UdpStats, XDP_PROGRAM,
 };
 use edgeplane_common::{hist::Log2Hist, latency};
 use tracing::{info, warn};
 
-use super::rules::{CompiledRule, MapContents};
+use super::{
+    rule_maps::RuleMaps,
+    rules::{CompiledRule, MapContents},
+};
 use crate::{
     config::{AttachMode, Family},
     host::netdev,
@@ -64,6 +67,10 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> UdpForwardError {
     move |source| UdpForwardError::Map { map, source }
 }
 
+fn rule_map_err((map, source): (&'static str, MapError)) -> UdpForwardError {
+    UdpForwardError::Map { map, source }
+}
+
 /// What the forwarder is doing, for metrics and readiness.
 #[derive(Debug, Clone, Default)]
 pub struct UdpView {
@@ -91,7 +98,7 @@ pub struct IngressInfo {
 }
 
 pub struct UdpForwarder {
-    rules_map: BpfHashMap<MapData, UdpMatchKey, UdpForwardAction>,
+    rules_maps: RuleMaps,
     ingress_map: BpfHashMap<MapData, u32, UdpIngress>,
     egress_map: DevMapHash<MapData>,
     stats: StatsMap,
@@ -116,7 +123,7 @@ impl UdpForwarder {
     /// `latency` is the rules' forwarding latency histograms, cleared with their counters.
     pub fn new(ebpf: &mut Ebpf, pins: &PinDir, latency: HistMap) -> Result<Self, LoadError> {
         Ok(Self {
-            rules_map: maps::take(ebpf, RULES_MAP)?,
+            rules_maps: RuleMaps::take(ebpf)?,
             ingress_map: maps::take(ebpf, INGRESS_MAP)?,
             egress_map: maps::take(ebpf, EGRESS_MAP)?,
             stats: Arc::new(Mutex::new(maps::take(ebpf, STATS_MAP)?)),
@@ -147,8 +154,7 @@ impl UdpForwarder {
         self.recovering = recovering;
         self.rule_slots = Slots::with_owners(0, MAX_RULES, &state.rules);
         self.ingress_slots = Slots::with_owners(MAX_RULES, MAX_INGRESS, &state.ingress);
-        for entry in self.rules_map.iter() {
-            let (k, v) = entry.map_err(map_err(RULES_MAP))?;
+        for (k, v) in self.rules_maps.entries().map_err(rule_map_err)? {
             self.installed.rules.insert(k, v);
         }
         for entry in self.ingress_map.iter() {
@@ -336,9 +342,7 @@ impl UdpForwarder {
         // 5. New and changed rules in, then stale ones out.
         for (key, action) in &wanted.rules {
             if self.installed.rules.get(key) != Some(action) {
-                self.rules_map
-                    .insert(key, action, 0)
-                    .map_err(map_err(RULES_MAP))?;
+                self.rules_maps.insert(key, action).map_err(rule_map_err)?;
             }
         }
         for key in self
@@ -347,7 +351,7 @@ impl UdpForwarder {
             .keys()
             .filter(|k| !wanted.rules.contains_key(k))
         {
-            self.rules_map.remove(key).map_err(map_err(RULES_MAP))?;
+            self.rules_maps.remove(key).map_err(rule_map_err)?;
         }
         // 6. Narrow the shapes; forget interfaces no rule uses.
         for (ifindex, new) in &wanted.ingress {

@@ -4,11 +4,12 @@
 pub const MAX_RULES: u32 = 4096;
 /// Largest number of ingress interfaces (stats slots `MAX_RULES..MAX_RULES + MAX_INGRESS`).
 pub const MAX_INGRESS: u32 = 256;
-/// Entries in the rule map: a rule without an IP matches both families and takes two.
-pub const MAX_RULE_KEYS: u32 = 2 * MAX_RULES;
 
-/// Map names, as the programs declare them.
+/// Map names, as the programs declare them. Each family has its own rule map, whose entries a
+/// rule takes at most one of (`MAX_RULES` each); the IPv6 map keeps the name both shared once,
+/// so its pin carries over.
 pub const RULES_MAP: &str = "UDP_RULES";
+pub const RULES_V4_MAP: &str = "UDP_RULES_V4";
 pub const INGRESS_MAP: &str = "UDP_INGRESS";
 pub const STATS_MAP: &str = "UDP_STATS";
 pub const EGRESS_MAP: &str = "UDP_EGRESS";
@@ -16,6 +17,10 @@ pub const EGRESS_MAP: &str = "UDP_EGRESS";
 /// Program names, as the programs declare them.
 pub const XDP_PROGRAM: &str = "udp_forward_xdp";
 pub const TC_PROGRAM: &str = "udp_forward_tc";
+/// The benchmark's reference program (see `udp_forward_limit.rs`): never attached by the agent.
+pub const LIMIT_PROGRAM: &str = "udp_forward_limit";
+/// The global the limit program reads its one rewrite from, set at load time.
+pub const LIMIT_REWRITE_GLOBAL: &str = "UDP_FORWARD_LIMIT_REWRITE";
 
 /// Address family of a rule key: the packet's, never "any" (userspace expands those).
 pub const FAMILY_IPV4: u8 = 4;
@@ -88,6 +93,56 @@ pub struct UdpMatchKey {
 }
 crate::assert_size!(UdpMatchKey, 44);
 
+/// IPv4 rule map key: a [`UdpMatchKey`] of family [`FAMILY_IPV4`] without the family (the map
+/// says it) and the unused address words. 20 bytes instead of 44: the kernel's hash takes two
+/// 12-byte rounds over it instead of four, and the compare is shorter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpMatchKeyV4 {
+    pub ifindex: u32,
+    /// As in [`UdpMatchKey`]: the words loaded from the wire, zero when not in `fields`.
+    pub src_ip: [u16; 2],
+    pub dst_ip: [u16; 2],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub fields: u8,
+    pub _pad: [u8; 3],
+}
+crate::assert_size!(UdpMatchKeyV4, 20);
+
+impl UdpMatchKeyV4 {
+    /// `key` in the IPv4 map's form; `None` for an IPv6 key.
+    pub fn from_key(key: &UdpMatchKey) -> Option<Self> {
+        (key.family == FAMILY_IPV4).then_some(Self {
+            ifindex: key.ifindex,
+            src_ip: [key.src_ip[0], key.src_ip[1]],
+            dst_ip: [key.dst_ip[0], key.dst_ip[1]],
+            src_port: key.src_port,
+            dst_port: key.dst_port,
+            fields: key.fields,
+            _pad: [0; 3],
+        })
+    }
+
+    /// The family-neutral key this one stands for.
+    pub fn to_key(&self) -> UdpMatchKey {
+        let mut src_ip = [0u16; 8];
+        let mut dst_ip = [0u16; 8];
+        src_ip[..2].copy_from_slice(&self.src_ip);
+        dst_ip[..2].copy_from_slice(&self.dst_ip);
+        UdpMatchKey {
+            ifindex: self.ifindex,
+            fields: self.fields,
+            family: FAMILY_IPV4,
+            _pad: [0; 2],
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            src_ip,
+            dst_ip,
+        }
+    }
+}
+
 /// What to rewrite: bits of [`UdpForwardAction::rewrite`].
 pub mod rewrite {
     pub const DST_IP: u8 = 1 << 0;
@@ -115,6 +170,22 @@ pub struct UdpForwardAction {
     pub dst_ip: [u16; 8],
 }
 crate::assert_size!(UdpForwardAction, 48);
+
+/// The limit program's fixed rewrite of every IPv4/UDP frame: destination address and port,
+/// MACs, egress. A global of the object, not a map value: the program looks nothing up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitRewrite {
+    /// As in [`UdpMatchKey`] (see [`ip_words`]).
+    pub dst_ip: [u16; 2],
+    /// Network byte order.
+    pub dst_port: u16,
+    pub _pad: u16,
+    pub egress_ifindex: u32,
+    /// Destination MAC, then source MAC, as the Ethernet header holds them.
+    pub macs: [u8; 12],
+}
+crate::assert_size!(LimitRewrite, 24);
 
 /// Per-ingress settings, keyed by ifindex.
 #[repr(C)]
@@ -212,7 +283,14 @@ pub struct UdpStats {
 }
 crate::assert_size!(UdpStats, 16 + 8 * PassReason::COUNT);
 
-crate::pod!(UdpMatchKey, UdpForwardAction, UdpIngress, UdpStats);
+crate::pod!(
+    UdpMatchKey,
+    UdpMatchKeyV4,
+    UdpForwardAction,
+    UdpIngress,
+    UdpStats,
+    LimitRewrite
+);
 
 #[cfg(test)]
 mod tests {
@@ -230,6 +308,26 @@ mod tests {
         }
         assert_eq!(SHAPE_ORDER[0], 0b1111);
         assert_eq!(SHAPE_ORDER[field::SHAPES - 1], 0);
+    }
+
+    #[test]
+    fn ipv4_keys_convert_both_ways_and_ipv6_keys_stay_out() {
+        let key = UdpMatchKey {
+            ifindex: 7,
+            fields: field::DST_IP | field::SRC_PORT,
+            family: FAMILY_IPV4,
+            src_port: 4000u16.to_be(),
+            dst_ip: ip_words(&[198, 18, 2, 2]),
+            ..UdpMatchKey::default()
+        };
+        let v4 = UdpMatchKeyV4::from_key(&key).unwrap();
+        assert_eq!((v4.ifindex, v4.dst_ip), (7, [key.dst_ip[0], key.dst_ip[1]]));
+        assert_eq!(v4.to_key(), key);
+        let v6 = UdpMatchKey {
+            family: FAMILY_IPV6,
+            ..key
+        };
+        assert_eq!(UdpMatchKeyV4::from_key(&v6), None);
     }
 
     #[test]

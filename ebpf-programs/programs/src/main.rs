@@ -14,6 +14,7 @@ mod latency_egress;
 mod latency_xdp_flush;
 mod net;
 mod udp_forward;
+mod udp_forward_limit;
 mod udp_forward_tc;
 mod udp_forward_xdp;
 mod verifier;

@@ -21,16 +21,20 @@ use aya_log_ebpf::debug;
 use edgeplane_common::{
     latency::FlowKey,
     udp_forward::{
-        FAMILY_IPV4, FAMILY_IPV6, MAX_INGRESS, MAX_RULE_KEYS, MAX_RULES, PassReason, SHAPE_ORDER,
-        UdpForwardAction, UdpIngress, UdpMatchKey, UdpStats, field, rewrite,
+        FAMILY_IPV4, FAMILY_IPV6, MAX_INGRESS, MAX_RULES, PassReason, SHAPE_ORDER,
+        UdpForwardAction, UdpIngress, UdpMatchKey, UdpMatchKeyV4, UdpStats, field, rewrite,
     },
 };
 
 use crate::{csum, latency, net::*, verifier::opaque};
 
+/// IPv6 rules.
 #[map]
-static UDP_RULES: HashMap<UdpMatchKey, UdpForwardAction> =
-    HashMap::with_max_entries(MAX_RULE_KEYS, 0);
+static UDP_RULES: HashMap<UdpMatchKey, UdpForwardAction> = HashMap::with_max_entries(MAX_RULES, 0);
+/// IPv4 rules, with a key less than half IPv6's: hashing the key is most of a lookup.
+#[map]
+static UDP_RULES_V4: HashMap<UdpMatchKeyV4, UdpForwardAction> =
+    HashMap::with_max_entries(MAX_RULES, 0);
 #[map]
 static UDP_INGRESS: HashMap<u32, UdpIngress> = HashMap::with_max_entries(MAX_INGRESS, 0);
 #[map]
@@ -87,13 +91,13 @@ pub enum Action {
 }
 
 /// The header fields the forwarder reads, copied out of the frame.
-struct Packet {
+pub struct Packet {
     v6: bool,
     /// Offset of the UDP header.
     l4: usize,
     /// IP total length (IPv4 `tot_len`, IPv6 payload + 40), host order.
     ip_len: u16,
-    ttl: u8,
+    pub ttl: u8,
     /// The 16-bit word holding the TTL / hop limit, as loaded.
     ttl_word: [u8; 2],
     udp_check: u16,
@@ -114,7 +118,12 @@ pub fn forward<F: Frame>(frame: &mut F) -> Action {
         Ok(p) => p,
         Err(reason) => return pass(ingress.slot, reason),
     };
-    let Some(action) = lookup(&packet, ifindex, ingress.shapes) else {
+    let action = if packet.v6 {
+        lookup_v6(&packet, ifindex, ingress.shapes)
+    } else {
+        lookup_v4(&packet, ifindex, ingress.shapes)
+    };
+    let Some(action) = action else {
         return pass(ingress.slot, PassReason::NoRule);
     };
     // SAFETY: a map value stays valid for the whole program run (RCU); userspace replaces
@@ -202,7 +211,7 @@ fn parse<F: Frame>(f: &F) -> Result<Packet, PassReason> {
 }
 
 #[inline(always)]
-fn parse_ipv4(data: usize, end: usize, len: u64) -> Result<Packet, PassReason> {
+pub fn parse_ipv4(data: usize, end: usize, len: u64) -> Result<Packet, PassReason> {
     let ip: *const Ipv4Hdr = ptr_at(data, end, ETH_HLEN).ok_or(PassReason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
@@ -289,46 +298,85 @@ fn parse_ipv6(data: usize, end: usize, len: u64) -> Result<Packet, PassReason> {
     })
 }
 
+/// A rule map key a packet's fields are copied into, shape by shape.
+trait ShapeKey {
+    /// Sets the key to `p`'s fields of `shape`, the others to zero.
+    fn fill(&mut self, shape: u8, p: &Packet);
+    fn find(&self) -> Option<*const UdpForwardAction>;
+}
+
+/// `v` when `shape` has `field`, else zero.
+#[inline(always)]
+fn when<T: Default>(shape: u8, field: u8, v: T) -> T {
+    if shape & field != 0 { v } else { T::default() }
+}
+
+impl ShapeKey for UdpMatchKeyV4 {
+    #[inline(always)]
+    fn fill(&mut self, shape: u8, p: &Packet) {
+        self.fields = shape;
+        self.src_port = when(shape, field::SRC_PORT, p.src_port);
+        self.dst_port = when(shape, field::DST_PORT, p.dst_port);
+        self.src_ip = when(shape, field::SRC_IP, [p.src_ip[0], p.src_ip[1]]);
+        self.dst_ip = when(shape, field::DST_IP, [p.dst_ip[0], p.dst_ip[1]]);
+    }
+    #[inline(always)]
+    fn find(&self) -> Option<*const UdpForwardAction> {
+        UDP_RULES_V4.get_ptr(self)
+    }
+}
+
+impl ShapeKey for UdpMatchKey {
+    #[inline(always)]
+    fn fill(&mut self, shape: u8, p: &Packet) {
+        self.fields = shape;
+        self.src_port = when(shape, field::SRC_PORT, p.src_port);
+        self.dst_port = when(shape, field::DST_PORT, p.dst_port);
+        self.src_ip = when(shape, field::SRC_IP, p.src_ip);
+        self.dst_ip = when(shape, field::DST_IP, p.dst_ip);
+    }
+    #[inline(always)]
+    fn find(&self) -> Option<*const UdpForwardAction> {
+        UDP_RULES.get_ptr(self)
+    }
+}
+
 /// Tries the shapes in use on this interface, most specific first.
-// Not inlined: one key on its own stack frame instead of one per unrolled iteration. Returns a
-// pointer into the map: BPF subprograms return one register, never a struct.
-#[inline(never)]
-fn lookup(p: &Packet, ifindex: u32, shapes: u16) -> Option<*const UdpForwardAction> {
-    let mut key = UdpMatchKey {
-        ifindex,
-        family: if p.v6 { FAMILY_IPV6 } else { FAMILY_IPV4 },
-        ..UdpMatchKey::default()
-    };
+#[inline(always)]
+fn lookup<K: ShapeKey>(mut key: K, p: &Packet, shapes: u16) -> Option<*const UdpForwardAction> {
     for shape in SHAPE_ORDER {
         if shapes & (1 << shape) == 0 {
             continue;
         }
-        key.fields = shape;
-        key.src_port = if shape & field::SRC_PORT != 0 {
-            p.src_port
-        } else {
-            0
-        };
-        key.dst_port = if shape & field::DST_PORT != 0 {
-            p.dst_port
-        } else {
-            0
-        };
-        key.src_ip = if shape & field::SRC_IP != 0 {
-            p.src_ip
-        } else {
-            [0; 8]
-        };
-        key.dst_ip = if shape & field::DST_IP != 0 {
-            p.dst_ip
-        } else {
-            [0; 8]
-        };
-        if let Some(action) = UDP_RULES.get_ptr(&key) {
+        key.fill(shape, p);
+        if let Some(action) = key.find() {
             return Some(action);
         }
     }
     None
+}
+
+/// [`lookup`] in the IPv4 rules.
+// Not inlined: one key on its own stack frame instead of one per unrolled iteration. Returns a
+// pointer into the map: BPF subprograms return one register, never a struct.
+#[inline(never)]
+fn lookup_v4(p: &Packet, ifindex: u32, shapes: u16) -> Option<*const UdpForwardAction> {
+    let key = UdpMatchKeyV4 {
+        ifindex,
+        ..UdpMatchKeyV4::default()
+    };
+    lookup(key, p, shapes)
+}
+
+/// [`lookup`] in the IPv6 rules.
+#[inline(never)]
+fn lookup_v6(p: &Packet, ifindex: u32, shapes: u16) -> Option<*const UdpForwardAction> {
+    let key = UdpMatchKey {
+        ifindex,
+        family: FAMILY_IPV6,
+        ..UdpMatchKey::default()
+    };
+    lookup(key, p, shapes)
 }
 
 /// [`route_and_rewrite`]'s result in one register: the egress ifindex, or a pass reason.
@@ -452,7 +500,7 @@ fn try_route_and_rewrite<F: Frame>(
 
 /// Rewrites addresses and ports and fixes the IPv4 and UDP checksums incrementally.
 #[inline(always)]
-fn rewrite_addresses<F: Frame>(f: &mut F, p: &Packet, a: &UdpForwardAction) -> Option<()> {
+pub fn rewrite_addresses<F: Frame>(f: &mut F, p: &Packet, a: &UdpForwardAction) -> Option<()> {
     let zero_is_none = !p.v6;
     let (mut l3, mut l4) = (0u32, 0u32);
     let mut addr_changed = false;
@@ -513,7 +561,7 @@ fn rewrite_addresses<F: Frame>(f: &mut F, p: &Packet, a: &UdpForwardAction) -> O
 
 /// We are a router: the TTL / hop limit goes down by one (only the IPv4 header has a checksum).
 #[inline(always)]
-fn decrement_ttl<F: Frame>(f: &mut F, p: &Packet) -> Option<()> {
+pub fn decrement_ttl<F: Frame>(f: &mut F, p: &Packet) -> Option<()> {
     let old = u16::from_ne_bytes(p.ttl_word);
     if p.v6 {
         let new = u16::from_ne_bytes([p.ttl_word[0], p.ttl - 1]);

@@ -22,7 +22,7 @@ pub fn udp_forward_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
-struct XdpFrame(XdpContext);
+pub struct XdpFrame(pub XdpContext);
 
 impl XdpFrame {
     #[inline(always)]
