@@ -32,10 +32,14 @@ pub fn now_ns() -> u64 {
 pub struct Blast {
     pub sent: u64,
     pub elapsed: Duration,
+    /// sendmmsg calls that failed with ENOBUFS, and with any other error.
+    pub enobufs: u64,
+    pub other_errors: u64,
 }
 
 /// Sends as fast as `threads` threads can (each its own source port: a flow), until `limit`
-/// datagrams or `duration`, whichever comes first.
+/// datagrams or `duration`, whichever comes first. The threads run where the caller may (the
+/// UDP suite pins itself to the traffic CPU).
 pub fn blast(
     ns: &Netns,
     to: SocketAddr,
@@ -45,22 +49,30 @@ pub fn blast(
 ) -> anyhow::Result<Blast> {
     let start = Instant::now();
     let per_thread = limit / threads as u64;
-    let sent: u64 = std::thread::scope(|s| {
+    let counts = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| s.spawn(move || blast_thread(ns, to, duration, per_thread)))
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("sender thread"))
-            .sum::<anyhow::Result<u64>>()
+            .collect::<anyhow::Result<Vec<_>>>()
     })?;
     Ok(Blast {
-        sent,
+        sent: counts.iter().map(|c| c.0).sum(),
         elapsed: start.elapsed(),
+        enobufs: counts.iter().map(|c| c.1).sum(),
+        other_errors: counts.iter().map(|c| c.2).sum(),
     })
 }
 
-fn blast_thread(ns: &Netns, to: SocketAddr, duration: Duration, limit: u64) -> anyhow::Result<u64> {
+/// Datagrams sent, sendmmsg calls failed with ENOBUFS, with another error.
+fn blast_thread(
+    ns: &Netns,
+    to: SocketAddr,
+    duration: Duration,
+    limit: u64,
+) -> anyhow::Result<(u64, u64, u64)> {
     let _in = ns.enter()?;
     let sock = UdpSocket::bind("0.0.0.0:0")?;
     sock.connect(to)?;
@@ -77,16 +89,20 @@ fn blast_thread(ns: &Netns, to: SocketAddr, duration: Duration, limit: u64) -> a
         msgs[i].msg_hdr.msg_iovlen = 1;
     }
     let deadline = Instant::now() + duration;
-    let mut sent = 0u64;
+    let (mut sent, mut enobufs, mut other) = (0u64, 0u64, 0u64);
     while sent < limit && Instant::now() < deadline {
         // SAFETY: BATCH headers pointing at the payload; the socket is connected.
         let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
-        // ENOBUFS and the like: the datagram is gone, try the next batch.
+        // ENOBUFS and the like: the datagram is gone (counted), try the next batch.
         if n > 0 {
             sent += n as u64;
+        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+            enobufs += 1;
+        } else {
+            other += 1;
         }
     }
-    Ok(sent)
+    Ok((sent, enobufs, other))
 }
 
 /// A socket on the receiver that takes the datagrams (no ICMP port unreachable back) and
