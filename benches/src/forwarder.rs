@@ -7,7 +7,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use edgeplane_testbed::{agent::Agent, netns::Line};
+use edgeplane_testbed::{
+    agent::Agent,
+    netns::{Line, Netns},
+};
 
 /// Every engine the suite knows, for the error of an unknown one.
 pub const ENGINES: &str =
@@ -89,7 +92,7 @@ pub fn start(engine: &str, line: &Line) -> anyhow::Result<Forwarder> {
         "tc" | "tc-nocapture" => Forwarder::Agent(agent("tc", "tokio")?, None),
         "tokio" | "tokio-uring" => Forwarder::Agent(agent("userspace", engine)?, None),
         "linux-nat" => {
-            nft(line, NFT_DNAT)?;
+            nft(&line.gateway, NFT_DNAT)?;
             Forwarder::Kernel
         }
         "socat" => socat(line)?,
@@ -97,10 +100,9 @@ pub fn start(engine: &str, line: &Line) -> anyhow::Result<Forwarder> {
     })
 }
 
-/// Loads an nftables rule set into the gateway (`nft -f -`).
-fn nft(line: &Line, rules: &str) -> anyhow::Result<()> {
-    let mut child = line
-        .gateway
+/// Loads an nftables rule set into `ns` (`nft -f -`).
+pub fn nft(ns: &Netns, rules: &str) -> anyhow::Result<()> {
+    let mut child = ns
         .command("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

@@ -2,6 +2,7 @@
 
 mod footprint;
 mod forwarder;
+mod frame_sender;
 mod host_metrics;
 mod isolation;
 mod loss;

@@ -18,6 +18,7 @@ use edgeplane_testbed::{netns::Line, usage};
 
 use crate::{
     forwarder,
+    frame_sender::Flow,
     isolation::{self, CpuTime, Cpus},
     loss::{self, Snapshot},
     report::Row,
@@ -240,8 +241,15 @@ fn measure_engine(engine: &str, opts: &Options, cpus: Cpus) -> anyhow::Result<Ru
     realtime(libc::SCHED_OTHER, 0)?;
     let lat = lat?;
 
-    // Saturation.
-    let _sink = traffic::sink(&line.receiver, bind)?;
+    // Saturation, the benchmark's threads at a high nice value (see `isolation`).
+    forwarder::nft(&line.receiver, loss::SINK)?;
+    let nice = |nice: i32| {
+        if let Some(pid) = pid {
+            isolation::set_process_nice(pid, nice);
+        }
+        placed.gateway_in.set_nice(nice);
+        placed.receiver_in.set_nice(nice);
+    };
     let cpu = || -> anyhow::Result<Cpu> {
         let process = pid.map_or(Ok(0), usage::threads_cpu_ns)?;
         Ok(Cpu {
@@ -256,27 +264,42 @@ fn measure_engine(engine: &str, opts: &Options, cpus: Cpus) -> anyhow::Result<Ru
             traffic: isolation::cpu_time(cpus.traffic)?,
         })
     };
-    let (counters0, arrived0, cpu0) = (
+    let (counters0, cpu0) = (
         Snapshot::take(&line, fwd.agent_metrics().as_deref())?,
-        traffic::udp_arrived(&line.receiver)?,
         cpu()?,
     );
+    nice(isolation::SATURATION_NICE);
+    let flow = Flow {
+        dev: "s0",
+        src_mac: line.sender.mac("s0")?,
+        dst_mac: line.gateway.mac("g0")?,
+        src: Line::SENDER_V4.parse()?,
+        dst: Line::GATEWAY_IN_V4.parse()?,
+        src_port: 40000,
+        dst_port: 5000,
+    };
     let blast = traffic::blast(
         &line.sender,
-        to,
+        &flow,
         opts.threads,
         Duration::from_secs_f64(opts.seconds),
         opts.max_packets,
     )?;
     let cpu1 = cpu()?;
+    nice(0);
     // Let queued datagrams drain before counting.
     std::thread::sleep(Duration::from_millis(200));
     let counters1 = Snapshot::take(&line, fwd.agent_metrics().as_deref())?;
-    let arrived = traffic::udp_arrived(&line.receiver)? - arrived0;
+    let arrived = counters1.get("receiver", loss::SINK_COUNTER)
+        - counters0.get("receiver", loss::SINK_COUNTER);
     let mut loss = counters1.since(&counters0);
-    loss.insert(0, loss::Count::sender("sendmmsg sent", blast.sent, false));
+    let offered = blast.sent + blast.enobufs;
+    loss.insert(
+        0,
+        loss::Count::sender("offered (frames written)", offered, false),
+    );
     for (what, n) in [
-        ("sendmmsg ENOBUFS (calls)", blast.enobufs),
+        ("sendmmsg ENOBUFS (g0's ring full)", blast.enobufs),
         ("sendmmsg other errors (calls)", blast.other_errors),
     ] {
         if n > 0 {
@@ -297,7 +320,7 @@ fn measure_engine(engine: &str, opts: &Options, cpus: Cpus) -> anyhow::Result<Ru
         latency_sent: lat.sent,
         forwarded,
         arrived,
-        sent: blast.sent,
+        sent: offered,
         seconds: blast.elapsed.as_secs_f64(),
         cpu_ns: cpu1.all - cpu0.all,
         forwarder_cpu_ns: (cpu1.napi + cpu1.process) - (cpu0.napi + cpu0.process),

@@ -24,6 +24,12 @@ pub fn markdown_tables(rows: &[&Row]) -> String {
         .filter(|b| base(b).is_none())
         .map(|b| format!("`{b}`"))
         .collect();
+    // What the forwarding core would forward if forwarding were all it did.
+    let capacity = |r: &Row| {
+        r.forwarder_cpu_ns_per_packet
+            .filter(|&ns| ns > 0.0)
+            .map(|ns| 1e9 / ns)
+    };
     let mut table = Vec::new();
     for r in rows {
         let mut row = vec![r.engine.clone(), fmt(r.pps, 0)];
@@ -31,6 +37,10 @@ pub fn markdown_tables(rows: &[&Row]) -> String {
         row.extend([
             fmt(r.sender_pps, 0),
             fmt(r.forwarder_cpu_ns_per_packet, 0),
+            fmt(capacity(r), 0),
+            ratio(capacity(r), base("tokio").and_then(|b| capacity(b))),
+            ratio(capacity(r), base("linux-nat").and_then(|b| capacity(b))),
+            ratio(capacity(r), base("limit").and_then(|b| capacity(b))),
             fmt(r.p50_us, 1),
             fmt(r.p99_us, 1),
             ratio(r.p99_us, base("tokio").and_then(|b| b.p99_us)),
@@ -43,7 +53,7 @@ pub fn markdown_tables(rows: &[&Row]) -> String {
         ]);
         table.push(row);
     }
-    const HEADER: [&str; 14] = [
+    const HEADER: [&str; 18] = [
         "engine",
         "pps (one forwarding core)",
         "÷ tokio",
@@ -51,6 +61,10 @@ pub fn markdown_tables(rows: &[&Row]) -> String {
         "÷ limit",
         "sender pps",
         "forwarding CPU ns/pkt",
+        "core capacity pps (1e9 / ns)",
+        "capacity ÷ tokio",
+        "capacity ÷ linux-nat",
+        "capacity ÷ limit",
         "p50 µs",
         "p99 µs",
         "p99 ÷ tokio",
@@ -77,7 +91,9 @@ pub fn markdown_tables(rows: &[&Row]) -> String {
     let mut out = format!(
         "### UDP forwarding, veth sender → gateway → receiver, one forwarding core\n\n\
          pps: datagrams the gateway sent on per second at saturation, from one CPU (the other \
-         sends and receives). Ratios are of pps (and of p99 for `p99 ÷ tokio`).{}\n\n{}\n",
+         sends and receives). forwarding CPU ns/pkt: CPU time of the gateway's ingress NAPI \
+         kthread and the forwarding process per datagram sent on; core capacity: what one core \
+         doing only that would forward. Ratios are of pps, of capacity, and of p99.{}\n\n{}\n",
         if missing.is_empty() {
             String::new()
         } else {
