@@ -71,8 +71,17 @@ pub fn pin(tid: i32, cpu: usize) -> anyhow::Result<()> {
 /// Nice value of the benchmark's threads at saturation (sender, NAPI kthreads, forwarder):
 /// pinning does not keep other work off a CPU, and on this shared machine the forwarding
 /// kthread got a quarter of its CPU at nice 0. At -20 its scheduler weight is 87 times a
-/// nice-0 task's; other work still runs (a real-time policy would starve it).
+/// nice-0 task's (or session's, see [`set_autogroup_nice`]); other work still runs (a
+/// real-time policy would starve it).
 pub const SATURATION_NICE: i32 = -20;
+
+/// Sets the nice value of this process's autogroup (/proc/self/autogroup): with autogroups on,
+/// the scheduler first shares a CPU between sessions, and a thread's nice value counts only
+/// inside its own. The agent, started by this process, is in the same autogroup; kthreads are
+/// in none. Without autogroups there is no file and nothing to do.
+pub fn set_autogroup_nice(nice: i32) {
+    let _ = std::fs::write("/proc/self/autogroup", nice.to_string());
+}
 
 /// Sets the nice value of thread `tid` (0: the calling one); a failure changes nothing.
 pub fn set_nice(tid: i32, nice: i32) {

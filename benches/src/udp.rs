@@ -244,6 +244,7 @@ fn measure_engine(engine: &str, opts: &Options, cpus: Cpus) -> anyhow::Result<Ru
     // Saturation, the benchmark's threads at a high nice value (see `isolation`).
     forwarder::nft(&line.receiver, loss::SINK)?;
     let nice = |nice: i32| {
+        isolation::set_autogroup_nice(nice);
         if let Some(pid) = pid {
             isolation::set_process_nice(pid, nice);
         }
