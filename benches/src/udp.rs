@@ -269,7 +269,6 @@ fn measure_engine(engine: &str, opts: &Options, cpus: Cpus) -> anyhow::Result<Ru
         Snapshot::take(&line, fwd.agent_metrics().as_deref())?,
         cpu()?,
     );
-    nice(isolation::SATURATION_NICE);
     let flow = Flow {
         dev: "s0",
         src_mac: line.sender.mac("s0")?,
@@ -279,15 +278,18 @@ fn measure_engine(engine: &str, opts: &Options, cpus: Cpus) -> anyhow::Result<Ru
         src_port: 40000,
         dst_port: 5000,
     };
+    nice(isolation::SATURATION_NICE);
     let blast = traffic::blast(
         &line.sender,
         &flow,
         opts.threads,
         Duration::from_secs_f64(opts.seconds),
         opts.max_packets,
-    )?;
-    let cpu1 = cpu()?;
+    );
+    let cpu1 = cpu();
+    // Back to nice 0 before any error returns: the autogroup outlives this function.
     nice(0);
+    let (blast, cpu1) = (blast?, cpu1?);
     // Let queued datagrams drain before counting.
     std::thread::sleep(Duration::from_millis(200));
     let counters1 = Snapshot::take(&line, fwd.agent_metrics().as_deref())?;
@@ -297,7 +299,8 @@ fn measure_engine(engine: &str, opts: &Options, cpus: Cpus) -> anyhow::Result<Ru
     // Frames the sender wrote: those the device took, and those the veth dropped at g0's full
     // ring (s0's TX drops: the first of a batch comes back as ENOBUFS, a later one ends the
     // batch short, uncounted by sendmmsg).
-    let offered = blast.sent + (counters1.get("s0", "tx_dropped") - counters0.get("s0", "tx_dropped"));
+    let offered =
+        blast.sent + (counters1.get("s0", "tx_dropped") - counters0.get("s0", "tx_dropped"));
     loss.insert(
         0,
         loss::Count::sender("offered (frames written)", offered, false),
