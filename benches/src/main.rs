@@ -1,7 +1,11 @@
 //! `edgeplane-bench`: measurements that compare in one run. `cargo xtask bench` runs it as root.
 
 mod footprint;
+mod forwarder;
+mod frame_sender;
 mod host_metrics;
+mod isolation;
+mod loss;
 mod merge;
 mod metrics_render;
 mod prog_run;
@@ -9,6 +13,7 @@ mod report;
 mod table;
 mod traffic;
 mod udp;
+mod udp_report;
 
 use clap::{Parser, Subcommand};
 
@@ -27,7 +32,8 @@ enum Suite {
     MetricsRender(metrics_render::Options),
     /// Time to render the host metrics of many interfaces.
     HostMetrics(host_metrics::Options),
-    /// UDP forwarding: XDP, tc, the userspace engines and socat on one veth topology.
+    /// UDP forwarding, one forwarding core: XDP, tc, the kernel with nftables DNAT, the userspace
+    /// engines and socat on one veth topology.
     Udp(udp::Options),
     /// The agent's resident memory (no rules, 1,000 rules), idle CPU and binary size.
     Footprint(footprint::Options),

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::table::markdown;
+use crate::{loss::Count, table::markdown};
 
 /// One engine measured in one suite.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,6 +31,10 @@ pub struct Row {
     /// CPU time of the forwarding process alone per forwarded packet (kernel-path work runs
     /// in softirq and is not charged to the agent).
     pub process_cpu_ns_per_packet: Option<f64>,
+    /// UDP suite: CPU time of the forwarding CPU's work (the gateway's ingress NAPI kthread and
+    /// the forwarding process) per forwarded packet.
+    #[serde(default)]
+    pub forwarder_cpu_ns_per_packet: Option<f64>,
     /// Latency datagrams that arrived, of those sent.
     pub latency_received: Option<String>,
     /// Micro benchmarks (suite `micro`): time per operation.
@@ -39,6 +43,9 @@ pub struct Row {
     #[serde(default)]
     pub size_bytes: Option<u64>,
     pub note: Option<String>,
+    /// UDP suite: where the offered datagrams went at saturation (the median round).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<Vec<Count>>,
 }
 
 impl Row {
@@ -55,10 +62,12 @@ impl Row {
             rss_bytes: None,
             sender_pps: None,
             process_cpu_ns_per_packet: None,
+            forwarder_cpu_ns_per_packet: None,
             latency_received: None,
             ns_per_op: Some(ns),
             size_bytes: None,
             note: Some(note.into()),
+            loss: None,
         }
     }
 }
@@ -87,20 +96,14 @@ impl Report {
 
     /// The Markdown report: one table per suite, then the micro benchmarks.
     pub fn markdown(&self) -> String {
-        let mut out = String::new();
-        for suite in ["udp", "can"] {
-            let rows: Vec<&Row> = self.rows.iter().filter(|r| r.suite == suite).collect();
-            if rows.is_empty() {
-                continue;
-            }
-            let base = rows
+        let udp: Vec<&Row> = self.rows.iter().filter(|r| r.suite == "udp").collect();
+        let mut out = crate::udp_report::markdown_tables(&udp);
+        let can: Vec<&Row> = self.rows.iter().filter(|r| r.suite == "can").collect();
+        if !can.is_empty() {
+            let base = can
                 .iter()
-                .find(|r| r.engine == "tokio" || r.engine == "socketcan (edgeplane userspace)");
-            let ratio = |v: Option<f64>, b: Option<f64>| match (v, b) {
-                (Some(v), Some(b)) if b > 0.0 => format!("{:.2}×", v / b),
-                _ => "-".into(),
-            };
-            let table: Vec<Vec<String>> = rows
+                .find(|r| r.engine == "socketcan (edgeplane userspace)");
+            let table: Vec<Vec<String>> = can
                 .iter()
                 .map(|r| {
                     vec![
@@ -123,12 +126,7 @@ impl Report {
                 .collect();
             let base_name = base.map_or("-", |b| b.engine.as_str());
             out += &format!(
-                "### {}\n\nRatios are to `{base_name}`.\n\n{}\n",
-                if suite == "udp" {
-                    "UDP forwarding, veth sender → gateway → receiver"
-                } else {
-                    "CAN routing, vxcan → gateway → vxcan (qemu TCG emulation: compare ratios, not absolute numbers)"
-                },
+                "### CAN routing, vxcan → gateway → vxcan (qemu TCG emulation: compare ratios, not absolute numbers)\n\nRatios are to `{base_name}`.\n\n{}\n",
                 markdown(
                     &[
                         "engine",
@@ -196,6 +194,14 @@ impl Report {
     }
 }
 
-fn fmt(v: Option<f64>, digits: usize) -> String {
+/// `v / b` as `1.23×`, or `-` without both.
+pub fn ratio(v: Option<f64>, b: Option<f64>) -> String {
+    match (v, b) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}×", v / b),
+        _ => "-".into(),
+    }
+}
+
+pub fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))
 }

@@ -1,11 +1,10 @@
-//! Traffic for the forwarding benchmarks: a saturating sender (several flows, one thread per
-//! core, sendmmsg batches) and a paced sender whose datagrams carry their CLOCK_MONOTONIC send
+//! Traffic for the forwarding benchmarks: a saturating sender (several flows, whole frames in
+//! sendmmsg batches, see `frame_sender`) and a paced sender whose datagrams carry their CLOCK_MONOTONIC send
 //! time, read by the receiver. CLOCK_MONOTONIC is not namespaced by network namespaces, so
 //! sender and receiver read the same clock. Every loop stops at a packet count and a deadline.
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    os::fd::AsRawFd as _,
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -13,10 +12,10 @@ use std::{
 use anyhow::Context as _;
 use edgeplane_testbed::netns::Netns;
 
+use crate::frame_sender::{self, Flow};
+
 /// UDP payload of every benchmark datagram: a 106-byte IPv4 frame, as in prog-run.
 pub const PAYLOAD: usize = 64;
-/// Datagrams per sendmmsg.
-const BATCH: usize = 64;
 
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -32,90 +31,48 @@ pub fn now_ns() -> u64 {
 pub struct Blast {
     pub sent: u64,
     pub elapsed: Duration,
+    /// Frames refused with ENOBUFS (dropped at a full veth ring), and other failed calls.
+    pub enobufs: u64,
+    pub other_errors: u64,
 }
 
-/// Sends as fast as `threads` threads can (each its own source port: a flow), until `limit`
-/// datagrams or `duration`, whichever comes first.
+/// Sends `flow`'s frames as fast as `threads` threads can (each its own source port: a flow),
+/// until `limit` frames or `duration`, whichever comes first. The threads run where the caller
+/// may (the UDP suite pins itself to the traffic CPU).
 pub fn blast(
     ns: &Netns,
-    to: SocketAddr,
+    flow: &Flow,
     threads: usize,
     duration: Duration,
     limit: u64,
 ) -> anyhow::Result<Blast> {
     let start = Instant::now();
+    let deadline = start + duration;
     let per_thread = limit / threads as u64;
-    let sent: u64 = std::thread::scope(|s| {
+    let counts = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
-            .map(|_| s.spawn(move || blast_thread(ns, to, duration, per_thread)))
+            .map(|i| {
+                let flow = Flow {
+                    src_port: flow.src_port + i as u16,
+                    ..*flow
+                };
+                s.spawn(move || {
+                    crate::isolation::set_nice(0, crate::isolation::SATURATION_NICE);
+                    frame_sender::send(ns, &flow, deadline, per_thread)
+                })
+            })
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("sender thread"))
-            .sum::<anyhow::Result<u64>>()
+            .collect::<anyhow::Result<Vec<_>>>()
     })?;
     Ok(Blast {
-        sent,
+        sent: counts.iter().map(|c| c.sent).sum(),
         elapsed: start.elapsed(),
+        enobufs: counts.iter().map(|c| c.enobufs).sum(),
+        other_errors: counts.iter().map(|c| c.other_errors).sum(),
     })
-}
-
-fn blast_thread(ns: &Netns, to: SocketAddr, duration: Duration, limit: u64) -> anyhow::Result<u64> {
-    let _in = ns.enter()?;
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
-    sock.connect(to)?;
-    let payload = [0x5au8; PAYLOAD];
-    // SAFETY: all-zero is valid for these C structs; the pointers are set below.
-    let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-    for i in 0..BATCH {
-        iov[i] = libc::iovec {
-            iov_base: payload.as_ptr().cast_mut().cast(),
-            iov_len: PAYLOAD,
-        };
-        msgs[i].msg_hdr.msg_iov = &raw mut iov[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
-    }
-    let deadline = Instant::now() + duration;
-    let mut sent = 0u64;
-    while sent < limit && Instant::now() < deadline {
-        // SAFETY: BATCH headers pointing at the payload; the socket is connected.
-        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
-        // ENOBUFS and the like: the datagram is gone, try the next batch.
-        if n > 0 {
-            sent += n as u64;
-        }
-    }
-    Ok(sent)
-}
-
-/// A socket on the receiver that takes the datagrams (no ICMP port unreachable back) and
-/// is not read: at saturation the receiving host's UDP counters tell what arrived.
-pub fn sink(ns: &Netns, bind: SocketAddr) -> anyhow::Result<UdpSocket> {
-    let _in = ns.enter()?;
-    UdpSocket::bind(bind).with_context(|| format!("binding the receiver to {bind}"))
-}
-
-/// Datagrams that reached the UDP layer of `ns` (delivered or dropped at a full socket).
-pub fn udp_arrived(ns: &Netns) -> anyhow::Result<u64> {
-    let snmp = ns.exec(&["cat", "/proc/net/snmp"])?;
-    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp: "));
-    let (names, values) = (
-        lines.next().context("no Udp header in /proc/net/snmp")?,
-        lines.next().context("no Udp values in /proc/net/snmp")?,
-    );
-    let field = |name: &str| -> anyhow::Result<u64> {
-        let i = names
-            .split_whitespace()
-            .position(|n| n == name)
-            .with_context(|| format!("no {name} in /proc/net/snmp"))?;
-        Ok(values
-            .split_whitespace()
-            .nth(i)
-            .context("short Udp line")?
-            .parse()?)
-    };
-    Ok(field("InDatagrams")? + field("RcvbufErrors")?)
 }
 
 /// One-way latencies in ns of datagrams sent at `rate` per second for `duration`.

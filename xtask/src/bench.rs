@@ -3,9 +3,10 @@
 //!
 //! Suites, in order: criterion's userspace micro benchmarks; BPF_PROG_TEST_RUN ns/packet of
 //! the eBPF programs; /metrics rendering with 1,000 kernel rules and with the host metrics of
-//! 256 interfaces; UDP forwarding with XDP, tc, both userspace engines and socat on one veth
-//! topology; the agent's footprint (RSS idle and with 1,000 rules, idle CPU, the shipped
-//! binary's size from `cargo xtask dist`); CAN routing inside qemu (TCG).
+//! 256 interfaces; UDP forwarding with XDP, tc, the kernel's forwarding with nftables DNAT,
+//! both userspace engines and socat on one veth topology, the forwarder on a CPU of its own;
+//! the agent's footprint (RSS idle and with 1,000 rules, idle CPU, the shipped binary's size
+//! from `cargo xtask dist`); CAN routing inside qemu (TCG).
 
 use std::{fs, path::Path, process::Command, time::Instant};
 
@@ -117,7 +118,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         }
     }
     if wanted("udp") {
-        step("UDP forwarding: xdp, tc, tokio, tokio-uring, socat");
+        step(
+            "UDP forwarding, one forwarding CPU: xdp, tc, linux-nat (nftables DNAT), tokio, tokio-uring, socat",
+        );
         bench(&[
             "udp",
             "--seconds",

@@ -48,6 +48,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "socat",
         "the userspace relay `cargo xtask bench` compares the engines with",
     ),
+    (
+        "nftables",
+        "nft: `cargo xtask bench`'s linux-nat engine (DNAT on the gateway) and its receiver's counting sink",
+    ),
     ("g++", "libFuzzer, which the fuzz targets link, is C++"),
     (
         "gcc-aarch64-linux-gnu",
