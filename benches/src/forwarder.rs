@@ -1,5 +1,7 @@
 //! The forwarders the UDP suite compares, each started on a fresh gateway: the agent (XDP, tc,
-//! its userspace engines), socat, and the kernel's own forwarding with nftables DNAT.
+//! its userspace engines), socat, the kernel's own forwarding with nftables DNAT, and `limit`,
+//! the reference XDP program that forwards with no lookups (ebpf-programs'
+//! udp_forward_limit.rs): what XDP on this veth can do at most.
 
 use std::{
     process::{Child, Stdio},
@@ -14,7 +16,7 @@ use edgeplane_testbed::{
 
 /// Every engine the suite knows, for the error of an unknown one.
 pub const ENGINES: &str =
-    "xdp, tc, xdp-nocapture, tc-nocapture, linux-nat, tokio, tokio-uring, socat";
+    "xdp, tc, xdp-nocapture, tc-nocapture, linux-nat, limit, tokio, tokio-uring, socat";
 
 const RULE: &str = r#"
 [[udp.forward]]
@@ -45,6 +47,12 @@ pub enum Forwarder {
     Socat(Child),
     /// The kernel's forwarding with nftables DNAT: no process (the rules go with the netns).
     Kernel,
+    /// The limit program on g0 and `xdp_pass` on r0, attached as long as these live.
+    Limit(
+        #[expect(dead_code, reason = "held so g0 keeps the limit program")] Box<aya::Ebpf>,
+        #[expect(dead_code, reason = "held so the receiving veth keeps its XDP program")]
+        Box<aya::Ebpf>,
+    ),
 }
 
 impl Forwarder {
@@ -53,7 +61,7 @@ impl Forwarder {
         match self {
             Self::Agent(a, _) => Some(a.pid()),
             Self::Socat(c) => Some(c.id()),
-            Self::Kernel => None,
+            Self::Kernel | Self::Limit(..) => None,
         }
     }
 
@@ -95,9 +103,45 @@ pub fn start(engine: &str, line: &Line) -> anyhow::Result<Forwarder> {
             nft(&line.gateway, NFT_DNAT)?;
             Forwarder::Kernel
         }
+        "limit" => {
+            let pass = edgeplane_tests::xdp_pass::attach(&line.receiver, "r0")?;
+            Forwarder::Limit(Box::new(limit(line)?), Box::new(pass))
+        }
         "socat" => socat(line)?,
         other => bail!("unknown engine {other}: choose {ENGINES}"),
     })
+}
+
+/// The limit program on g0 with the agent's rule as its one fixed rewrite, the next hop's and
+/// g1's MACs as the FIB lookup would find them.
+fn limit(line: &Line) -> anyhow::Result<aya::Ebpf> {
+    use edgeplane_common::udp_forward::{
+        LIMIT_PROGRAM, LIMIT_REWRITE_GLOBAL, LimitRewrite, ip_words,
+    };
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&line.receiver.mac("r0")?);
+    macs[6..].copy_from_slice(&line.gateway.mac("g1")?);
+    let ip = ip_words(&[198, 18, 2, 2]);
+    let rewrite = LimitRewrite {
+        dst_ip: [ip[0], ip[1]],
+        dst_port: 6000u16.to_be(),
+        _pad: 0,
+        egress_ifindex: line.gateway.ifindex("g1")?,
+        macs,
+    };
+    let _in = line.gateway.enter()?;
+    let mut ebpf = edgeplane::kernel::loader::load_with_global(
+        &[LIMIT_PROGRAM],
+        LIMIT_REWRITE_GLOBAL,
+        &rewrite,
+    )?;
+    let p: &mut aya::programs::Xdp = ebpf
+        .program_mut(LIMIT_PROGRAM)
+        .context("udp_forward_limit missing from the eBPF object")?
+        .try_into()?;
+    p.attach("g0", aya::programs::XdpMode::Driver)
+        .context("attaching udp_forward_limit to g0")?;
+    Ok(ebpf)
 }
 
 /// Loads an nftables rule set into `ns` (`nft -f -`).

@@ -32,7 +32,7 @@ pub struct Options {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "xdp,tc,linux-nat,tokio,tokio-uring,socat"
+        default_value = "xdp,tc,linux-nat,limit,tokio,tokio-uring,socat"
     )]
     engines: Vec<String>,
     /// Seconds of saturation per engine and round.
