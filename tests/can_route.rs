@@ -416,9 +416,12 @@ tolerance = 1.5
         (missed - sent_late).abs() <= slack,
         "{missed} deadlines missed, {sent_late} gaps over 15 ms as sent"
     );
-    // The sender kept its period most of the time, or the figures above say little.
+    // The sender kept its period most of the time, or the figures above say little. An
+    // emulated arm64 guest keeps it far less often (46 of 199 on 6.1, with 75 late gaps, both
+    // measured alike by the kernel): a tenth there.
+    let kept = if agent::foreign_cpu() { 20.0 } else { 100.0 };
     assert!(
-        sent_within >= 100.0,
+        sent_within >= kept,
         "the sender kept its 10 ms only {sent_within} times"
     );
 
