@@ -158,6 +158,11 @@ impl Options {
 }
 
 impl Options {
+    /// The same runs on `arch`'s kernels, with `arch`'s build.
+    pub fn on(self, arch: Arch) -> Self {
+        Self { arch, ..self }
+    }
+
     /// `tests` on `kernels`, with the default time limits.
     pub fn only(tests: Vec<String>, kernels: Vec<String>) -> Self {
         Self {
