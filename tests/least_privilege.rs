@@ -164,7 +164,9 @@ fn send(ns: &Netns, from: SocketAddr, to: SocketAddr) {
     let start = Instant::now();
     for seq in 0..N {
         sock.send_to(&seq.to_be_bytes(), to).unwrap();
-        if seq % 50 == 49 {
+        // Bursts of 10: a burst of 50 a millisecond overran g0's 256-frame XDP ring whenever
+        // an emulated guest's NAPI ran late (1,727 of 2,000 arrived once, all lost before g0).
+        if seq % 10 == 9 {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert!(

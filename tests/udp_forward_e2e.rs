@@ -117,8 +117,10 @@ fn send(ns: &Netns, from: SocketAddr, to: SocketAddr, per_ms: u32) {
 }
 
 /// Sends N datagrams and returns what the receiver got.
+// 10 a millisecond: at 50 an emulated guest's late NAPI overran g0's 256-frame XDP ring now
+// and then (1,846 of 2,000 arrived, every loss before g0's program).
 fn exchange(line: &Line, v4: bool) -> BTreeSet<u32> {
-    exchange_while(line, v4, 50, || ())
+    exchange_while(line, v4, 10, || ())
 }
 
 /// Like [`exchange`] at `per_ms` datagrams per millisecond at most, running `during` on this
