@@ -115,20 +115,14 @@ pub fn start(engine: &str, line: &Line) -> anyhow::Result<Forwarder> {
 /// The limit program on g0 with the agent's rule as its one fixed rewrite, the next hop's and
 /// g1's MACs as the FIB lookup would find them.
 fn limit(line: &Line) -> anyhow::Result<aya::Ebpf> {
-    use edgeplane_common::udp_forward::{
-        LIMIT_PROGRAM, LIMIT_REWRITE_GLOBAL, LimitRewrite, ip_words,
-    };
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&line.receiver.mac("r0")?);
-    macs[6..].copy_from_slice(&line.gateway.mac("g1")?);
-    let ip = ip_words(&[198, 18, 2, 2]);
-    let rewrite = LimitRewrite {
-        dst_ip: [ip[0], ip[1]],
-        dst_port: 6000u16.to_be(),
-        _pad: 0,
-        egress_ifindex: line.gateway.ifindex("g1")?,
-        macs,
-    };
+    use edgeplane_common::udp_forward::{LIMIT_PROGRAM, LIMIT_REWRITE_GLOBAL, LimitRewrite};
+    let rewrite = LimitRewrite::new(
+        [198, 18, 2, 2],
+        6000,
+        line.gateway.ifindex("g1")?,
+        line.receiver.mac("r0")?,
+        line.gateway.mac("g1")?,
+    );
     let _in = line.gateway.enter()?;
     let mut ebpf = edgeplane::kernel::loader::load_with_global(
         &[LIMIT_PROGRAM],

@@ -14,7 +14,7 @@ use edgeplane::{
     udp_forward::{UdpForwarder, rules, stats},
 };
 use edgeplane_common::udp_forward::{
-    LIMIT_PROGRAM, LIMIT_REWRITE_GLOBAL, LimitRewrite, TC_PROGRAM, UdpStats, XDP_PROGRAM, ip_words,
+    LIMIT_PROGRAM, LIMIT_REWRITE_GLOBAL, LimitRewrite, TC_PROGRAM, UdpStats, XDP_PROGRAM,
 };
 use edgeplane_testbed::netns::{Entered, Netns};
 use etherparse::{Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
@@ -203,17 +203,13 @@ impl Fixture {
     /// Loads the limit program (`udp_forward_limit.rs`) with a fixed rewrite to `dst`:`dst_port`
     /// out of `eg0` to [`NEXT_HOP_MAC`], what a rule with `to = { iface = "eg0", ... }` does.
     pub fn load_limit(&mut self, dst: [u8; 4], dst_port: u16) {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&NEXT_HOP_MAC);
-        macs[6..].copy_from_slice(&self.eg_mac);
-        let ip = ip_words(&dst);
-        let rewrite = LimitRewrite {
-            dst_ip: [ip[0], ip[1]],
-            dst_port: dst_port.to_be(),
-            _pad: 0,
-            egress_ifindex: self.ns.ifindex("eg0").unwrap(),
-            macs,
-        };
+        let rewrite = LimitRewrite::new(
+            dst,
+            dst_port,
+            self.ns.ifindex("eg0").unwrap(),
+            NEXT_HOP_MAC,
+            self.eg_mac,
+        );
         self.limit = Some(
             loader::load_with_global(&[LIMIT_PROGRAM], LIMIT_REWRITE_GLOBAL, &rewrite).unwrap(),
         );

@@ -187,6 +187,30 @@ pub struct LimitRewrite {
 }
 crate::assert_size!(LimitRewrite, 24);
 
+impl LimitRewrite {
+    /// To `dst`:`dst_port` (host order) out of `egress_ifindex`, from `egress_mac` to
+    /// `next_hop_mac`: what a rule's rewrite and its FIB lookup would do.
+    pub fn new(
+        dst: [u8; 4],
+        dst_port: u16,
+        egress_ifindex: u32,
+        next_hop_mac: [u8; 6],
+        egress_mac: [u8; 6],
+    ) -> Self {
+        let ip = ip_words(&dst);
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&next_hop_mac);
+        macs[6..].copy_from_slice(&egress_mac);
+        Self {
+            dst_ip: [ip[0], ip[1]],
+            dst_port: dst_port.to_be(),
+            _pad: 0,
+            egress_ifindex,
+            macs,
+        }
+    }
+}
+
 /// Per-ingress settings, keyed by ifindex.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
