@@ -6,6 +6,7 @@ pub mod bpffs;
 pub mod http;
 pub mod netns;
 pub mod prometheus;
+pub mod tcg;
 pub mod usage;
 
 use std::{
@@ -23,7 +24,8 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// Fails the test early, with a useful message, when it can't do its job unprivileged.
+/// Fails the test early, with a useful message, when it can't do its job unprivileged. Under
+/// qemu's TCG it also holds on the kernel paths an agent toggles ([`tcg::hold_static_keys`]).
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
@@ -32,6 +34,8 @@ pub fn require_root() {
         "this test creates network namespaces and loads eBPF programs: run it as root \
          (`cargo xtask test` does)"
     );
+    // Every test that makes traffic starts here, before it makes any.
+    tcg::hold_static_keys();
 }
 
 /// A UDP socket bound to `addr` with a 16 MiB receive buffer: a test's reader may fall behind

@@ -9,13 +9,14 @@
 #                  the VM (its state is suspect), and the harness boots again for what is left
 #   EDGEPLANE_TEST_READY_SECS  how long the tests wait for a starting agent
 #   EDGEPLANE_TEST_FOREIGN_CPU 1 when qemu translates another architecture (far slower), else 0
+#   EDGEPLANE_TEST_TCG         1 when qemu emulates the CPU (TCG), 0 under KVM
 # The harness parses the lines starting with EDGEPLANE-VM; everything else is for humans.
 
 export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
 export EDGEPLANE_BIN=/opt/edgeplane/bin/edgeplane
 . /etc/edgeplane-vm.conf
-export EDGEPLANE_TEST_READY_SECS EDGEPLANE_TEST_FOREIGN_CPU
+export EDGEPLANE_TEST_READY_SECS EDGEPLANE_TEST_FOREIGN_CPU EDGEPLANE_TEST_TCG
 
 setup_ok=1
 must() {

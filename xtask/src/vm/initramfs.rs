@@ -67,6 +67,10 @@ pub struct Payload<'a> {
     /// Whether qemu translates another architecture's instructions: timing bounds set for a
     /// native CPU do not hold there (the tests read `EDGEPLANE_TEST_FOREIGN_CPU`).
     pub foreign_cpu: bool,
+    /// Whether qemu emulates the CPU (TCG) rather than virtualising it: kernel text patched
+    /// while another vCPU runs it may go unseen there (the tests read `EDGEPLANE_TEST_TCG`,
+    /// see `edgeplane_testbed::tcg`).
+    pub tcg: bool,
 }
 
 /// Writes the initramfs for `kernel` to `out` (an uncompressed cpio: see [`super::qemu`]) and
@@ -119,13 +123,14 @@ pub fn build(kernel: &Kernel, payload: &Payload, out: &Path) -> anyhow::Result<u
         .map(|(test, run)| format!("{test}:{run}"))
         .collect();
     let config = format!(
-        "MODULES={}\nJOBS={}\nFILTER={}\nTEST_TIMEOUT={}\nEDGEPLANE_TEST_READY_SECS={}\nEDGEPLANE_TEST_FOREIGN_CPU={}\n",
+        "MODULES={}\nJOBS={}\nFILTER={}\nTEST_TIMEOUT={}\nEDGEPLANE_TEST_READY_SECS={}\nEDGEPLANE_TEST_FOREIGN_CPU={}\nEDGEPLANE_TEST_TCG={}\n",
         sh_quote(&modules.join(" ")),
         sh_quote(&jobs.join(" ")),
         sh_quote(payload.filter.unwrap_or_default()),
         payload.test_timeout_secs,
         payload.agent_ready_secs,
         u8::from(payload.foreign_cpu),
+        u8::from(payload.tcg),
     );
     archive.bytes(CONFIG_PATH, config, 0o644)?;
 

@@ -263,6 +263,7 @@ pub fn run_after_setup(opts: &Options) -> anyhow::Result<()> {
                 // 2-core x86_64 host, 6.1): the time the tests allow for it grows to match.
                 agent_ready_secs: if opts.arch == Arch::host() { 20 } else { 120 },
                 foreign_cpu: opts.arch != Arch::host(),
+                tcg: accel != qemu::Accel::Kvm,
             };
             let initrd = cache.join(format!("initramfs-{label}.cpio"));
             let size = initramfs::build(&kernel, &payload, &initrd)?;

@@ -1,0 +1,260 @@
+//! Kernel text that must not be patched while a test's traffic flows under qemu's TCG.
+//!
+//! qemu 7.2's multi-threaded TCG (Debian bookworm's, which the VM harness boots) can miss a
+//! write to kernel text made by one vCPU while another vCPU runs that text: the other vCPU
+//! keeps executing its old translation. `text_poke_bp` patches a static key site by writing an
+//! int3 first, the new instruction after it, and the first byte last; a vCPU that translated the
+//! site while the int3 was there then traps on it forever. The kernel's int3 handler finds the
+//! new instruction in memory, backs up to re-run it, and the vCPU runs the stale int3 again:
+//! an RCU stall with the vCPU in `asm_exc_int3`, at `netif_receive_skb_list_internal+0x49`
+//! (the site of `netstamp_needed_key`, already the new bytes in memory), under `veth_poll`.
+//! It happened in about 1 of 15 runs of the XDP restart tests on 5.10 and 6.1.
+//!
+//! The agent switches such keys whenever it starts and stops while frames flow: receive
+//! timestamps (an `SO_TIMESTAMPNS` socket), the tracepoints latency capture attaches to, and
+//! the cgroup skb hook (its socket delivery stage; 5.10 has one key for every cgroup hook,
+//! the send path's included). A
+//! test process under TCG switches them on before it makes any traffic and holds them until it
+//! exits, so an agent's start and stop only move the keys' reference counts and patch nothing.
+//! On real CPUs (the host, KVM) nothing is held: the tests see the kernel as users do.
+
+use std::{
+    io,
+    os::fd::{FromRawFd as _, OwnedFd},
+    sync::OnceLock,
+};
+
+/// The tracepoints latency capture attaches to on the UDP path (`agent/src/latency/mod.rs`).
+const TRACEPOINTS: &[(&str, &str)] = &[("xdp", "xdp_devmap_xmit"), ("skb", "consume_skb")];
+
+/// Whether the VM harness runs this process under TCG (`EDGEPLANE_TEST_TCG=1`).
+pub fn emulated() -> bool {
+    std::env::var("EDGEPLANE_TEST_TCG").is_ok_and(|v| v == "1")
+}
+
+/// Under TCG, switches on the kernel paths the agent toggles, once per process, and holds them
+/// until the process exits. A path that can't be held is reported and left: the test goes on.
+pub fn hold_static_keys() {
+    static HELD: OnceLock<Vec<OwnedFd>> = OnceLock::new();
+    if !emulated() {
+        return;
+    }
+    HELD.get_or_init(|| {
+        let mut held = Vec::new();
+        let mut paths = 0;
+        match rx_timestamps() {
+            Ok(fd) => {
+                held.push(fd);
+                paths += 1;
+            }
+            Err(e) => eprintln!("tcg: receive timestamps not held on: {e}"),
+        }
+        for (category, name) in TRACEPOINTS {
+            match tracepoint(category, name) {
+                Ok(fd) => {
+                    held.push(fd);
+                    paths += 1;
+                }
+                Err(e) => eprintln!("tcg: tracepoint {category}:{name} not held on: {e}"),
+            }
+        }
+        match cgroup_skb_ingress() {
+            Ok(fds) => {
+                held.extend(fds);
+                paths += 1;
+            }
+            Err(e) => eprintln!("tcg: the cgroup skb hook not held on: {e}"),
+        }
+        eprintln!(
+            "tcg: {paths} of 4 kernel paths held on while this process runs (see \
+             edgeplane_testbed::tcg)"
+        );
+        held
+    });
+}
+
+/// A socket asking for receive timestamps: `netstamp_needed_key` stays on while it is open.
+fn rx_timestamps() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned right after.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with an int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// `struct perf_event_attr` as of its first version (`PERF_ATTR_SIZE_VER0`, 64 bytes): the
+/// kernel takes a shorter struct and reads the rest as zero.
+#[repr(C)]
+struct PerfEventAttrV0 {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    config1: u64,
+}
+
+const _: () = assert!(size_of::<PerfEventAttrV0>() == 64);
+
+const PERF_TYPE_TRACEPOINT: u32 = 2;
+const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+
+/// A counting perf event on the tracepoint: the kernel registers its probe (the tracepoint's
+/// static key on) when the event is created and unregisters it when the fd closes.
+fn tracepoint(category: &str, name: &str) -> io::Result<OwnedFd> {
+    let id_file = format!("/sys/kernel/tracing/events/{category}/{name}/id");
+    let id: u64 = std::fs::read_to_string(&id_file)?
+        .trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{id_file}: {e}")))?;
+    let attr = PerfEventAttrV0 {
+        kind: PERF_TYPE_TRACEPOINT,
+        size: size_of::<PerfEventAttrV0>() as u32,
+        config: id,
+        sample_period: 0,
+        sample_type: 0,
+        read_format: 0,
+        flags: 0,
+        wakeup_events: 0,
+        bp_type: 0,
+        config1: 0,
+    };
+    // This process on any CPU: the probe is registered for every task all the same.
+    // SAFETY: perf_event_open with an attr of the size it says; the fd is owned right after.
+    let raw = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            &raw const attr,
+            0 as libc::pid_t,
+            -1 as libc::c_int,
+            -1 as libc::c_int,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}
+
+/// `union bpf_attr` for `BPF_PROG_LOAD`, up to `expected_attach_type`.
+#[repr(C)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+const _: () = assert!(size_of::<ProgLoadAttr>() == 72);
+
+/// `union bpf_attr` for `BPF_LINK_CREATE`, up to `flags`.
+#[repr(C)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+const BPF_CGROUP_INET_INGRESS: u32 = 0;
+
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<OwnedFd> {
+    // SAFETY: bpf(2) with an attr of the size passed; the fd is owned right after.
+    let raw = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_ref(attr),
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}
+
+/// A program that lets every skb through (`r0 = 1; exit`), linked at the root cgroup's ingress
+/// beside whatever else is there (links always stack): the hook's key stays on while the link
+/// is open.
+fn cgroup_skb_ingress() -> io::Result<[OwnedFd; 2]> {
+    use std::os::fd::AsRawFd as _;
+    // BPF_ALU64 | BPF_MOV | BPF_K into r0, then BPF_JMP | BPF_EXIT.
+    let insns: [u64; 2] = [0xb7 | (1 << 32), 0x95];
+    let license = c"GPL";
+    let attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_CGROUP_SKB,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: *b"tcg_hold_key\0\0\0\0",
+        prog_ifindex: 0,
+        expected_attach_type: BPF_CGROUP_INET_INGRESS,
+    };
+    let prog = bpf(BPF_PROG_LOAD, &attr)?;
+    let root = std::fs::File::open(cgroup2_root()?)?;
+    let link = bpf(
+        BPF_LINK_CREATE,
+        &LinkCreateAttr {
+            prog_fd: prog.as_raw_fd() as u32,
+            target_fd: root.as_raw_fd() as u32,
+            attach_type: BPF_CGROUP_INET_INGRESS,
+            flags: 0,
+        },
+    )?;
+    Ok([prog, link])
+}
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` in the VM; hosts with both
+/// hierarchies have it elsewhere).
+fn cgroup2_root() -> io::Result<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let dir = f.nth(1)?;
+            (f.next()? == "cgroup2").then(|| dir.to_owned())
+        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount"))
+}
