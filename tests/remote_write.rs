@@ -662,3 +662,113 @@ fn mutual_tls_to_a_server_that_requires_client_certificates() {
     agent.stop_and_log().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// bcrypt (cost 4) of [`PASSWORD`], for Prometheus's `basic_auth_users`.
+const PASSWORD_BCRYPT: &str = "$2b$04$yrujgsJGafGNiaTdmL3meuGFDXJX.oJcdOTArV3bwTpEnXEm9ci6m";
+const PASSWORD: &str = "edgeplane-test";
+
+#[test]
+fn basic_auth_to_a_server_that_requires_it() {
+    edgeplane_testbed::require_root();
+    let tag = "rw6";
+    let line = Line::new(tag).unwrap();
+    let dir = queue_dir(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let web = dir.join("web.yml");
+    std::fs::write(
+        &web,
+        format!("basic_auth_users:\n  agent: {PASSWORD_BCRYPT}\n"),
+    )
+    .unwrap();
+    let right = dir.join("password");
+    std::fs::write(&right, format!("{PASSWORD}\n")).unwrap();
+    let wrong = dir.join("wrong-password");
+    std::fs::write(&wrong, "not-the-password\n").unwrap();
+    let listen = free_port(&line.gateway);
+    let web_arg = format!("--web.config.file={}", web.display());
+    let _prometheus = Prometheus::start(
+        &line.gateway,
+        listen,
+        " []",
+        &["--web.enable-remote-write-receiver", &web_arg],
+    );
+    // Two endpoints, one queue each: with the password, and with a wrong one.
+    let config = format!(
+        "{}basic_auth = {{ username = \"agent\", password_file = \"{}\" }}\n\n\
+         [[export.remote_write.endpoints]]\nname = \"wrong\"\nurl = \"http://{listen}/api/v1/write\"\n\
+         basic_auth = {{ username = \"agent\", password_file = \"{}\" }}\n",
+        config(tag, listen, &dir, ""),
+        right.display(),
+        wrong.display()
+    );
+    let mut agent = Agent::start(&line.gateway, &config, "info").unwrap();
+    let sent = |a: &Agent, e: &str| {
+        http::metric(
+            &a.scrape(),
+            &format!("edgeplane_remote_write_samples_sent_total{{endpoint=\"{e}\"}}"),
+        )
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sent(&agent, "prom") < 1000.0 {
+        assert!(Instant::now() < deadline, "{}", agent.log_so_far());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let readyz = agent.get("/readyz").unwrap().1;
+    let json: serde_json::Value = serde_json::from_str(&readyz).unwrap();
+    let state = |name: &str| {
+        json["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| {
+                (
+                    c["state"].as_str().unwrap().to_owned(),
+                    c["detail"].to_string(),
+                )
+            })
+            .unwrap()
+    };
+    assert_eq!(state("remote_write/prom").0, "up", "{readyz}");
+    let (wrong_state, detail) = state("remote_write/wrong");
+    assert_eq!(wrong_state, "degraded", "{readyz}");
+    assert!(
+        detail.contains("401") && detail.contains("basic_auth"),
+        "{readyz}"
+    );
+    // Refused credentials drop nothing: the samples wait in the wrong endpoint's queue.
+    let m = agent.scrape();
+    let of_wrong =
+        |metric: &str| http::metric(&m, &format!("{metric}{{endpoint=\"wrong\"}}")).unwrap_or(0.0);
+    assert_eq!(
+        of_wrong("edgeplane_remote_write_samples_sent_total"),
+        0.0,
+        "{m}"
+    );
+    assert!(
+        of_wrong("edgeplane_remote_write_queue_samples") >= 1000.0,
+        "{m}"
+    );
+    assert!(
+        of_wrong("edgeplane_remote_write_samples_retried_total") > 0.0,
+        "{m}"
+    );
+    let dropped: f64 = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("edgeplane_remote_write_samples_dropped_total")
+                && l.contains("endpoint=\"wrong\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(dropped, 0.0, "{m}");
+    eprintln!(
+        "basic auth: the server took {} samples with the password; with a wrong one {} wait \
+         queued, none dropped: {detail}",
+        sent(&agent, "prom"),
+        of_wrong("edgeplane_remote_write_queue_samples")
+    );
+    agent.stop_and_log().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -23,6 +23,35 @@ pub enum SendError {
     Rejected(String),
 }
 
+/// What an endpoint's answer means for the samples sent. Remote write 1.0 says a 4xx other
+/// than 429 is not retried: the server refused the data. But 401, 403, 404 and 407 refuse the
+/// request before any data is read (credentials, a wrong URL or proxy): the samples stay
+/// queued and wait for the configuration to be fixed, rather than every sample taken meanwhile
+/// being dropped.
+fn answer(status: StatusCode, text: &str) -> Result<(), SendError> {
+    if status.is_success() {
+        Ok(())
+    } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        Err(SendError::Retry(format!("HTTP {status}: {text}")))
+    } else if matches!(
+        status,
+        StatusCode::UNAUTHORIZED
+            | StatusCode::FORBIDDEN
+            | StatusCode::PROXY_AUTHENTICATION_REQUIRED
+    ) {
+        Err(SendError::Retry(format!(
+            "HTTP {status}: {text}; check the endpoint's basic_auth or bearer_token_file"
+        )))
+    } else if status == StatusCode::NOT_FOUND {
+        Err(SendError::Retry(format!(
+            "HTTP {status}: {text}; check the endpoint's url (Prometheus takes remote write at \
+             /api/v1/write with --web.enable-remote-write-receiver)"
+        )))
+    } else {
+        Err(SendError::Rejected(format!("HTTP {status}: {text}")))
+    }
+}
+
 pub struct Sender {
     uri: Uri,
     host: String,
@@ -156,13 +185,7 @@ impl Sender {
             })
             .unwrap_or_default();
         self.connection = Some(conn);
-        if status.is_success() {
-            Ok(())
-        } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            Err(SendError::Retry(format!("HTTP {status}: {text}")))
-        } else {
-            Err(SendError::Rejected(format!("HTTP {status}: {text}")))
-        }
+        answer(status, &text)
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, SendError> {
@@ -235,5 +258,37 @@ mod tests {
         assert_eq!(super::base64(b"ab"), "YWI=");
         assert_eq!(super::base64(b"a"), "YQ==");
         assert_eq!(super::base64(b""), "");
+    }
+
+    /// Refusals of the request keep the samples; refusals of the data drop them.
+    #[test]
+    fn answers_that_keep_and_that_drop_the_samples() {
+        use super::{SendError, StatusCode, answer};
+        let kept = |code: u16| {
+            matches!(
+                answer(StatusCode::from_u16(code).unwrap(), ""),
+                Err(SendError::Retry(_))
+            )
+        };
+        let dropped = |code: u16| {
+            matches!(
+                answer(StatusCode::from_u16(code).unwrap(), ""),
+                Err(SendError::Rejected(_))
+            )
+        };
+        assert!(answer(StatusCode::NO_CONTENT, "").is_ok());
+        for code in [401, 403, 404, 407, 429, 500, 502, 503] {
+            assert!(kept(code), "HTTP {code} must keep the samples");
+        }
+        for code in [400, 409, 413, 422] {
+            assert!(dropped(code), "HTTP {code} must drop the samples");
+        }
+        let Err(SendError::Retry(why)) = answer(StatusCode::UNAUTHORIZED, "bad password") else {
+            panic!("401 is retried");
+        };
+        assert!(
+            why.contains("basic_auth") && why.contains("bad password"),
+            "{why}"
+        );
     }
 }
