@@ -40,6 +40,19 @@ fn receiver(line: &Line) -> Prometheus {
     )
 }
 
+/// A receiver behind the web config `web` (TLS, basic auth), and where it listens.
+fn receiver_behind(line: &Line, web: &Path) -> (Prometheus, SocketAddr) {
+    let listen = free_port(&line.gateway);
+    let web_arg = format!("--web.config.file={}", web.display());
+    let prometheus = Prometheus::start(
+        &line.gateway,
+        listen,
+        " []",
+        &["--web.enable-remote-write-receiver", &web_arg],
+    );
+    (prometheus, listen)
+}
+
 /// The agent's config: one UDP rule, and remote write to `prometheus` labelled `test=<tag>`.
 fn config(tag: &str, prometheus: SocketAddr, dir: &Path, extra: &str) -> String {
     format!(
@@ -585,6 +598,41 @@ fn kill_9_during_writes_loses_at_most_the_torn_record() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `edgeplane_remote_write_samples_sent_total` of one endpoint.
+fn samples_sent(agent: &Agent, endpoint: &str) -> f64 {
+    http::metric(
+        &agent.scrape(),
+        &format!("edgeplane_remote_write_samples_sent_total{{endpoint=\"{endpoint}\"}}"),
+    )
+    .unwrap()
+}
+
+/// Waits up to 20 s until `endpoint` has sent `samples`.
+fn wait_sent(agent: &Agent, endpoint: &str, samples: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while samples_sent(agent, endpoint) < samples {
+        assert!(Instant::now() < deadline, "{}", agent.log_so_far());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The state and detail of component `name` in a /readyz answer.
+fn component(readyz: &str, name: &str) -> (String, String) {
+    let json: serde_json::Value = serde_json::from_str(readyz).unwrap();
+    json["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .map(|c| {
+            (
+                c["state"].as_str().unwrap().to_owned(),
+                c["detail"].to_string(),
+            )
+        })
+        .unwrap_or_else(|| panic!("no component {name} in {readyz}"))
+}
+
 #[test]
 fn mutual_tls_to_a_server_that_requires_client_certificates() {
     edgeplane_testbed::require_root();
@@ -605,14 +653,7 @@ fn mutual_tls_to_a_server_that_requires_client_certificates() {
         ),
     )
     .unwrap();
-    let listen = free_port(&line.gateway);
-    let web_arg = format!("--web.config.file={}", web.display());
-    let _prometheus = Prometheus::start(
-        &line.gateway,
-        listen,
-        " []",
-        &["--web.enable-remote-write-receiver", &web_arg],
-    );
+    let (_prometheus, listen) = receiver_behind(&line, &web);
     // Two endpoints, one queue each: with the client certificate, and without.
     let config = format!(
         "{}\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[[export.remote_write.endpoints]]\nname = \"nocert\"\nurl = \"https://{listen}/api/v1/write\"\nca = \"{}\"\n",
@@ -623,41 +664,16 @@ fn mutual_tls_to_a_server_that_requires_client_certificates() {
         pki.ca.display()
     );
     let mut agent = Agent::start(&line.gateway, &config, "info").unwrap();
-    let sent = |a: &Agent, e: &str| {
-        http::metric(
-            &a.scrape(),
-            &format!("edgeplane_remote_write_samples_sent_total{{endpoint=\"{e}\"}}"),
-        )
-        .unwrap()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sent(&agent, "prom") < 1000.0 {
-        assert!(Instant::now() < deadline, "{}", agent.log_so_far());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(sent(&agent, "nocert"), 0.0);
+    wait_sent(&agent, "prom", 1000.0);
+    assert_eq!(samples_sent(&agent, "nocert"), 0.0);
     let readyz = agent.get("/readyz").unwrap().1;
-    let json: serde_json::Value = serde_json::from_str(&readyz).unwrap();
-    let state = |name: &str| {
-        json["components"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == name)
-            .map(|c| {
-                (
-                    c["state"].as_str().unwrap().to_owned(),
-                    c["detail"].to_string(),
-                )
-            })
-            .unwrap()
-    };
+    let state = |name: &str| component(&readyz, name);
     assert_eq!(state("remote_write/prom").0, "up", "{readyz}");
     let (nocert, detail) = state("remote_write/nocert");
     assert_eq!(nocert, "degraded", "{readyz}");
     eprintln!(
         "mTLS: the server took {} samples with the client certificate; without: {detail}",
-        sent(&agent, "prom")
+        samples_sent(&agent, "prom")
     );
     agent.stop_and_log().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
@@ -684,14 +700,7 @@ fn basic_auth_to_a_server_that_requires_it() {
     std::fs::write(&right, format!("{PASSWORD}\n")).unwrap();
     let wrong = dir.join("wrong-password");
     std::fs::write(&wrong, "not-the-password\n").unwrap();
-    let listen = free_port(&line.gateway);
-    let web_arg = format!("--web.config.file={}", web.display());
-    let _prometheus = Prometheus::start(
-        &line.gateway,
-        listen,
-        " []",
-        &["--web.enable-remote-write-receiver", &web_arg],
-    );
+    let (_prometheus, listen) = receiver_behind(&line, &web);
     // Two endpoints, one queue each: with the password, and with a wrong one.
     let config = format!(
         "{}basic_auth = {{ username = \"agent\", password_file = \"{}\" }}\n\n\
@@ -702,34 +711,9 @@ fn basic_auth_to_a_server_that_requires_it() {
         wrong.display()
     );
     let mut agent = Agent::start(&line.gateway, &config, "info").unwrap();
-    let sent = |a: &Agent, e: &str| {
-        http::metric(
-            &a.scrape(),
-            &format!("edgeplane_remote_write_samples_sent_total{{endpoint=\"{e}\"}}"),
-        )
-        .unwrap()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sent(&agent, "prom") < 1000.0 {
-        assert!(Instant::now() < deadline, "{}", agent.log_so_far());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_sent(&agent, "prom", 1000.0);
     let readyz = agent.get("/readyz").unwrap().1;
-    let json: serde_json::Value = serde_json::from_str(&readyz).unwrap();
-    let state = |name: &str| {
-        json["components"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == name)
-            .map(|c| {
-                (
-                    c["state"].as_str().unwrap().to_owned(),
-                    c["detail"].to_string(),
-                )
-            })
-            .unwrap()
-    };
+    let state = |name: &str| component(&readyz, name);
     assert_eq!(state("remote_write/prom").0, "up", "{readyz}");
     let (wrong_state, detail) = state("remote_write/wrong");
     assert_eq!(wrong_state, "degraded", "{readyz}");
@@ -766,7 +750,7 @@ fn basic_auth_to_a_server_that_requires_it() {
     eprintln!(
         "basic auth: the server took {} samples with the password; with a wrong one {} wait \
          queued, none dropped: {detail}",
-        sent(&agent, "prom"),
+        samples_sent(&agent, "prom"),
         of_wrong("edgeplane_remote_write_queue_samples")
     );
     agent.stop_and_log().unwrap();

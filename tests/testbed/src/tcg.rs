@@ -73,7 +73,9 @@ pub fn hold_static_keys() {
     });
 }
 
-/// A socket asking for receive timestamps: `netstamp_needed_key` stays on while it is open.
+/// A socket asking for receive timestamps: `netstamp_needed_key` stays on while it is open. The
+/// agent opens the same (`agent/src/latency/kernel.rs`); the testbed can't call it, as xtask
+/// builds the testbed before the eBPF toolchain the agent's crate needs is installed.
 fn rx_timestamps() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned right after.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
