@@ -210,7 +210,7 @@ fn captures(mode: &str) {
         n,
         "queued late\n{metrics}"
     );
-    if reads_are_traced() {
+    if edgeplane_tests::udp_reads_are_traced() {
         // Every datagram waited through the application's sleep (> 2^27 ns).
         assert_eq!(d("read", "count", None), n, "{metrics}");
         assert_eq!(
@@ -262,17 +262,6 @@ fn captures(mode: &str) {
         top.contains(&format!("proto=udp,port={port},stage=queued")),
         "{top}"
     );
-}
-
-/// Whether UDP frees what `recvmsg` copied out through `consume_skb`, which the read stage
-/// traces: up to 6.9; later kernels defer most frees to the allocating CPU, without it.
-fn reads_are_traced() -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut v = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    (v.next().unwrap_or(0), v.next().unwrap_or(0)) < (6, 10)
 }
 
 #[test]

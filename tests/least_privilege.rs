@@ -40,6 +40,10 @@ name = "lidar"
 ingress = "g0"
 match = {{ dst_port = 5000 }}
 to = {{ iface = "g1", dst_ip = "{}", dst_port = 6000 }}
+
+# Every stage of latency capture, so that each hook is attached without root.
+[latency]
+udp_ports = [6000]
 "#,
         Line::RECEIVER_V4
     )
@@ -95,7 +99,19 @@ fn as_user(caps: &[&str]) -> Vec<String> {
     } else {
         &[]
     };
-    let mut wrapper: Vec<String> = memlock.iter().map(|s| (*s).to_owned()).collect();
+    // `ip netns exec` mounts a fresh /sys, without the cgroup v2 hierarchy a systemd host has
+    // at /sys/fs/cgroup (latency capture's socket delivery hooks there): mount it, as root and
+    // only in this command's mount namespace, before becoming the user.
+    let mut wrapper: Vec<String> = [
+        "sh",
+        "-c",
+        "mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$@\"",
+        "sh",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    wrapper.extend(memlock.iter().map(|s| (*s).to_owned()));
     wrapper.extend([
         "setpriv".to_owned(),
         format!("--reuid={UID}"),
@@ -238,6 +254,35 @@ fn forwards_without_root(mode: &str) {
     );
     let attached = format!("edgeplane_udp_forward_attached{{iface=\"g0\",hook=\"{mode}\"}}");
     assert_eq!(http::metric(&metrics, &attached).unwrap(), 1.0, "{metrics}");
+    // Latency capture works as the user too: every datagram's forwarding is measured, and so
+    // are both delivery stages (no hook needs root or tracefs; from 6.10 most reads are not
+    // traced, see `udp_reads_are_traced`).
+    assert!(!log.contains("not measured"), "{log}");
+    assert!(!log.contains("latency capture:"), "{log}");
+    assert_eq!(
+        http::metric(
+            &metrics,
+            "edgeplane_udp_forward_latency_seconds_count{rule=\"lidar\"}"
+        )
+        .unwrap(),
+        f64::from(N),
+        "{metrics}"
+    );
+    let stages: &[&str] = if edgeplane_tests::udp_reads_are_traced() {
+        &["queued", "read"]
+    } else {
+        &["queued"]
+    };
+    for stage in stages {
+        let delivered = http::metric(
+            &metrics,
+            &format!(
+                "edgeplane_socket_delivery_latency_seconds_count{{proto=\"udp\",port=\"6000\",stage=\"{stage}\"}}"
+            ),
+        )
+        .unwrap_or(0.0);
+        assert!(delivered > 0.0, "{stage}: nothing measured\n{metrics}");
+    }
     // What it pinned belongs to the user, and `--detach-on-exit` could remove it all again.
     assert!(
         !bpffs.dir.join("edgeplane").exists(),

@@ -185,7 +185,7 @@ pub fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError
     let result = match program {
         Program::Xdp(p) => p.load(),
         Program::SchedClassifier(p) => p.load(),
-        Program::TracePoint(p) => p.load(),
+        Program::RawTracePoint(p) => p.load(),
         Program::KProbe(p) => p.load(),
         Program::CgroupSkb(p) => p.load(),
         other => unreachable!("program {name} has unexpected type {:?}", other.prog_type()),

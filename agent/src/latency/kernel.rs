@@ -1,20 +1,18 @@
 //! What latency capture needs from the running kernel: receive timestamps switched on, the
-//! offset between its clocks, tracepoint field offsets from tracefs, and struct field offsets
-//! from its BTF — so no kernel layout is compiled into the programs.
+//! offset between its clocks, and struct field offsets from its BTF — so no kernel layout is
+//! compiled into the programs, and nothing is read from tracefs (root's only).
 
 use std::{
     ffi::CString,
     io,
     os::fd::{FromRawFd as _, OwnedFd},
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use edgeplane_common::latency::KernelOffsets;
 
 use super::{LatencyError, btf::Btf};
 
-const TRACEFS: &str = "/sys/kernel/tracing";
-const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// A socket asking for receive timestamps: while one exists, the stack stamps every received
@@ -71,30 +69,6 @@ pub fn realtime_offset_ns() -> i64 {
         .expect("three tries")
 }
 
-/// The tracefs mount, mounting it at /sys/kernel/tracing when there is none.
-pub fn tracefs() -> Result<PathBuf, LatencyError> {
-    for dir in [TRACEFS, DEBUGFS_TRACING] {
-        if Path::new(dir).join("events").is_dir() {
-            return Ok(PathBuf::from(dir));
-        }
-    }
-    let target = CString::new(TRACEFS).expect("no NUL");
-    // SAFETY: NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"tracefs".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(LatencyError::Tracefs(io::Error::last_os_error()));
-    }
-    Ok(PathBuf::from(TRACEFS))
-}
-
 /// The root of the cgroup v2 hierarchy, mounting it at /sys/fs/cgroup when there is none
 /// (systemd hosts have it there, or at /sys/fs/cgroup/unified in hybrid mode).
 pub fn cgroup2_root() -> Result<PathBuf, LatencyError> {
@@ -123,49 +97,9 @@ pub fn cgroup2_root() -> Result<PathBuf, LatencyError> {
     Ok(PathBuf::from("/sys/fs/cgroup"))
 }
 
-/// The offset of `field` in the records of tracepoint `category:name`, from its format file.
-pub fn tracepoint_field(
-    tracefs: &Path,
-    category: &str,
-    name: &str,
-    field: &str,
-) -> Result<u32, LatencyError> {
-    let path = tracefs
-        .join("events")
-        .join(category)
-        .join(name)
-        .join("format");
-    let format = std::fs::read_to_string(&path).map_err(|source| LatencyError::Tracepoint {
-        tracepoint: format!("{category}:{name}"),
-        source,
-    })?;
-    parse_format_offset(&format, field).ok_or_else(|| LatencyError::TracepointField {
-        tracepoint: format!("{category}:{name}"),
-        field: field.to_owned(),
-    })
-}
-
-/// `field:int to_ifindex; offset:16; size:4; signed:1;` -> 16 for `to_ifindex`.
-fn parse_format_offset(format: &str, field: &str) -> Option<u32> {
-    format.lines().find_map(|line| {
-        let decl = line.trim().strip_prefix("field:")?.split(';').next()?;
-        let name = decl
-            .rsplit(|c: char| c.is_whitespace() || c == '*')
-            .next()?;
-        if name != field {
-            return None;
-        }
-        line.split(';')
-            .find_map(|part| part.trim().strip_prefix("offset:"))?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
-/// Offsets of the socket and skb fields the delivery programs read, from the running kernel's
-/// BTF, plus the tracepoint fields they and the XDP flush program read.
-pub fn offsets(tracefs: &Path) -> Result<KernelOffsets, LatencyError> {
+/// Offsets of the socket, skb and net_device fields the latency programs read, from the
+/// running kernel's BTF.
+pub fn offsets() -> Result<KernelOffsets, LatencyError> {
     let bytes = std::fs::read(VMLINUX_BTF).map_err(LatencyError::NoBtf)?;
     let btf = Btf::parse(&bytes).map_err(|e| LatencyError::Btf {
         field: "(parse)".into(),
@@ -181,14 +115,11 @@ pub fn offsets(tracefs: &Path) -> Result<KernelOffsets, LatencyError> {
         skb_tstamp: byte_offset("sk_buff", "tstamp")?,
         skb_iif: byte_offset("sk_buff", "skb_iif")?,
         sk_family: byte_offset("sock", "__sk_common.skc_family")?,
-        devmap_to_ifindex: tracepoint_field(tracefs, "xdp", "xdp_devmap_xmit", "to_ifindex")?,
-        devmap_sent: tracepoint_field(tracefs, "xdp", "xdp_devmap_xmit", "sent")?,
-        devmap_drops: tracepoint_field(tracefs, "xdp", "xdp_devmap_xmit", "drops")?,
+        netdev_ifindex: byte_offset("net_device", "ifindex")?,
         skb_head: byte_offset("sk_buff", "head")?,
         skb_network_header: byte_offset("sk_buff", "network_header")?,
         skb_transport_header: byte_offset("sk_buff", "transport_header")?,
-        consume_skbaddr: tracepoint_field(tracefs, "skb", "consume_skb", "skbaddr")?,
-        _pad: [0; 2],
+        _pad: [0; 5],
     })
 }
 
@@ -208,20 +139,6 @@ pub fn kprobe_target(candidates: &[&'static str]) -> Result<&'static str, Latenc
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn format_offsets_are_read_by_field_name() {
-        let format = "name: xdp_devmap_xmit\nID: 1234\nformat:\n\
-            \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
-            \tfield:int from_ifindex;\toffset:8;\tsize:4;\tsigned:1;\n\
-            \tfield:u32 act;\toffset:12;\tsize:4;\tsigned:0;\n\
-            \tfield:int to_ifindex;\toffset:16;\tsize:4;\tsigned:1;\n\
-            \tfield:const void * skbaddr;\toffset:24;\tsize:8;\tsigned:0;\n";
-        assert_eq!(parse_format_offset(format, "to_ifindex"), Some(16));
-        assert_eq!(parse_format_offset(format, "act"), Some(12));
-        assert_eq!(parse_format_offset(format, "skbaddr"), Some(24));
-        assert_eq!(parse_format_offset(format, "ifindex"), None);
-    }
 
     #[test]
     fn the_clock_offset_is_the_realtime_minus_monotonic_distance() {

@@ -22,7 +22,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, KProbe, ProgramError, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, KProbe, ProgramError, RawTracePoint,
     },
 };
 use edgeplane_common::{
@@ -57,20 +57,6 @@ pub fn take_hist(ebpf: &mut Ebpf, name: &'static str) -> Result<HistMap, LoadErr
 
 #[derive(Debug, thiserror::Error)]
 pub enum LatencyError {
-    #[error(
-        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {0}; mount it \
-         (mount -t tracefs tracefs /sys/kernel/tracing) or leave latency.udp_ports and \
-         latency.can_ifaces empty"
-    )]
-    Tracefs(#[source] io::Error),
-    #[error("reading the format of tracepoint {tracepoint}: {source}")]
-    Tracepoint {
-        tracepoint: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("tracepoint {tracepoint} has no field `{field}` on this kernel")]
-    TracepointField { tracepoint: String, field: String },
     #[error(
         "reading the kernel's BTF at /sys/kernel/btf/vmlinux failed ({0}): socket delivery \
          latency needs a kernel built with CONFIG_DEBUG_INFO_BTF"
@@ -201,9 +187,7 @@ impl Latency {
                 owners.insert(DeliveryTarget::CanIface(name).key(), slot);
             }
         }
-        let offsets = kernel::tracefs()
-            .and_then(|t| kernel::offsets(&t))
-            .map_err(|e| e.to_string());
+        let offsets = kernel::offsets().map_err(|e| e.to_string());
         Ok(Self {
             config: maps::take(ebpf, CONFIG_MAP)?,
             offsets,
@@ -391,10 +375,10 @@ impl Latency {
 
     fn attach_xdp_flush(&mut self, ebpf: &mut Ebpf) -> Result<(), LatencyError> {
         self.offsets.clone().map_err(|e| LatencyError::Btf {
-            field: "tracepoint offsets".into(),
+            field: "net_device.ifindex".into(),
             reason: e,
         })?;
-        attach_tracepoint(ebpf, XDP_FLUSH_PROGRAM, "xdp", "xdp_devmap_xmit")
+        attach_raw_tracepoint(ebpf, XDP_FLUSH_PROGRAM, "xdp_devmap_xmit")
     }
 
     fn apply_delivery(
@@ -411,7 +395,7 @@ impl Latency {
         if !wanted.udp_ports.is_empty() {
             self.attach_probe(ebpf, UDP_QUEUED_PROGRAM, attach_cgroup_ingress);
             self.attach_probe(ebpf, UDP_READ_PROGRAM, |e| {
-                attach_tracepoint(e, UDP_READ_PROGRAM, "skb", "consume_skb")
+                attach_raw_tracepoint(e, UDP_READ_PROGRAM, "consume_skb")
             });
         }
         if !wanted.can_ifaces.is_empty() {
@@ -537,20 +521,19 @@ fn program_err(program: &'static str, target: &str) -> impl FnOnce(ProgramError)
     }
 }
 
-fn attach_tracepoint(
+/// A raw tracepoint, attached by name (no tracefs, which only root may read).
+fn attach_raw_tracepoint(
     ebpf: &mut Ebpf,
     program: &'static str,
-    category: &str,
     name: &str,
 ) -> Result<(), LatencyError> {
-    let target = format!("tracepoint {category}:{name}");
-    let p: &mut TracePoint = ebpf
+    let target = format!("raw tracepoint {name}");
+    let p: &mut RawTracePoint = ebpf
         .program_mut(program)
         .ok_or(LoadError::MissingProgram(program))?
         .try_into()
         .map_err(program_err(program, &target))?;
-    p.attach(category, name)
-        .map_err(program_err(program, &target))?;
+    p.attach(name).map_err(program_err(program, &target))?;
     Ok(())
 }
 

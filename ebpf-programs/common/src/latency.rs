@@ -50,27 +50,23 @@ pub mod flag {
     pub const DELIVERY: u32 = 1 << 1;
 }
 
-/// Offsets of the kernel fields the delivery programs read, resolved by the agent from the
-/// running kernel's BTF (so no layout is compiled in), and of the tracepoint fields from their
-/// format files. `u32::MAX` marks one this kernel lacks.
+/// Offsets of the kernel fields the latency programs read, resolved by the agent from the
+/// running kernel's BTF, so no layout is compiled in (and nothing is read from tracefs, which
+/// only root may read). `u32::MAX` marks one this kernel lacks.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
     pub skb_tstamp: u32,
     pub skb_iif: u32,
     pub sk_family: u32,
-    /// `xdp:xdp_devmap_xmit`: `to_ifindex`, `sent`, `drops`.
-    pub devmap_to_ifindex: u32,
-    pub devmap_sent: u32,
-    pub devmap_drops: u32,
+    /// `net_device.ifindex`: the raw tracepoint `xdp_devmap_xmit` is passed the egress device.
+    pub netdev_ifindex: u32,
     /// `sk_buff.head` and its network and transport header offsets (u16): UDP's read stage
     /// finds the port in the datagram (UDP sockets don't own their queued skbs).
     pub skb_head: u32,
     pub skb_network_header: u32,
     pub skb_transport_header: u32,
-    /// `skb:consume_skb`: `skbaddr`.
-    pub consume_skbaddr: u32,
-    pub _pad: [u32; 2],
+    pub _pad: [u32; 5],
 }
 crate::assert_size!(KernelOffsets, 48);
 

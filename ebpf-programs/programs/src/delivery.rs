@@ -11,9 +11,9 @@
 use aya_ebpf::{
     helpers::bpf_sk_fullsock,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{cgroup_skb, kprobe, map, tracepoint},
+    macros::{cgroup_skb, kprobe, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap},
-    programs::{ProbeContext, SkBuffContext, TracePointContext},
+    programs::{ProbeContext, RawTracePointContext, SkBuffContext},
 };
 use edgeplane_common::{
     hist::Log2Hist,
@@ -85,15 +85,15 @@ pub fn delivery_can_queued(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `skb:consume_skb`: UDP frees a datagram right after `recvmsg` copied it out (the copy has
-/// no tracepoint for linear skbs). Kernels from 6.10 free it on a path without this
-/// tracepoint (deferred to the allocating CPU): there the read stage sees nothing.
-#[tracepoint]
-pub fn delivery_udp_read(ctx: TracePointContext) -> u32 {
+/// The raw tracepoint `consume_skb` (its first argument is the skb): UDP frees a datagram
+/// right after `recvmsg` copied it out (the copy has no tracepoint for linear skbs). Kernels
+/// from 6.10 free it on a path without this tracepoint (deferred to the allocating CPU): there
+/// the read stage sees nothing.
+#[raw_tracepoint(tracepoint = "consume_skb")]
+pub fn delivery_udp_read(ctx: RawTracePointContext) -> u32 {
     let _ = (|| {
         let cfg = config()?;
-        // SAFETY: the offset of `skbaddr` in this tracepoint's record, from its format file.
-        let skb: u64 = unsafe { ctx.read_at(cfg.offsets.consume_skbaddr as usize) }.ok()?;
+        let skb: u64 = ctx.arg(0);
         let (slot, flow) = udp_slot(&cfg.offsets, skb)?;
         read(cfg, slot, flow, skb, event::UDP_DELIVERY)
     })();

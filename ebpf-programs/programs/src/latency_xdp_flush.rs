@@ -1,30 +1,38 @@
-//! `latency_xdp_flush` on the `xdp:xdp_devmap_xmit` tracepoint: XDP-redirected frames wait in a
+//! `latency_xdp_flush` on the raw tracepoint `xdp_devmap_xmit`: XDP-redirected frames wait in a
 //! per-CPU bulk queue per egress until the end of the driver's poll (or 16 frames) and then go
-//! to the egress driver together; this ends the forwarding latency of those frames. The
-//! tracepoint's field offsets come from its format file, read by the agent.
+//! to the egress driver together; this ends the forwarding latency of those frames. A raw
+//! tracepoint is attached by name and gets the tracepoint's arguments (`from_dev, to_dev, sent,
+//! drops, err` on 5.8 and later), so the agent needs no tracefs, which only root may read.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
 use edgeplane_common::latency::XDP_BULK;
 
 use crate::latency::{self, FORWARD_UDP};
 
-#[tracepoint]
-pub fn latency_xdp_flush(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "xdp_devmap_xmit")]
+pub fn latency_xdp_flush(ctx: RawTracePointContext) -> u32 {
     let _ = try_latency_xdp_flush(&ctx);
     0
 }
 
-fn try_latency_xdp_flush(ctx: &TracePointContext) -> Option<()> {
+fn try_latency_xdp_flush(ctx: &RawTracePointContext) -> Option<()> {
     let cfg = latency::forwarding()?;
-    let o = &cfg.offsets;
-    // SAFETY: offsets of int fields in this tracepoint's record, from its format file.
-    let (to, sent, drops) = unsafe {
-        (
-            ctx.read_at::<i32>(o.devmap_to_ifindex as usize).ok()?,
-            ctx.read_at::<i32>(o.devmap_sent as usize).ok()?,
-            ctx.read_at::<i32>(o.devmap_drops as usize).ok()?,
-        )
-    };
+    let to_dev: u64 = ctx.arg(1);
+    // The ints arrive in 64-bit slots: the low half is the value.
+    let sent = ctx.arg::<u64>(2) as i32;
+    let drops = ctx.arg::<u64>(3) as i32;
+    if to_dev == 0 || cfg.offsets.netdev_ifindex == u32::MAX {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copes with any address.
+    let to: i32 = unsafe {
+        bpf_probe_read_kernel((to_dev + u64::from(cfg.offsets.netdev_ifindex)) as *const i32)
+    }
+    .ok()?;
     let p = latency::take_pending(to as u32)?;
     // SAFETY: plain helper call; `p` is this CPU's value.
     unsafe {
