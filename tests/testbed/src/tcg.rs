@@ -11,7 +11,7 @@
 //! It happened in about 1 of 15 runs of the XDP restart tests on 5.10 and 6.1.
 //!
 //! The agent switches such keys whenever it starts and stops while frames flow: receive
-//! timestamps (an `SO_TIMESTAMPNS` socket), the tracepoints latency capture attaches to, and
+//! timestamps (an `SO_TIMESTAMPNS` socket), the raw tracepoints latency capture attaches to, and
 //! the cgroup skb hook (its socket delivery stage; 5.10 has one key for every cgroup hook,
 //! the send path's included). A
 //! test process under TCG switches them on before it makes any traffic and holds them until it
@@ -24,8 +24,8 @@ use std::{
     sync::OnceLock,
 };
 
-/// The tracepoints latency capture attaches to on the UDP path (`agent/src/latency/mod.rs`).
-const TRACEPOINTS: &[(&str, &str)] = &[("xdp", "xdp_devmap_xmit"), ("skb", "consume_skb")];
+/// The raw tracepoints latency capture attaches to on the UDP path (`agent/src/latency/mod.rs`).
+const TRACEPOINTS: &[&str] = &["xdp_devmap_xmit", "consume_skb"];
 
 /// Whether the VM harness runs this process under TCG (`EDGEPLANE_TEST_TCG=1`).
 pub fn emulated() -> bool {
@@ -49,14 +49,12 @@ pub fn hold_static_keys() {
             }
             Err(e) => eprintln!("tcg: receive timestamps not held on: {e}"),
         }
-        for (category, name) in TRACEPOINTS {
-            match tracepoint(category, name) {
-                Ok(fd) => {
-                    held.push(fd);
-                    paths += 1;
-                }
-                Err(e) => eprintln!("tcg: tracepoint {category}:{name} not held on: {e}"),
+        match tracepoints() {
+            Ok(fds) => {
+                held.extend(fds);
+                paths += TRACEPOINTS.len();
             }
+            Err(e) => eprintln!("tcg: tracepoints {TRACEPOINTS:?} not held on: {e}"),
         }
         match cgroup_skb_ingress() {
             Ok(fds) => {
@@ -99,66 +97,6 @@ fn rx_timestamps() -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
-}
-
-/// `struct perf_event_attr` as of its first version (`PERF_ATTR_SIZE_VER0`, 64 bytes): the
-/// kernel takes a shorter struct and reads the rest as zero.
-#[repr(C)]
-struct PerfEventAttrV0 {
-    kind: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    flags: u64,
-    wakeup_events: u32,
-    bp_type: u32,
-    config1: u64,
-}
-
-const _: () = assert!(size_of::<PerfEventAttrV0>() == 64);
-
-const PERF_TYPE_TRACEPOINT: u32 = 2;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
-
-/// A counting perf event on the tracepoint: the kernel registers its probe (the tracepoint's
-/// static key on) when the event is created and unregisters it when the fd closes.
-fn tracepoint(category: &str, name: &str) -> io::Result<OwnedFd> {
-    let id_file = format!("/sys/kernel/tracing/events/{category}/{name}/id");
-    let id: u64 = std::fs::read_to_string(&id_file)?
-        .trim()
-        .parse()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{id_file}: {e}")))?;
-    let attr = PerfEventAttrV0 {
-        kind: PERF_TYPE_TRACEPOINT,
-        size: size_of::<PerfEventAttrV0>() as u32,
-        config: id,
-        sample_period: 0,
-        sample_type: 0,
-        read_format: 0,
-        flags: 0,
-        wakeup_events: 0,
-        bp_type: 0,
-        config1: 0,
-    };
-    // This process on any CPU: the probe is registered for every task all the same.
-    // SAFETY: perf_event_open with an attr of the size it says; the fd is owned right after.
-    let raw = unsafe {
-        libc::syscall(
-            libc::SYS_perf_event_open,
-            &raw const attr,
-            0 as libc::pid_t,
-            -1 as libc::c_int,
-            -1 as libc::c_int,
-            PERF_FLAG_FD_CLOEXEC,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
 }
 
 /// `union bpf_attr` for `BPF_PROG_LOAD`, up to `expected_attach_type`.
@@ -259,4 +197,58 @@ fn cgroup2_root() -> io::Result<String> {
             (f.next()? == "cgroup2").then(|| dir.to_owned())
         })
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount"))
+}
+
+/// `union bpf_attr` for `BPF_RAW_TRACEPOINT_OPEN`.
+#[repr(C)]
+struct RawTracepointOpenAttr {
+    name: u64,
+    prog_fd: u32,
+    _pad: u32,
+}
+
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+
+/// Two programs that do nothing (`r0 = 0; exit`) on each of [`TRACEPOINTS`]. One probe would
+/// hold the tracepoint's static key, but a tracepoint calls a single probe directly and two or
+/// more through an iterator, and the kernel patches that call (a static call) when the count
+/// goes from one to two and back; from two to three it stays the iterator.
+fn tracepoints() -> io::Result<Vec<OwnedFd>> {
+    use std::os::fd::AsRawFd as _;
+    let insns: [u64; 2] = [0xb7, 0x95];
+    let license = c"GPL";
+    let mut fds = Vec::new();
+    for _ in 0..2 {
+        let prog = bpf(
+            BPF_PROG_LOAD,
+            &ProgLoadAttr {
+                prog_type: BPF_PROG_TYPE_RAW_TRACEPOINT,
+                insn_cnt: insns.len() as u32,
+                insns: insns.as_ptr() as u64,
+                license: license.as_ptr() as u64,
+                log_level: 0,
+                log_size: 0,
+                log_buf: 0,
+                kern_version: 0,
+                prog_flags: 0,
+                prog_name: *b"tcg_hold_tp\0\0\0\0\0",
+                prog_ifindex: 0,
+                expected_attach_type: 0,
+            },
+        )?;
+        for name in TRACEPOINTS {
+            let name = std::ffi::CString::new(*name).expect("no NUL");
+            fds.push(bpf(
+                BPF_RAW_TRACEPOINT_OPEN,
+                &RawTracepointOpenAttr {
+                    name: name.as_ptr() as u64,
+                    prog_fd: prog.as_raw_fd() as u32,
+                    _pad: 0,
+                },
+            )?);
+        }
+        fds.push(prog);
+    }
+    Ok(fds)
 }
