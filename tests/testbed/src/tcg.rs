@@ -13,9 +13,9 @@
 //! The agent switches such keys whenever it starts and stops while frames flow: receive
 //! timestamps (an `SO_TIMESTAMPNS` socket), the raw tracepoints latency capture attaches to, and
 //! the cgroup skb hook (its socket delivery stage; 5.10 has one key for every cgroup hook,
-//! the send path's included). A
-//! test process under TCG switches them on before it makes any traffic and holds them until it
-//! exits, so an agent's start and stop only move the keys' reference counts and patch nothing.
+//! the send path's included). A test process under TCG switches them on before it makes any
+//! traffic and holds them until it exits, so an agent's start and stop only move reference
+//! counts and patch nothing.
 //! On real CPUs (the host, KVM) nothing is held: the tests see the kernel as users do.
 
 use std::{
