@@ -149,29 +149,47 @@ fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
 }
 
+/// A program of `prog_type` that only returns `r0` (`r0 = value; exit`).
+fn load_returning(
+    prog_type: u32,
+    expected_attach_type: u32,
+    value: u32,
+    prog_name: [u8; 16],
+) -> io::Result<OwnedFd> {
+    // BPF_ALU64 | BPF_MOV | BPF_K into r0 (the immediate in the upper half), then
+    // BPF_JMP | BPF_EXIT.
+    let insns: [u64; 2] = [0xb7 | (u64::from(value) << 32), 0x95];
+    let license = c"GPL";
+    bpf(
+        BPF_PROG_LOAD,
+        &ProgLoadAttr {
+            prog_type,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: 0,
+            log_size: 0,
+            log_buf: 0,
+            kern_version: 0,
+            prog_flags: 0,
+            prog_name,
+            prog_ifindex: 0,
+            expected_attach_type,
+        },
+    )
+}
+
 /// A program that lets every skb through (`r0 = 1; exit`), linked at the root cgroup's ingress
 /// beside whatever else is there (links always stack): the hook's key stays on while the link
 /// is open.
 fn cgroup_skb_ingress() -> io::Result<[OwnedFd; 2]> {
     use std::os::fd::AsRawFd as _;
-    // BPF_ALU64 | BPF_MOV | BPF_K into r0, then BPF_JMP | BPF_EXIT.
-    let insns: [u64; 2] = [0xb7 | (1 << 32), 0x95];
-    let license = c"GPL";
-    let attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_CGROUP_SKB,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 0,
-        log_size: 0,
-        log_buf: 0,
-        kern_version: 0,
-        prog_flags: 0,
-        prog_name: *b"tcg_hold_key\0\0\0\0",
-        prog_ifindex: 0,
-        expected_attach_type: BPF_CGROUP_INET_INGRESS,
-    };
-    let prog = bpf(BPF_PROG_LOAD, &attr)?;
+    let prog = load_returning(
+        BPF_PROG_TYPE_CGROUP_SKB,
+        BPF_CGROUP_INET_INGRESS,
+        1,
+        *b"tcg_hold_key\0\0\0\0",
+    )?;
     let root = std::fs::File::open(cgroup2_root()?)?;
     let link = bpf(
         BPF_LINK_CREATE,
@@ -216,26 +234,13 @@ const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 /// goes from one to two and back; from two to three it stays the iterator.
 fn tracepoints() -> io::Result<Vec<OwnedFd>> {
     use std::os::fd::AsRawFd as _;
-    let insns: [u64; 2] = [0xb7, 0x95];
-    let license = c"GPL";
     let mut fds = Vec::new();
     for _ in 0..2 {
-        let prog = bpf(
-            BPF_PROG_LOAD,
-            &ProgLoadAttr {
-                prog_type: BPF_PROG_TYPE_RAW_TRACEPOINT,
-                insn_cnt: insns.len() as u32,
-                insns: insns.as_ptr() as u64,
-                license: license.as_ptr() as u64,
-                log_level: 0,
-                log_size: 0,
-                log_buf: 0,
-                kern_version: 0,
-                prog_flags: 0,
-                prog_name: *b"tcg_hold_tp\0\0\0\0\0",
-                prog_ifindex: 0,
-                expected_attach_type: 0,
-            },
+        let prog = load_returning(
+            BPF_PROG_TYPE_RAW_TRACEPOINT,
+            0,
+            0,
+            *b"tcg_hold_tp\0\0\0\0\0",
         )?;
         for name in TRACEPOINTS {
             let name = std::ffi::CString::new(*name).expect("no NUL");
