@@ -375,7 +375,7 @@ impl Latency {
 
     fn attach_xdp_flush(&mut self, ebpf: &mut Ebpf) -> Result<(), LatencyError> {
         self.offsets.clone().map_err(|e| LatencyError::Btf {
-            field: "net_device.ifindex".into(),
+            field: "(the offsets latency capture reads)".into(),
             reason: e,
         })?;
         attach_raw_tracepoint(ebpf, XDP_FLUSH_PROGRAM, "xdp_devmap_xmit")

@@ -9,8 +9,8 @@
 //! resolves from the running kernel's BTF, so no layout is compiled in.
 
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     helpers::bpf_sk_fullsock,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{cgroup_skb, kprobe, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap},
     programs::{ProbeContext, RawTracePointContext, SkBuffContext},
@@ -23,7 +23,10 @@ use edgeplane_common::{
     },
 };
 
-use crate::{atomic_hist, latency};
+use crate::{
+    atomic_hist,
+    latency::{self, field},
+};
 
 const AF_CAN: u16 = 29;
 const IPPROTO_UDP: u32 = 17;
@@ -146,16 +149,6 @@ pub fn delivery_can_read(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn config() -> Option<&'static LatencyConfig> {
     latency::enabled(flag::DELIVERY)
-}
-
-/// A kernel field of type `T` at `base + offset`.
-#[inline(always)]
-fn field<T>(base: u64, offset: u32) -> Option<T> {
-    if base == 0 || offset == u32::MAX {
-        return None;
-    }
-    // SAFETY: bpf_probe_read_kernel copes with any address.
-    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.ok()
 }
 
 /// The delivery slot of a socket and skb, and the flow to report: a configured local UDP

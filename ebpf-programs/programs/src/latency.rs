@@ -2,6 +2,7 @@
 //! handoff to where it leaves (`latency_egress`, `latency_xdp_flush`), histograms and events.
 
 use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
 };
@@ -208,4 +209,17 @@ pub fn emit(e: &LatencyEvent) {
 pub fn flushed(count: u32, sent: i32, drops: i32) -> usize {
     let n = (sent.max(0) + drops.max(0)) as u32;
     (count.min(n) as usize).min(XDP_BULK)
+}
+
+/// A kernel field of type `T` at `base + offset` (an offset from [`KernelOffsets`], `u32::MAX`
+/// where this kernel lacks the field).
+///
+/// [`KernelOffsets`]: edgeplane_common::latency::KernelOffsets
+#[inline(always)]
+pub fn field<T>(base: u64, offset: u32) -> Option<T> {
+    if base == 0 || offset == u32::MAX {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copes with any address.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.ok()
 }

@@ -4,11 +4,7 @@
 //! tracepoint is attached by name and gets the tracepoint's arguments (`from_dev, to_dev, sent,
 //! drops, err` on 5.8 and later), so the agent needs no tracefs, which only root may read.
 
-use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
 use edgeplane_common::latency::XDP_BULK;
 
 use crate::latency::{self, FORWARD_UDP};
@@ -25,14 +21,7 @@ fn try_latency_xdp_flush(ctx: &RawTracePointContext) -> Option<()> {
     // The ints arrive in 64-bit slots: the low half is the value.
     let sent = ctx.arg::<u64>(2) as i32;
     let drops = ctx.arg::<u64>(3) as i32;
-    if to_dev == 0 || cfg.offsets.netdev_ifindex == u32::MAX {
-        return None;
-    }
-    // SAFETY: bpf_probe_read_kernel copes with any address.
-    let to: i32 = unsafe {
-        bpf_probe_read_kernel((to_dev + u64::from(cfg.offsets.netdev_ifindex)) as *const i32)
-    }
-    .ok()?;
+    let to: i32 = latency::field(to_dev, cfg.offsets.netdev_ifindex)?;
     let p = latency::take_pending(to as u32)?;
     // SAFETY: plain helper call; `p` is this CPU's value.
     unsafe {

@@ -32,6 +32,9 @@ pub fn emulated() -> bool {
     std::env::var("EDGEPLANE_TEST_TCG").is_ok_and(|v| v == "1")
 }
 
+/// Switches one kernel path on; the descriptors keep it on while they are open.
+type Holder = fn() -> io::Result<Vec<OwnedFd>>;
+
 /// Under TCG, switches on the kernel paths the agent toggles, once per process, and holds them
 /// until the process exits. A path that can't be held is reported and left: the test goes on.
 pub fn hold_static_keys() {
@@ -40,32 +43,27 @@ pub fn hold_static_keys() {
         return;
     }
     HELD.get_or_init(|| {
+        let holders: [(&str, Holder); 3] = [
+            ("receive timestamps", || rx_timestamps().map(|fd| vec![fd])),
+            ("the raw tracepoints", tracepoints),
+            ("the cgroup skb hook", || {
+                cgroup_skb_ingress().map(Vec::from)
+            }),
+        ];
         let mut held = Vec::new();
-        let mut paths = 0;
-        match rx_timestamps() {
-            Ok(fd) => {
-                held.push(fd);
-                paths += 1;
+        let mut kept = Vec::new();
+        for (what, hold) in holders {
+            match hold() {
+                Ok(fds) => {
+                    held.extend(fds);
+                    kept.push(what);
+                }
+                Err(e) => eprintln!("tcg: {what} not held on: {e}"),
             }
-            Err(e) => eprintln!("tcg: receive timestamps not held on: {e}"),
-        }
-        match tracepoints() {
-            Ok(fds) => {
-                held.extend(fds);
-                paths += TRACEPOINTS.len();
-            }
-            Err(e) => eprintln!("tcg: tracepoints {TRACEPOINTS:?} not held on: {e}"),
-        }
-        match cgroup_skb_ingress() {
-            Ok(fds) => {
-                held.extend(fds);
-                paths += 1;
-            }
-            Err(e) => eprintln!("tcg: the cgroup skb hook not held on: {e}"),
         }
         eprintln!(
-            "tcg: {paths} of 4 kernel paths held on while this process runs (see \
-             edgeplane_testbed::tcg)"
+            "tcg: held on while this process runs: {} (see edgeplane_testbed::tcg)",
+            kept.join(", ")
         );
         held
     });
