@@ -2,7 +2,8 @@
 //! `--web.enable-remote-write-receiver`) while the agent forwards: the server stores the
 //! agent's values; an outage (with an agent restart in it) loses nothing and keeps every
 //! sample's timestamp; a full queue drops the oldest, counted; kill -9 loses at most the
-//! record being written.
+//! record being written; mutual TLS, basic auth and (through nginx) bearer tokens are
+//! checked by servers that require them.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -22,6 +23,7 @@ use edgeplane_testbed::{
     netns::{Line, Netns},
     prometheus::Prometheus,
 };
+use edgeplane_tests::auth_proxy::AuthProxy;
 
 /// A free port on the namespace's loopback.
 fn free_port(ns: &Netns) -> SocketAddr {
@@ -754,5 +756,83 @@ fn basic_auth_to_a_server_that_requires_it() {
         of_wrong("edgeplane_remote_write_queue_samples")
     );
     agent.stop_and_log().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The token [`AuthProxy`] lets through.
+const TOKEN: &str = "edgeplane-test-token";
+
+#[test]
+fn bearer_token_through_a_proxy_that_requires_it_picks_up_a_rotated_token() {
+    edgeplane_testbed::require_root();
+    let tag = "rw7";
+    let line = Line::new(tag).unwrap();
+    let dir = queue_dir(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let prometheus = receiver(&line);
+    let listen = free_port(&line.gateway);
+    let proxy = AuthProxy::start(&line.gateway, listen, prometheus.listen, TOKEN, &dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "the-token-before-rotation\n").unwrap();
+    let config = format!(
+        "{}bearer_token_file = \"{}\"\n",
+        config(tag, listen, &dir, ""),
+        token_file.display()
+    );
+    let mut agent = Agent::start(&line.gateway, &config, "info").unwrap();
+    // The stale token is refused: the samples wait in the queue.
+    let queued = || {
+        http::metric(
+            &agent.scrape(),
+            "edgeplane_remote_write_queue_samples{endpoint=\"prom\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while queued() < 1000.0 || proxy.answered(401) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{} queued, {} refused\n{}",
+            queued(),
+            proxy.answered(401),
+            agent.log_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let readyz = agent.get("/readyz").unwrap().1;
+    let (state, detail) = component(&readyz, "remote_write/prom");
+    assert_eq!(state, "degraded", "{readyz}");
+    assert!(
+        detail.contains("401") && detail.contains("bearer_token_file"),
+        "{readyz}"
+    );
+    assert_eq!(samples_sent(&agent, "prom"), 0.0);
+    let waiting = queue::inspect(&dir.join("prom")).unwrap();
+    let waiting_samples: u32 = waiting.iter().map(|r| r.1).sum();
+
+    // The token rotates, replaced by rename as a secrets agent does: the next retry carries
+    // it, and everything that waited arrives at its own timestamp.
+    let rotated = dir.join("token.new");
+    std::fs::write(&rotated, format!("{TOKEN}\n")).unwrap();
+    std::fs::rename(&rotated, &token_file).unwrap();
+    let rotated_at = Instant::now();
+    let missing = wait_arrived(&prometheus, tag, &waiting, Duration::from_secs(40));
+    assert!(
+        missing.is_empty(),
+        "samples missing at (ts, taken, arrived): {missing:?}\n{}",
+        proxy.log()
+    );
+    let (refused, passed) = (proxy.answered(401), proxy.answered(204));
+    eprintln!(
+        "bearer token: {refused} requests refused with the stale token, {waiting_samples} samples \
+         waited in {} collections; after the rotation all arrived in {:.1} s ({passed} requests \
+         passed)",
+        waiting.len(),
+        rotated_at.elapsed().as_secs_f64()
+    );
+    let log = agent.stop_and_log().unwrap();
+    assert_eq!(stopped_field(&log, "rejected"), 0, "{log}");
+    assert_eq!(stopped_field(&log, "dropped_queue_full"), 0, "{log}");
+    drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }

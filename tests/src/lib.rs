@@ -1,5 +1,6 @@
 //! Shared pieces of edgeplane's integration tests and benchmarks.
 
+pub mod auth_proxy;
 pub mod can;
 pub mod capture;
 pub mod etcd;

@@ -45,6 +45,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "systemd-analyze verify of configs/edgeplane.service",
     ),
     (
+        "nginx-light",
+        "the proxy that requires a bearer token in front of Prometheus in the remote_write tests",
+    ),
+    (
         "socat",
         "the userspace relay `cargo xtask bench` compares the engines with",
     ),

@@ -1,7 +1,11 @@
 //! POSTs remote-write requests to one endpoint over HTTP/1.1 (hyper), with TLS or mutual TLS
 //! (rustls) and a bearer token or basic auth; the connection is kept between requests.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::http::{HeaderValue, Request, StatusCode, Uri, header};
 use bytes::Bytes;
@@ -12,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 
 use super::ExportError;
-use crate::config::RemoteWriteEndpoint;
+use crate::config::{BasicAuth, RemoteWriteEndpoint};
 
 /// Why a request failed: worth retrying (the endpoint is away or busy), or refused for good.
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +37,7 @@ fn answer(status: StatusCode, text: &str) -> Result<(), SendError> {
         Ok(())
     } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
         Err(SendError::Retry(format!("HTTP {status}: {text}")))
-    } else if matches!(
-        status,
-        StatusCode::UNAUTHORIZED
-            | StatusCode::FORBIDDEN
-            | StatusCode::PROXY_AUTHENTICATION_REQUIRED
-    ) {
+    } else if refuses_credentials(status) {
         Err(SendError::Retry(format!(
             "HTTP {status}: {text}; check the endpoint's basic_auth or bearer_token_file"
         )))
@@ -52,11 +51,56 @@ fn answer(status: StatusCode, text: &str) -> Result<(), SendError> {
     }
 }
 
+fn refuses_credentials(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::UNAUTHORIZED
+            | StatusCode::FORBIDDEN
+            | StatusCode::PROXY_AUTHENTICATION_REQUIRED
+    )
+}
+
+/// Where the Authorization header comes from.
+enum Credentials {
+    Bearer(PathBuf),
+    Basic(BasicAuth),
+}
+
+impl Credentials {
+    fn header(&self) -> Result<HeaderValue, ExportError> {
+        let value = match self {
+            Self::Bearer(token_file) => {
+                format!("Bearer {}", secret("bearer_token_file", token_file)?)
+            }
+            Self::Basic(b) => {
+                let password = secret("basic_auth.password_file", &b.password_file)?;
+                let pair = format!("{}:{password}", b.username);
+                format!("Basic {}", base64(pair.as_bytes()))
+            }
+        };
+        let mut v = HeaderValue::try_from(value).map_err(|_| ExportError::BadSecret)?;
+        v.set_sensitive(true);
+        Ok(v)
+    }
+}
+
+/// A secret file's contents without the line end.
+fn secret(key: &'static str, path: &Path) -> Result<String, ExportError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+        .map_err(|source| ExportError::Secret {
+            key,
+            path: path.to_owned(),
+            source,
+        })
+}
+
 pub struct Sender {
     uri: Uri,
     host: String,
     port: u16,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    credentials: Option<Credentials>,
     authorization: Option<HeaderValue>,
     timeout: Duration,
     connection: Option<SendRequest<Full<Bytes>>>,
@@ -92,38 +136,18 @@ impl Sender {
         } else {
             None
         };
-        let secret = |key: &'static str, path: &std::path::Path| {
-            std::fs::read_to_string(path)
-                .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
-                .map_err(|source| ExportError::Secret {
-                    key,
-                    path: path.to_owned(),
-                    source,
-                })
+        let credentials = match (&e.bearer_token_file, &e.basic_auth) {
+            (Some(token_file), _) => Some(Credentials::Bearer(token_file.clone())),
+            (None, Some(b)) => Some(Credentials::Basic(b.clone())),
+            (None, None) => None,
         };
-        let authorization = if let Some(p) = &e.bearer_token_file {
-            Some(format!("Bearer {}", secret("bearer_token_file", p)?))
-        } else if let Some(b) = &e.basic_auth {
-            let password = secret("basic_auth.password_file", &b.password_file)?;
-            Some(format!(
-                "Basic {}",
-                base64(format!("{}:{password}", b.username).as_bytes())
-            ))
-        } else {
-            None
-        };
-        let authorization = authorization
-            .map(|v| {
-                let mut v = HeaderValue::try_from(v).map_err(|_| ExportError::BadSecret)?;
-                v.set_sensitive(true);
-                Ok::<_, ExportError>(v)
-            })
-            .transpose()?;
+        let authorization = credentials.as_ref().map(Credentials::header).transpose()?;
         Ok(Self {
             uri,
             host,
             port,
             tls,
+            credentials,
             authorization,
             timeout: Duration::from_millis(e.timeout_ms),
             connection: None,
@@ -185,7 +209,20 @@ impl Sender {
             })
             .unwrap_or_default();
         self.connection = Some(conn);
+        if refuses_credentials(status) {
+            self.reread_credentials()?;
+        }
         answer(status, &text)
+    }
+
+    /// After a refusal the secret is read again: a rotated token or password is picked up by
+    /// the next retry, without a restart (as Prometheus reads its credential files).
+    fn reread_credentials(&mut self) -> Result<(), SendError> {
+        if let Some(c) = &self.credentials {
+            let header = c.header().map_err(|e| SendError::Retry(e.to_string()))?;
+            self.authorization = Some(header);
+        }
+        Ok(())
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, SendError> {
