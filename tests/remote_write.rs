@@ -825,8 +825,8 @@ fn bearer_token_through_a_proxy_that_requires_it_picks_up_a_rotated_token() {
     let (refused, passed) = (proxy.answered(401), proxy.answered(204));
     eprintln!(
         "bearer token: {refused} requests refused with the stale token, {waiting_samples} samples \
-         waited in {} collections; after the rotation all arrived in {:.1} s ({passed} requests \
-         passed)",
+         waited in {} collections; after the rotation all arrived in {:.1} s (requests \
+         passed: {passed})",
         waiting.len(),
         rotated_at.elapsed().as_secs_f64()
     );
