@@ -51,6 +51,7 @@ fn answer(status: StatusCode, text: &str) -> Result<(), SendError> {
     }
 }
 
+/// 401, 403 and 407: the server (or a proxy) refused the credentials, not the samples.
 fn refuses_credentials(status: StatusCode) -> bool {
     matches!(
         status,
