@@ -13,9 +13,10 @@
 //! The agent switches such keys whenever it starts and stops while frames flow: receive
 //! timestamps (an `SO_TIMESTAMPNS` socket), the raw tracepoints latency capture attaches to, and
 //! the cgroup skb hook (its socket delivery stage; 5.10 has one key for every cgroup hook,
-//! the send path's included). A test process under TCG switches them on before it makes any
-//! traffic and holds them until it exits, so an agent's start and stop only move reference
-//! counts and patch nothing.
+//! the send path's included). The first test process of a VM under TCG switches them on before
+//! it makes any traffic and hands them to a holder process that lives as long as the VM (the
+//! VM's /init spares it between runs), so an agent's start and stop, and a test process's,
+//! only move reference counts and patch nothing.
 //! On real CPUs (the host, KVM) nothing is held: the tests see the kernel as users do.
 
 use std::{
@@ -43,6 +44,12 @@ pub fn hold_static_keys() {
         return;
     }
     HELD.get_or_init(|| {
+        if let Some(pid) = holder() {
+            eprintln!(
+                "tcg: held on for the VM's life by process {pid} (see edgeplane_testbed::tcg)"
+            );
+            return Vec::new();
+        }
         let holders: [(&str, Holder); 3] = [
             ("receive timestamps", || rx_timestamps().map(|fd| vec![fd])),
             ("the raw tracepoints", tracepoints),
@@ -61,12 +68,62 @@ pub fn hold_static_keys() {
                 Err(e) => eprintln!("tcg: {what} not held on: {e}"),
             }
         }
-        eprintln!(
-            "tcg: held on while this process runs: {} (see edgeplane_testbed::tcg)",
-            kept.join(", ")
-        );
+        match hand_to_holder(&held) {
+            Ok(pid) => eprintln!(
+                "tcg: held on for the VM's life by process {pid}: {} (see edgeplane_testbed::tcg)",
+                kept.join(", ")
+            ),
+            Err(e) => eprintln!(
+                "tcg: held on while this process runs: {} (no holder process: {e})",
+                kept.join(", ")
+            ),
+        }
         held
     });
+}
+
+/// Where the holder's pid is kept; the VM's /init spares that process between runs.
+const HOLDER_PID: &str = "/run/edgeplane-tcg-holder.pid";
+
+/// The live holder process that an earlier test process of this VM started, if any.
+fn holder() -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(HOLDER_PID)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    std::path::Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then_some(pid)
+}
+
+/// Gives `held` to a process that outlives this one (a `sleep` that inherits the descriptors),
+/// so the paths stay on across test processes: switching them on or off when a process
+/// starts or exits would patch text while the kernel still tears down the last run's
+/// namespaces (that stalled a vCPU in `consume_skb`, called from `cleanup_net`).
+fn hand_to_holder(held: &[OwnedFd]) -> io::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    let set_cloexec = |on: bool| {
+        for fd in held {
+            let flags = if on { libc::FD_CLOEXEC } else { 0 };
+            // SAFETY: F_SETFD on a descriptor this process owns.
+            if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    set_cloexec(false)?;
+    let child = std::process::Command::new("sleep")
+        .arg("1000000")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    set_cloexec(true)?;
+    let pid = child?.id();
+    std::fs::write(HOLDER_PID, format!("{pid}\n"))?;
+    Ok(pid)
 }
 
 /// A socket asking for receive timestamps: `netstamp_needed_key` stays on while it is open. The

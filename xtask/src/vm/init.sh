@@ -96,8 +96,14 @@ if [ "$setup_ok" = 1 ]; then
         fi
         echo "EDGEPLANE-VM: $t $run $result $rc $secs"
         # A failed test may leave agents and namespaces behind (a panic skips destructors):
-        # start the next run from a clean system. -1 spares PID 1, this shell.
-        kill -KILL -1 2>/dev/null
+        # start the next run from a clean system: every process but PID 1 (this shell) and
+        # the test bed's holder of kernel paths under TCG (edgeplane_testbed::tcg), which
+        # must not let them go while the kernel tears down this run's namespaces.
+        holder=$(cat /run/edgeplane-tcg-holder.pid 2>/dev/null)
+        for p in /proc/[0-9]*; do
+            p=${p#/proc/}
+            [ "$p" = 1 ] || [ "$p" = "$holder" ] || kill -KILL "$p" 2>/dev/null
+        done
         /usr/local/bin/ip -all netns delete 2>/dev/null
     done
 fi
