@@ -36,8 +36,10 @@ pub fn emulated() -> bool {
 /// Switches one kernel path on; the descriptors keep it on while they are open.
 type Holder = fn() -> io::Result<Vec<OwnedFd>>;
 
-/// Under TCG, switches on the kernel paths the agent toggles, once per process, and holds them
-/// until the process exits. A path that can't be held is reported and left: the test goes on.
+/// Under TCG, switches on the kernel paths the agent toggles, once per VM: the first test
+/// process hands them to a holder process, later ones find it (if the holder can't be
+/// started they are held until this process exits). A path that can't be held is reported and
+/// left: the test goes on.
 pub fn hold_static_keys() {
     static HELD: OnceLock<Vec<OwnedFd>> = OnceLock::new();
     if !emulated() {
