@@ -233,17 +233,7 @@ impl Agent {
         let Some(mut child) = self.child.take() else {
             return Ok(String::new());
         };
-        // SAFETY: as above.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                child.kill()?;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let status = child.wait()?;
+        let status = crate::terminate(&mut child, Duration::from_secs(10))?;
         Ok(format!("{}[exit status: {status}]", self.log_so_far()))
     }
 

@@ -13,7 +13,24 @@ use std::{
     net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd as _,
     path::PathBuf,
+    process::{Child, ExitStatus},
+    time::{Duration, Instant},
 };
+
+/// SIGTERM, then wait for `child` to exit; SIGKILL if it is still running after `grace`.
+pub fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            child.kill()?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait()
+}
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {

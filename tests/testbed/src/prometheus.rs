@@ -95,15 +95,7 @@ impl Prometheus {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::terminate(&mut child, Duration::from_secs(20)).unwrap();
     }
 
     pub fn log(&self) -> String {
